@@ -1,0 +1,64 @@
+"""Model facts from the config alone: parameter counts (total and active per token) and KV-cache size.
+
+Counted on a model built on the meta device, so the full DeepSeek-V2 shape costs no memory or time.
+"Active" follows the paper (§1 of paper-facts): everything a token touches, excluding the input
+embedding (a lookup, not compute) and including the LM head; of the routed experts only K count.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from dsv2.config import ModelConfig
+from dsv2.model import Transformer
+
+BF16_BYTES = 2
+
+
+def _part(name: str) -> str:
+    if name.startswith("embed."):
+        return "embedding"
+    if name.startswith("head."):
+        return "lm_head"
+    if ".attn." in name:
+        return "attention (MLA)"
+    if ".ffn.experts." in name:
+        return "routed experts"
+    if ".ffn.shared_experts." in name:
+        return "shared experts"
+    if ".ffn.gate." in name:
+        return "router"
+    if ".ffn." in name:
+        return "dense MLP"
+    return "norms"
+
+
+def summarize(config: ModelConfig) -> dict[str, Any]:
+    with torch.device("meta"):
+        model = Transformer(config)
+    parts: dict[str, int] = defaultdict(int)
+    for name, p in model.named_parameters():
+        parts[_part(name)] += p.numel()
+    total = sum(parts.values())
+    routed_active = 0
+    if parts["routed experts"]:
+        routed_active = parts["routed experts"] * config.num_experts_per_tok // config.n_routed_experts
+    active = total - parts["embedding"] - parts["routed experts"] + routed_active
+    layers = config.num_hidden_layers
+    return {
+        "total_params": total,
+        "active_params": active,
+        "params_by_part": dict(parts),
+        "active_routed_expert_params": routed_active,
+        "moe_layers": sum(config.is_moe_layer(i) for i in range(layers)),
+        # latent cache: c_KV + k^R per layer (paper Table 1), bf16
+        "kv_cache_bytes_per_token": config.kv_cache_dim * layers * BF16_BYTES,
+        # MHA with the same heads: 2·n_h·d_h·l elements (paper Table 1)
+        "mha_kv_cache_bytes_per_token": 2 * config.num_attention_heads * config.qk_nope_head_dim * layers * BF16_BYTES,
+        # what the reference implementation actually caches: decompressed K (d_h + d_h^R) and V per head
+        "reference_kv_cache_bytes_per_token": config.num_attention_heads
+        * (config.qk_head_dim + config.v_head_dim) * layers * BF16_BYTES,
+    }

@@ -1,0 +1,112 @@
+"""DeepSeekMoE (paper §2.2, Eqs. 20-22): shared experts plus top-K routed experts with a softmax gate.
+
+Shapes: N tokens (batch × sequence flattened), d hidden, E routed experts, K experts per token,
+I expert inner width, G expert groups (devices), M groups kept per token.
+
+    s_{t,i} = softmax_i(u_t · e_i)                     router scores, fp32              Eq. 22
+    g_{t,i} = s_{t,i} if i in TopK(s_t) else 0         greedy, or restricted to the M groups
+                                                       with the highest max-score (device-limited, §2.2.2)
+    h_t     = Σ_shared FFN(u_t) + Σ_i g_{t,i} FFN_i(u_t)                                 Eq. 20
+
+Routed experts are stored stacked ([E, I, d] / [E, d, I]) so that one layer is three tensors; the
+grouped path sorts token slots by expert and runs each chosen expert once on its tokens, so the work is
+proportional to N·K and experts nobody chose are never read. `loop_experts` is its slow twin.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv2.config import ModelConfig
+from dsv2.model.layers import MLP
+
+
+class Gate(nn.Module):
+    """Router: fp32 softmax scores, greedy or group-limited top-k, then DeepSeek's weight rule."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.method = config.routing_method
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.scale = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N,d] -> weights [N,K] fp32, expert ids [N,K], scores [N,E] fp32."""
+        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
+        candidates = scores
+        if self.method == "group_limited_greedy":
+            # a group's score is the best expert score in it; keep the M best groups (Eq. 23's device limit)
+            per_group = scores.unflatten(-1, (self.n_group, -1))  # [N,G,E/G]
+            top_groups = per_group.amax(dim=-1).topk(self.topk_group, dim=-1, sorted=False).indices
+            keep = torch.zeros_like(per_group[..., 0], dtype=torch.bool).scatter_(1, top_groups, True)
+            candidates = per_group.masked_fill(~keep.unsqueeze(-1), 0.0).flatten(1)
+        weights, indices = candidates.topk(self.top_k, dim=-1, sorted=False)
+        # DeepSeek-V2's rule is either/or: renormalised weights are not also scaled (reference-spec §11.2)
+        if self.top_k > 1 and self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        else:
+            weights = weights * self.scale
+        return weights, indices, scores
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts as stacked weights; w1/w2/w3 = gate/down/up projections."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(F.linear(x, self.w1[e])) * F.linear(x, self.w3[e]), self.w2[e])
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Grouped: x [N,d], weights/indices [N,K] -> Σ_k w·FFN_idx(x) [N,d].
+
+        Each (token, k) slot is sorted by expert id, each chosen expert runs once on its contiguous slab,
+        then the slots go back in place and are summed over k in fp32 (the reference's reduction order).
+        """
+        n_tokens, top_k = indices.shape
+        if n_tokens == 0:
+            return torch.zeros_like(x)
+        slot_expert = indices.flatten()
+        order = slot_expert.argsort(stable=True)
+        counts = torch.bincount(slot_expert, minlength=self.w1.shape[0]).tolist()
+        slabs = x[order // top_k].split(counts)
+        out_sorted = torch.cat([self.expert(e, slab) for e, slab in enumerate(slabs) if counts[e]])
+        out = torch.empty_like(out_sorted).index_copy(0, order, out_sorted)  # back to slot order
+        combined = (out.view(n_tokens, top_k, -1).float() * weights.unsqueeze(-1)).sum(dim=1)
+        return combined.to(x.dtype)
+
+    def loop_experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Slow twin of `forward`: visit every expert, gather its tokens, accumulate in fp32."""
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e in range(self.w1.shape[0]):
+            token, slot = (indices == e).nonzero(as_tuple=True)
+            if token.numel():
+                out.index_add_(0, token, self.expert(e, x[token]).float() * weights[token, slot, None])
+        return out.to(x.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = Gate(config)
+        self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        # N_s shared experts are one MLP N_s times as wide (identical math, one GEMM instead of N_s)
+        n_shared = config.n_shared_experts or 0
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * n_shared) if n_shared else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(0, -2)
+        weights, indices, _ = self.gate(flat)
+        y = self.experts(flat, weights, indices).view_as(x)
+        return y if self.shared_experts is None else y + self.shared_experts(x)
