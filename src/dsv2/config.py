@@ -201,7 +201,7 @@ class ModelConfig:
         orig = rs.get("original_max_position_embeddings", self.max_position_embeddings)
         if not isinstance(orig, int) or orig <= 0:
             fail("rope_scaling.original_max_position_embeddings", f"must be a positive integer, got {orig!r}")
-        for name in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+        for name in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
             v = rs.get(name)
             if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
                 fail(f"rope_scaling.{name}", f"must be a non-negative number, got {v!r}")

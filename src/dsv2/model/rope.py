@@ -34,8 +34,10 @@ def inv_frequencies(config: ModelConfig) -> torch.Tensor:
         return extrapolation
     factor = float(rs["factor"])
     orig = rs.get("original_max_position_embeddings", config.max_position_embeddings)
-    low = math.floor(yarn_correction_dim(rs.get("beta_fast", 32), dim, base, orig))
-    high = math.ceil(yarn_correction_dim(rs.get("beta_slow", 1), dim, base, orig))
+    low = yarn_correction_dim(rs.get("beta_fast") or 32, dim, base, orig)
+    high = yarn_correction_dim(rs.get("beta_slow") or 1, dim, base, orig)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
@@ -48,11 +50,13 @@ def cos_sin_magnitude(config: ModelConfig) -> float:
     """YaRN's attention factor on cos/sin: mscale(s, mscale) / mscale(s, mscale_all_dim).
 
     1.0 for DeepSeek-V2's own config (0.707 / 0.707). With only one of the two given, transformers
-    (the reference) uses mscale(s) = 0.1·ln(s) + 1.
+    (the reference) uses mscale(s) = 0.1·ln(s) + 1; an explicit `attention_factor` wins.
     """
     rs = config.rope_scaling
     if rs is None:
         return 1.0
+    if rs.get("attention_factor") is not None:
+        return float(rs["attention_factor"])
     factor = float(rs["factor"])
     if rs.get("mscale") and rs.get("mscale_all_dim"):
         return yarn_mscale(factor, float(rs["mscale"])) / yarn_mscale(factor, float(rs["mscale_all_dim"]))
