@@ -213,21 +213,10 @@ class ModelConfig:
             raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra", "absent_keys"}
-        rope_parameters = d.get("rope_parameters")
-        if rope_parameters is not None and "rope_scaling" not in d and "rope_theta" not in d:
-            # transformers 5.x spelling: one dict holding theta and the scaling settings
-            if not isinstance(rope_parameters, dict):
-                raise ConfigError(f"config field `rope_parameters`: must be an object, got {rope_parameters!r}")
-            rp = dict(rope_parameters)
-            theta = rp.pop("rope_theta", 10000.0)
-            kind = rp.pop("rope_type", rp.pop("type", "default"))
-            scaling = None if kind == "default" else {"type": kind, **rp}
-            kwargs = {k: d[k] for k in known if k in d}
-            kwargs.update(rope_theta=theta, rope_scaling=scaling)
-            present = set(d) | {"rope_theta", "rope_scaling"}
-        else:
-            kwargs = {k: d[k] for k in known if k in d}
-            present = set(d)
+        kwargs = {k: d[k] for k in known if k in d}
+        present = set(d)
+        if "rope_parameters" in d and "rope_scaling" not in d and "rope_theta" not in d:
+            kwargs["rope_theta"], kwargs["rope_scaling"] = _rope_from_parameters(d["rope_parameters"])
         extra = {k: v for k, v in d.items() if k not in known}
         try:
             return cls(**kwargs, extra=extra, absent_keys=frozenset(known - present))
@@ -235,7 +224,7 @@ class ModelConfig:
             raise ConfigError(str(e)) from e
 
     def to_dict(self) -> dict[str, Any]:
-        """The config.json dict: the source file's keys in their order, values as they are now."""
+        """The config.json dict: the source file's keys (plus any known field changed since), current values."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             if f.name in ("extra", "absent_keys"):
@@ -245,14 +234,16 @@ class ModelConfig:
             if f.name in self.absent_keys and v == default:
                 continue
             out[f.name] = v
-        if "rope_parameters" in self.extra:
-            # written back in the transformers-5 spelling the file came with
-            rp = {"rope_theta": self.rope_theta}
-            rs = self.rope_scaling or {"type": "default"}
-            rp.update({("rope_type" if k == "type" else k): v for k, v in rs.items()})
+        if "rope_parameters" in self.extra and {"rope_theta", "rope_scaling"} <= self.absent_keys:
+            # the file used the transformers-5 spelling: write it back verbatim unless the values changed
             out.pop("rope_theta", None)
             out.pop("rope_scaling", None)
-            return {**out, **{k: v for k, v in self.extra.items() if k != "rope_parameters"}, "rope_parameters": rp}
+            rp = self.extra["rope_parameters"]
+            if _rope_from_parameters(rp) != (self.rope_theta, self.rope_scaling):
+                scaling = {k: v for k, v in (self.rope_scaling or {"type": "default"}).items() if k != "type"}
+                kind = (self.rope_scaling or {}).get("type", "default")
+                rp = {"rope_theta": self.rope_theta, "rope_type": kind, **scaling}
+            return {**out, **self.extra, "rope_parameters": rp}
         return {**out, **self.extra}
 
     @classmethod
@@ -274,6 +265,15 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _rope_from_parameters(rp: Any) -> tuple[float, dict[str, Any] | None]:
+    """transformers-5 `rope_parameters` -> (rope_theta, rope_scaling) in DeepSeek's spelling."""
+    if not isinstance(rp, dict):
+        raise ConfigError(f"config field `rope_parameters`: must be an object, got {rp!r}")
+    rest = {k: v for k, v in rp.items() if k not in ("rope_theta", "rope_type", "type")}
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    return rp.get("rope_theta", 10000.0), (None if kind == "default" else {"type": kind, **rest})
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -1,0 +1,51 @@
+"""`dsv2 info`: the paper's parameter counts and KV-cache sizes, instantly, from the meta device."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dsv2.cli import main
+
+
+def info_json(name, capsys) -> dict:
+    assert main(["info", name, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_info_deepseek_v2(capsys):
+    s = info_json("deepseek-v2", capsys)
+    assert s["total_params"] == 235_741_434_880
+    assert s["active_params"] / 1e9 == pytest.approx(20.85, abs=0.005)
+    assert s["kv_cache_bytes_per_token"] == 69_120  # (512 + 64) × 60 layers × 2 bytes
+    assert s["mha_kv_cache_bytes_per_token"] == 2 * 128 * 128 * 60 * 2
+    assert sum(s["params_by_part"].values()) == s["total_params"]
+
+
+def test_info_deepseek_v2_lite(capsys):
+    s = info_json("deepseek-v2-lite", capsys)
+    assert s["total_params"] == 15_706_484_224
+    assert s["active_params"] / 1e9 == pytest.approx(2.45, abs=0.005)
+    assert s["kv_cache_bytes_per_token"] == 576 * 27 * 2
+
+
+def test_info_small_preset_size(capsys):
+    assert 100e6 <= info_json("small", capsys)["total_params"] <= 300e6
+    assert info_json("nano", capsys)["total_params"] < 10e6
+
+
+def test_info_reads_checkpoint_folder(tmp_path, capsys):
+    import dsv2
+
+    dsv2.save_model(dsv2.load_model("nano", seed=0), tmp_path)
+    assert info_json(str(tmp_path), capsys)["total_params"] == info_json("nano", capsys)["total_params"]
+
+
+def test_info_text_and_errors():
+    out = subprocess.run([sys.executable, "-m", "dsv2.cli", "info", "deepseek-v2"], capture_output=True, text=True)
+    assert out.returncode == 0 and "235,741,434,880" in out.stdout and "69,120 bytes" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "dsv2.cli", "info", "no-such-model"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "not a preset" in bad.stderr

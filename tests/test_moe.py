@@ -1,0 +1,94 @@
+"""DeepSeekMoE: the grouped expert path equals the per-expert loop; routing follows DeepSeek's rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import hub_config
+
+from dsv2 import ModelConfig
+from dsv2.model.moe import MoE
+
+
+def make_moe(case: str = "v2_like", dtype=torch.float32, **overrides) -> MoE:
+    cfg = ModelConfig.from_dict({**hub_config(case), **overrides})
+    moe = MoE(cfg).to(dtype)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.2)
+    return moe
+
+
+@pytest.mark.parametrize("case", ["v2_like", "lite_like", "dense2_groups_yarn_ratio"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_equals_loop(case, dtype):
+    moe = make_moe(case, dtype)
+    x = torch.randn(37, moe.gate.weight.shape[1], dtype=dtype)
+    w, idx, _ = moe.gate(x)
+    grouped = moe.experts(x, w, idx)
+    loop = moe.experts.loop_experts(x, w, idx)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(grouped, loop, rtol=tol, atol=tol)
+
+
+def test_grouped_gradients_equal_loop():
+    moe = make_moe()
+    x = torch.randn(16, moe.gate.weight.shape[1], requires_grad=True)
+    w, idx, _ = moe.gate(x)
+    grads = []
+    for run in (moe.experts, moe.experts.loop_experts):
+        moe.zero_grad()
+        x.grad = None
+        run(x, w, idx).square().sum().backward(retain_graph=True)
+        grads.append((x.grad.clone(), moe.experts.w1.grad.clone(), moe.gate.weight.grad.clone()))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_unchosen_experts_are_never_read():
+    """Poison every expert no token picked: the grouped path must not touch them."""
+    moe = make_moe(n_routed_experts=16, n_group=4)
+    x = torch.randn(3, moe.gate.weight.shape[1])
+    w, idx, _ = moe.gate(x)
+    unused = sorted(set(range(16)) - set(idx.flatten().tolist()))
+    assert unused, "test needs at least one unused expert"
+    with torch.no_grad():
+        for p in (moe.experts.w1, moe.experts.w2, moe.experts.w3):
+            p[unused] = float("nan")
+    assert torch.isfinite(moe.experts(x, w, idx)).all()
+    assert torch.isfinite(moe(x.unsqueeze(0))).all()
+
+
+def test_group_limited_routing_stays_within_top_groups():
+    moe = make_moe(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)
+    x = torch.randn(200, moe.gate.weight.shape[1])
+    w, idx, scores = moe.gate(x)
+    group_score = scores.view(200, 4, 4).amax(-1)  # group score = its best expert's score
+    best_groups = group_score.topk(2, dim=-1).indices
+    chosen_groups = idx // 4
+    assert (chosen_groups.unsqueeze(-1) == best_groups.unsqueeze(1)).any(-1).all()
+    # within the allowed experts, the chosen ones are the top-3 by score
+    allowed = torch.zeros(200, 4, dtype=torch.bool).scatter_(1, best_groups, True).repeat_interleave(4, dim=1)
+    expected = scores.masked_fill(~allowed, 0).topk(3, dim=-1).indices.sort(-1).values
+    assert torch.equal(idx.sort(-1).values, expected)
+    torch.testing.assert_close(w, scores.gather(1, idx) * moe.gate.scale)
+
+
+def test_greedy_weights_scaled_and_normalized_rule():
+    moe = make_moe("lite_like", routed_scaling_factor=3.0)
+    x = torch.randn(10, moe.gate.weight.shape[1])
+    w, idx, scores = moe.gate(x)
+    torch.testing.assert_close(idx.sort(-1).values, scores.topk(2, -1).indices.sort(-1).values)
+    torch.testing.assert_close(w, scores.gather(1, idx) * 3.0)
+    # DeepSeek-V2's rule: with norm_topk_prob the weights are renormalised and *not* scaled
+    moe = make_moe("lite_like", routed_scaling_factor=3.0, norm_topk_prob=True)
+    w, _, _ = moe.gate(x)
+    torch.testing.assert_close(w.sum(-1), torch.ones(10))
+
+
+def test_moe_layer_placement():
+    cfg = ModelConfig.from_dict({**hub_config("v2_like"), "num_hidden_layers": 6, "first_k_dense_replace": 2,
+                                 "moe_layer_freq": 2})
+    assert [cfg.is_moe_layer(i) for i in range(6)] == [False, False, True, False, True, False]
+    dense = ModelConfig.from_dict({**hub_config("v2_like"), "n_routed_experts": None})
+    assert not any(dense.is_moe_layer(i) for i in range(dense.num_hidden_layers))
