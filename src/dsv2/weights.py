@@ -29,6 +29,7 @@ CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+REOPEN_BYTES = 128 * 1024**2
 
 # HF module name -> ours (DeepSeek-V3 inference naming), applied per dotted segment.
 HF_TO_DSV2 = {
@@ -185,27 +186,49 @@ def _fused_source(name, param, expert, params, shapes) -> Source | None:
     return Source(fused, param, expert)
 
 
+def _read(f, src: Source, target: torch.Tensor) -> torch.Tensor:
+    """The data of `src` for `target`, read from the open safetensors file `f`."""
+    if src.hf_name.endswith("gate_up_proj"):  # fused [E, 2I, d]: gate rows, then up rows
+        rows = f.get_slice(src.hf_name)[src.expert]
+        inter = target.shape[0]
+        return rows[:inter] if src.param.endswith("w1") else rows[inter:]
+    if src.hf_name.endswith("experts.down_proj"):
+        return f.get_slice(src.hf_name)[src.expert]
+    return f.get_tensor(src.hf_name)
+
+
 def _copy_in(model: Transformer, plan: list[tuple[Source, Path]], progress: bool) -> None:
+    """Copy every planned tensor into its parameter, file by file.
+
+    Pages of a memory-mapped file count as resident while mapped, so each file is closed and reopened
+    every REOPEN_BYTES read: peak memory stays near the model itself plus that window.
+    """
     params = dict(model.named_parameters())
     by_file: dict[Path, list[Source]] = {}
     for src, path in plan:
         by_file.setdefault(path, []).append(src)
     bar = tqdm(total=len(plan), desc="loading weights", unit="tensor", disable=not progress)
     for path, sources in by_file.items():
-        with safe_open(path, framework="pt") as f:
-            for src in sources:
-                target = params[src.param] if src.expert is None else params[src.param][src.expert]
-                if src.hf_name.endswith("gate_up_proj"):  # fused [2I, d]: gate rows, then up rows
-                    rows = f.get_slice(src.hf_name)[src.expert]
-                    inter = target.shape[0]
-                    rows = rows[:inter] if src.param.endswith("w1") else rows[inter:]
-                    target.copy_(rows)
-                elif src.hf_name.endswith("experts.down_proj"):
-                    target.copy_(f.get_slice(src.hf_name)[src.expert])
-                else:
-                    target.copy_(f.get_tensor(src.hf_name))
-                bar.update()
+        pending = iter(sources)
+        while batch := _take_bytes(pending, params, REOPEN_BYTES):
+            with safe_open(path, framework="pt") as f:
+                for src in batch:
+                    target = params[src.param] if src.expert is None else params[src.param][src.expert]
+                    target.copy_(_read(f, src, target))
+                    bar.update()
     bar.close()
+
+
+def _take_bytes(sources: Iterator[Source], params: dict[str, torch.Tensor], limit: int) -> list[Source]:
+    """The next sources from the iterator, up to about `limit` bytes of parameters (at least one)."""
+    batch, size = [], 0
+    for src in sources:
+        p = params[src.param]
+        batch.append(src)
+        size += (p.nbytes if src.expert is None else p[0].nbytes)
+        if size >= limit:
+            break
+    return batch
 
 
 @torch.no_grad()
