@@ -11,7 +11,7 @@ import torch
 BASE: dict[str, Any] = {
     "model_type": "deepseek_v2",
     "architectures": ["DeepseekV2ForCausalLM"],
-    "vocab_size": 256,
+    "vocab_size": 320,
     "hidden_size": 64,
     "intermediate_size": 96,
     "moe_intermediate_size": 32,

@@ -18,11 +18,19 @@ transformers = pytest.importorskip("transformers", minversion="5.17")
 SEQ = 200  # > 3x every case's original_max_position_embeddings
 FP32_TOL = 1e-5
 # bf16 cannot be compared bit for bit: GEMM kernels, attention kernels and near-tie routing flips
-# (reference-spec §13 #16) move random-weight logits by ~10% of the largest one in *either*
-# implementation. So the bf16 criterion is accuracy against the fp32 truth: our bf16 logits may be at
-# most 1.5x (+1% of max |logit|) as far from fp32 as transformers' own bf16 logits are.
-BF16_REL_TO_REFERENCE = 1.5
-BF16_SLACK = 1e-2
+# (reference-spec §13 #16) move single random-weight logits by 5-30% of the largest one in *either*
+# implementation, so a max-error bound would only measure which tokens happened to flip. The bf16
+# criterion is accuracy against the fp32 truth, averaged over all logits: our mean |error| / mean |logit|
+# may be at most 1.25x (+0.002) transformers' own. Measured over 3 seeds x 5 configs the two are within
+# 15% of each other (both ~0.013-0.023). This end-to-end check only catches gross bf16 mistakes; the
+# fine rounding choices are checked block by block in `test_bf16_blocks_match_reference`.
+BF16_REL_TO_REFERENCE = 1.25
+BF16_SLACK = 2e-3
+
+
+def mean_rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    ours, theirs = ours.float(), theirs.float()
+    return ((ours - theirs).abs().mean() / theirs.abs().mean()).item()
 
 
 def randomize_(model: torch.nn.Module, std: float = 0.1) -> None:
@@ -90,7 +98,31 @@ def test_bf16_as_accurate_as_reference(case, tmp_path):
         ours_bf16 = dsv2.load_model(tmp_path, dtype=torch.bfloat16, progress=False)(x)
         their_bf16 = hf_model_from(tmp_path, torch.bfloat16)(x).logits
     assert ours_bf16.dtype == torch.bfloat16
-    ours_err, their_err = rel_err(ours_bf16, truth), rel_err(their_bf16, truth)
-    print(f"{case} bf16 vs fp32 truth: ours {ours_err:.2e}, transformers {their_err:.2e}, "
-          f"ours vs transformers {rel_err(ours_bf16, their_bf16):.2e}")
+    ours_err, their_err = mean_rel_err(ours_bf16, truth), mean_rel_err(their_bf16, truth)
+    print(f"{case} bf16 vs fp32 truth (mean): ours {ours_err:.2e}, transformers {their_err:.2e}; max: ours "
+          f"{rel_err(ours_bf16, truth):.2e}, transformers {rel_err(their_bf16, truth):.2e}")
     assert ours_err <= BF16_REL_TO_REFERENCE * their_err + BF16_SLACK
+
+
+@pytest.mark.parametrize("case", ["v2_like", "lite_like"])
+def test_bf16_blocks_match_reference(case, tmp_path):
+    """Block by block on the same bf16 input: norms, dense MLP and the whole MoE (fp32 router, fp32 sum
+    over k) reproduce transformers bit for bit; attention differs only by the kernel (eager rounds the
+    scores to bf16 before the softmax, SDPA keeps them in fp32)."""
+    cfg = hub_config(case)
+    ours = dsv2.random_model(dsv2.ModelConfig.from_dict(cfg))
+    randomize_(ours)
+    dsv2.save_model(ours, tmp_path)
+    ours = dsv2.load_model(tmp_path, dtype=torch.bfloat16, progress=False)
+    theirs = hf_model_from(tmp_path, torch.bfloat16).model
+    x = torch.randn(2, 64, cfg["hidden_size"]).to(torch.bfloat16)
+    positions = torch.arange(64)[None]
+    with torch.no_grad():
+        assert torch.equal(ours.layers[1].attn_norm(x), theirs.layers[1].input_layernorm(x))
+        assert torch.equal(ours.layers[0].ffn(x), theirs.layers[0].mlp(x))
+        assert torch.equal(ours.layers[1].ffn(x), theirs.layers[1].mlp(x))
+        causal = torch.full((64, 64), float("-inf")).triu(1)[None, None].to(torch.bfloat16)
+        their_attn = theirs.layers[1].self_attn(
+            x, position_embeddings=theirs.rotary_emb(x, positions), attention_mask=causal
+        )[0]
+        assert rel_err(ours.layers[1].attn(x, *ours.rope(positions)), their_attn) <= 1e-2

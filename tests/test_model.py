@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from conftest import hub_config
+from test_hf_parity import randomize_
 
 import dsv2
 from dsv2.model.rope import apply_rope
@@ -29,9 +30,7 @@ def test_interleaved_rope_equals_permuted_rotate_half():
 
 def model(case="v2_like"):
     m = dsv2.random_model(dsv2.ModelConfig.from_dict(hub_config(case)), seed=0)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.mul_(5)  # make attention and routing far from uniform
+    randomize_(m)  # attention and routing far from uniform
     return m
 
 

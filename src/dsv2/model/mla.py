@@ -13,8 +13,9 @@ Symbols (shapes use B batch, S new tokens, T attended tokens, H heads):
     o_h     = softmax(q_h·k_h / sqrt(d_h + d_h^R) · mscale²) v^C_h,  k_h = [k^C_h ; k^R]   Eqs. 18-19
     out     = W_O [o_1 ; ... ; o_H]                   (wo)
 
-The naive path below decompresses k^C and v^C for every attended token: it is the path for training and
-the reference the absorbed decode path is tested against.
+Two paths, side by side below. `naive` decompresses k^C and v^C for every attended token: the path for
+training and long prefill chunks, and the reference. `absorbed` never decompresses: it folds W_UK into
+the query and applies W_UV after attention, so a decode step reads only the latent cache.
 """
 
 from __future__ import annotations
@@ -59,15 +60,69 @@ class MLA(nn.Module):
         c_kv, k_pe = self.wkv_a(x).split([self.kv_rank, self.rope_dim], dim=-1)
         return self.kv_norm(c_kv), apply_rope(k_pe, cos, sin)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Causal self-attention over the S tokens of x [B,S,d] (naive: decompress K and V)."""
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        cache: torch.Tensor | None = None, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Self-attention of x [B,S,d] (causal). Without a cache: over x itself, naive path.
+
+        With `cache` (this layer's latent cache [B, max_len, d_c + d_h^R]), the new tokens' latents are
+        written at `positions` [B,S], then the queries attend to the cached prefix where `mask` [B,S,T] is
+        true, through whichever path is cheaper for S queries (`absorbed_is_cheaper`).
+        """
         q_nope, q_pe = self.queries(x, cos, sin)
         c_kv, k_pe = self.latents(x, cos, sin)
+        if cache is None:
+            return self.naive(q_nope, q_pe, c_kv, k_pe, None)
+        rows = torch.arange(x.shape[0], device=x.device)[:, None]
+        cache[rows, positions] = torch.cat([c_kv, k_pe], dim=-1)
+        history = cache[:, : mask.shape[-1]]  # [B,T,d_c + d_h^R]
+        if self.absorbed_is_cheaper(x.shape[1]):
+            return self.absorbed(q_nope, q_pe, history, mask)
+        c_kv, k_pe = history.split([self.kv_rank, self.rope_dim], dim=-1)
+        return self.naive(q_nope, q_pe, c_kv, k_pe, mask)
+
+    def naive(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Decompress k^C, v^C for every attended token (Eqs. 10-11), then ordinary attention (Eqs. 17-19).
+
+        q_* [B,S,H,·]; c_kv [B,T,d_c], k_pe [B,T,d_h^R]; mask [B,S,T] (None: causal with S == T).
+        """
         k_nope, v = self.wkv_b(c_kv).unflatten(-1, (self.n_heads, -1)).split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            is_causal=x.shape[1] > 1, scale=self.softmax_scale,
+            attn_mask=None if mask is None else mask.unsqueeze(1),
+            is_causal=mask is None and q.shape[1] > 1, scale=self.softmax_scale,
         )  # [B,H,S,d_v]
         return self.wo(o.transpose(1, 2).flatten(2))
+
+    def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, history: torch.Tensor, mask: torch.Tensor):
+        """Attend in latent space (paper appendix C, reference-spec §10): never decompress the cache.
+
+        q^C_h·k^C_h = q^C_h·(W_UK_h c) = (W_UK_hᵀ q^C_h)·c, so W_UK folds into the query; and
+        Σ_t p_t W_UV_h c_t = W_UV_h Σ_t p_t c_t, so W_UV applies after attending over the latents.
+        All H·S queries then share one key/value "head" of width d_c + d_h^R: multi-query attention.
+        """
+        B, S, H, _ = q_nope.shape
+        w_ukv = self.wkv_b.weight.view(H, self.nope_dim + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w_ukv[:, : self.nope_dim], w_ukv[:, self.nope_dim :]  # [H,d_h,d_c], [H,d_v,d_c]
+        q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
+        q = torch.cat([q_latent, q_pe], dim=-1).flatten(1, 2).unsqueeze(1)  # [B,1,S·H,d_c + d_h^R]
+        kv = history.unsqueeze(1)  # [B,1,T,d_c + d_h^R]
+        o_latent = F.scaled_dot_product_attention(
+            q, kv, kv[..., : self.kv_rank],
+            attn_mask=mask.repeat_interleave(H, dim=1).unsqueeze(1), scale=self.softmax_scale,
+        )  # [B,1,S·H,d_c]
+        o = torch.einsum("bshc,hvc->bshv", o_latent.view(B, S, H, self.kv_rank), w_uv)
+        return self.wo(o.flatten(2))
+
+    def absorbed_is_cheaper(self, n_queries: int) -> bool:
+        """Per (query, key, head) absorbed attention costs 2·d_c + d_h^R multiply-adds against naive's
+        d_h + d_h^R + d_v, but naive first decompresses every key: d_c·(d_h + d_v) per (key, head).
+        So absorbed wins while S·(2·d_c − d_h − d_v) < d_c·(d_h + d_v): always at decode (S = 1)."""
+        extra = 2 * self.kv_rank - self.nope_dim - self.v_dim
+        return extra <= 0 or n_queries * extra < self.kv_rank * (self.nope_dim + self.v_dim)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from dsv2.config import ModelConfig
+from dsv2.infer.cache import LatentCache
 from dsv2.model.layers import MLP, RMSNorm
 from dsv2.model.mla import MLA
 from dsv2.model.moe import MoE
@@ -20,8 +21,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ffn = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = h + self.attn(self.attn_norm(h), cos, sin)
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = h + self.attn(self.attn_norm(h), cos, sin, cache, positions, mask)
         return h + self.ffn(self.ffn_norm(h))
 
 
@@ -35,16 +37,37 @@ class Transformer(nn.Module):
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope = RotaryEmbedding(config)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B,S] (positions [B,S] or [S], default 0..S-1) -> logits [B,S,vocab] in the model dtype."""
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: LatentCache | None = None,
+        logits_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens [B,S] -> logits [B,S,vocab] in the model dtype.
+
+        positions: [B,S] or [S]; default 0..S-1, or each slot's next positions when a cache is given.
+        cache: the caller's `LatentCache` (B slots); the tokens' latents are written into it at their
+            positions and attention covers everything cached up to each query's position. The caller
+            advances `cache.lengths`.
+        logits_index: [B] index along S of the one position per row whose logits to return ([B,vocab]);
+            prefill needs only the last prompt token's, and the full [B,S,vocab] can be large.
+        """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
+        B, S = tokens.shape
         if positions is None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device)
+            positions = cache.positions(S) if cache is not None else torch.arange(S, device=tokens.device)
         cos, sin = self.rope(positions)
+        mask = None
+        if cache is not None:
+            positions = positions.expand(B, S)
+            span = int(positions.max()) + 1
+            if span > cache.max_len:
+                raise ValueError(f"position {span - 1} does not fit a cache of {cache.max_len} positions")
+            mask = torch.arange(span, device=tokens.device) <= positions.unsqueeze(-1)  # [B,S,T]
         h = self.embed(tokens)
-        for layer in self.layers:
-            h = layer(h, cos, sin)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, None if cache is None else cache.layer(i), positions, mask)
+        if logits_index is not None:
+            h = h[torch.arange(B, device=h.device), logits_index]
         return self.head(self.norm(h))
 
     @torch.no_grad()

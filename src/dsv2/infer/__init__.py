@@ -1,0 +1,1 @@
+"""Inference: latent KV cache, sampling, the plain generate loop and the batched engine."""

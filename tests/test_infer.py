@@ -1,0 +1,206 @@
+"""Inference: absorbed vs naive MLA, cached vs uncached decoding, the engine vs the plain loop and
+transformers' generate, batching, seeds, sampling filters and input validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CASES, hub_config
+from test_hf_parity import randomize_
+
+import dsv2
+from dsv2 import LLM, SamplingError, SamplingParams
+from dsv2.infer.cache import LatentCache
+from dsv2.infer.generate import generate
+from dsv2.infer.sampling import filter_logits, sample
+from dsv2.model.mla import MLA
+from dsv2.tokenizer import Tokenizer
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def random_model(case="v2_like", dtype=torch.float32):
+    model = dsv2.random_model(dsv2.ModelConfig.from_dict(hub_config(case)), dtype=dtype)
+    randomize_(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("n_queries", [1, 7])
+@torch.no_grad()
+def test_absorbed_equals_naive_attention(case, n_queries):
+    model = random_model(case)
+    cfg = model.config
+    attn = model.layers[0].attn
+    B, T = 3, 90
+    cache = torch.randn(B, 128, cfg.kv_cache_dim)
+    x = torch.randn(B, n_queries, cfg.hidden_size)
+    positions = torch.tensor([[T - n_queries + i for i in range(n_queries)]] * B) - torch.tensor([[0], [5], [30]])
+    cos, sin = model.rope(positions)
+    mask = torch.arange(T) <= positions.unsqueeze(-1)
+    q_nope, q_pe = attn.queries(x, cos, sin)
+    c_kv, k_pe = attn.latents(x, cos, sin)
+    cache[torch.arange(B)[:, None], positions] = torch.cat([c_kv, k_pe], -1)
+    history = cache[:, :T]
+    absorbed = attn.absorbed(q_nope, q_pe, history, mask)
+    naive = attn.naive(q_nope, q_pe, *history.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], -1), mask)
+    assert rel_err(absorbed, naive) <= 1e-5
+
+
+def test_path_choice_follows_cost():
+    cfg = dsv2.preset("deepseek-v2")
+    with torch.device("meta"):
+        attn = MLA(cfg)
+    assert attn.absorbed_is_cheaper(1) and attn.absorbed_is_cheaper(64)
+    assert not attn.absorbed_is_cheaper(512)  # long prefill chunks decompress once instead
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@torch.no_grad()
+def test_cached_decoding_equals_full_forward(case):
+    model = random_model(case)
+    x = torch.randint(0, model.config.vocab_size, (2, 120))
+    full = model(x)
+    cache = LatentCache(model.config, 2, 160)
+    chunks = [model(x[:, :70], cache=cache)]  # a long prefill chunk (naive path) ...
+    cache.advance(70)
+    for start, stop in [(70, 73), *((t, t + 1) for t in range(73, 120))]:  # ... a short one, then decode
+        chunks.append(model(x[:, start:stop], cache=cache))
+        cache.advance(stop - start)
+    assert rel_err(torch.cat(chunks, 1), full) <= 1e-5
+    assert cache.bytes_in_use() == 2 * 120 * model.config.num_hidden_layers * model.config.kv_cache_dim * 4
+
+
+def test_cache_bytes_formula():
+    cfg = dsv2.preset("deepseek-v2-lite")
+    cache = LatentCache(cfg.replace(num_hidden_layers=2), batch_size=2, max_len=8, dtype=torch.bfloat16)
+    cache.lengths[:] = torch.tensor([3, 5])
+    assert cache.bytes_per_token() == 2 * (512 + 64) * 2
+    assert cache.bytes_in_use() == 8 * 2 * (512 + 64) * 2
+
+
+PROMPTS = [[5, 17, 99], list(range(30, 71)), [200], list(range(100, 112))]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    torch.manual_seed(0)
+    model = random_model("v2_like")
+    return LLM(model, max_batch_size=3, tokenizer=Tokenizer.byte_level(model.config))
+
+
+def test_engine_greedy_equals_plain_loop_and_transformers(llm, tmp_path):
+    import transformers
+
+    params = SamplingParams(max_tokens=12, temperature=0)
+    outs = llm.generate(PROMPTS, params)  # 4 mixed-length prompts through 3 slots: admission mid-run too
+    dsv2.save_model(llm.model, tmp_path)
+    theirs = transformers.DeepseekV2ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        assert out.token_ids == generate(llm.model, prompt, params, eos_id=1)
+        ref = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=1,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+        assert out.token_ids == ref
+        assert out.finish_reason == ("stop" if out.token_ids[-1] == 1 else "length")
+
+
+def test_batched_equals_one_by_one(llm):
+    params = SamplingParams(max_tokens=10, temperature=0)
+    batched = [o.token_ids for o in llm.generate(PROMPTS, params)]
+    single = [llm.generate([p], params)[0].token_ids for p in PROMPTS]
+    assert batched == single
+
+
+def test_seed_reproduces_sampling_independent_of_batch(llm):
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=1234)
+    a = llm.generate(PROMPTS, params)
+    b = llm.generate(PROMPTS[::-1], params)[::-1]
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert a[0].token_ids == generate(llm.model, PROMPTS[0], params, eos_id=1)
+    other = llm.generate(PROMPTS, SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=99))
+    assert [o.token_ids for o in a] != [o.token_ids for o in other]
+
+
+def test_stream_matches_generate_and_stops(llm):
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    events = list(llm.stream(PROMPTS[:2], params))
+    outs = llm.generate(PROMPTS[:2], params)
+    for i, out in enumerate(outs):
+        mine = [e for e in events if e.index == i]
+        assert [e.token_id for e in mine] == out.token_ids and mine[-1].finish_reason == "length"
+        assert "".join(e.text_delta for e in mine) == out.text
+    stop_on = outs[0].token_ids[2]
+    stopped = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[stop_on]))[0]
+    assert stopped.token_ids == outs[0].token_ids[: outs[0].token_ids.index(stop_on) + 1]
+    assert stopped.finish_reason == "stop"
+
+
+def test_stop_string_cuts_text():
+    llm = LLM("nano", dtype="float32")
+    full = llm.generate("hello", SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
+    assert len(full.text) > 3
+    needle = full.text[2:4]
+    out = llm.generate("hello", SamplingParams(max_tokens=20, temperature=0, stop=needle, ignore_eos=True))[0]
+    assert out.finish_reason == "stop" and out.text == full.text[: full.text.find(needle)]
+
+
+def test_stats_report_latent_cache_bytes(llm):
+    llm.generate(PROMPTS[:2], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    s = llm.stats()
+    per_token = llm.config.num_hidden_layers * llm.config.kv_cache_dim * 4
+    assert s["kv_cache_bytes_per_token"] == per_token
+    assert s["kv_cache_peak_bytes_in_use"] == (3 + 41 + 2 * 5 - 2) * per_token  # the last token is never cached
+    assert s["decode_tokens"] == 2 * 4 and s["prefill_tokens"] == 44
+
+
+# ------------------------------------------------------------------------------------------ sampling
+def test_filters_never_emit_outside_their_set():
+    torch.manual_seed(0)
+    logits = torch.randn(50)
+    probs = logits.softmax(-1)
+    order = probs.argsort(descending=True)
+    top5 = set(order[:5].tolist())
+    nucleus = set(order[: int((probs[order].cumsum(0) < 0.6).sum()) + 1].tolist())
+    above_min = set((probs >= 0.2 * probs.max()).nonzero().flatten().tolist())
+    g = torch.Generator().manual_seed(0)
+    for params, allowed in [
+        (SamplingParams(top_k=5), top5), (SamplingParams(top_p=0.6), nucleus), (SamplingParams(min_p=0.2), above_min),
+    ]:
+        drawn = {sample(logits, params, torch.tensor([], dtype=torch.long), g) for _ in range(400)}
+        assert drawn <= allowed and len(drawn) > 1
+    assert torch.isinf(filter_logits(logits, top_k=5)).sum() == 45
+
+
+def test_repetition_penalty_and_greedy():
+    logits = torch.tensor([3.0, 2.9, -1.0])
+    g = torch.Generator()
+    assert sample(logits, SamplingParams(temperature=0), torch.tensor([], dtype=torch.long), g) == 0
+    assert sample(logits, SamplingParams(temperature=0, repetition_penalty=2.0), torch.tensor([0]), g) == 1
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"temperature": -0.5}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"), ({"top_k": -3}, "top_k"), ({"min_p": 2}, "min_p"),
+    ({"repetition_penalty": 0}, "repetition_penalty"), ({"stop": [""]}, "stop"),
+])
+def test_invalid_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(SamplingError, match=f"`{field}`"):
+        SamplingParams(**kwargs)
+
+
+def test_prompt_longer_than_context_is_refused_before_work(llm):
+    too_long = [3] * llm.config.max_position_embeddings
+    with pytest.raises(SamplingError, match=r"prompts\[1\]: .*max_position_embeddings"):
+        llm.generate([[1, 2], too_long], SamplingParams(max_tokens=4))
+
+
+def test_model_folder_without_tokenizer(tmp_path):
+    dsv2.save_model(dsv2.load_model("nano", seed=0), tmp_path)
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        LLM(tmp_path)
+    ids_only = LLM(tmp_path, skip_tokenizer_init=True)
+    assert len(ids_only.generate([[0, 5, 6]], SamplingParams(max_tokens=3))[0].token_ids) <= 3
+    with pytest.raises(ValueError, match="no tokenizer"):
+        ids_only.generate("text prompt")
