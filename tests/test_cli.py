@@ -49,3 +49,18 @@ def test_info_text_and_errors():
     assert out.returncode == 0 and "235,741,434,880" in out.stdout and "69,120 bytes" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "dsv2.cli", "info", "no-such-model"], capture_output=True, text=True)
     assert bad.returncode == 2 and "not a preset" in bad.stderr
+
+
+def test_init_then_generate_on_a_folder(tmp_path):
+    folder = tmp_path / "nano"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "dsv2.cli", *a], capture_output=True, text=True)  # noqa: E731
+    assert run("init", "nano", str(folder), "--dtype", "float32").returncode == 0
+    assert (folder / "tokenizer.json").is_file() and (folder / "config.json").is_file()
+    out = run("generate", str(folder), "--prompt", "def f():", "--max-tokens", "5", "--temperature", "0", "-v")
+    assert out.returncode == 0, out.stderr
+    assert "5 generated" in out.stderr or "generated" in out.stderr
+    bad = run("generate", str(folder), "--prompt", "x", "--top-p", "0")
+    assert bad.returncode == 2 and "`top_p`" in bad.stderr
+    chat = subprocess.run([sys.executable, "-m", "dsv2.cli", "chat", str(folder), "--max-tokens", "3"],
+                          input="hello\n/exit\n", capture_output=True, text=True)
+    assert chat.returncode == 0 and "assistant>" in chat.stdout

@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 
 from dsv2.config import PRESETS, ConfigError, ModelConfig, preset
+from dsv2.infer.sampling import SamplingError, SamplingParams
 from dsv2.info import summarize
+from dsv2.tokenizer import TokenizerError
+from dsv2.weights import CheckpointError
 
 
 def _config_of(name_or_path: str) -> ModelConfig:
@@ -51,6 +54,92 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    """A random-weights checkpoint folder (config, safetensors, byte-level tokenizer) from a preset."""
+    import torch
+
+    from dsv2.tokenizer import Tokenizer
+    from dsv2.weights import load_model, save_model
+
+    model = load_model(args.preset, dtype=getattr(torch, args.dtype), seed=args.seed)
+    save_model(model, args.out)
+    Tokenizer.byte_level(model.config).save(args.out)
+    print(f"wrote {args.out}: random {args.preset} weights ({args.dtype}) and a byte-level tokenizer.json")
+    return 0
+
+
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+    )
+
+
+def _llm(args: argparse.Namespace):
+    from dsv2.infer.engine import LLM
+
+    return LLM(args.model, dtype=args.dtype)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = _sampling(args)  # validate before loading anything
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    llm = _llm(args)
+    if args.chat:
+        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if llm.tokenizer else prompt
+    for event in llm.stream([prompt], params):
+        print(event.text_delta, end="", flush=True)
+    print()
+    if args.verbose:
+        s = llm.stats()
+        print(f"[{s['prefill_tokens']} prompt tokens at {s['prefill_tok_per_s']:.1f} tok/s, "
+              f"{s['decode_tokens']} generated at {s['decode_tok_per_s']:.1f} tok/s, "
+              f"latent cache {s['kv_cache_peak_bytes_in_use']:,} bytes]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = _sampling(args)
+    llm = _llm(args)
+    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    print("dsv2 chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = llm.tokenizer.apply_chat_template(messages)
+        print("assistant> ", end="", flush=True)
+        reply = ""
+        for event in llm.stream([ids], params):
+            reply += event.text_delta
+            print(event.text_delta, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("model", help=f"checkpoint folder (with tokenizer.json) or preset ({', '.join(PRESETS)})")
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv2", description="DeepSeek-V2 in readable PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +147,25 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", help=f"preset ({', '.join(PRESETS)}), checkpoint folder or config.json")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info.set_defaults(func=cmd_info)
+
+    init = sub.add_parser("init", help="write a random-weights checkpoint folder from a preset")
+    init.add_argument("preset", choices=list(PRESETS))
+    init.add_argument("out", help="folder to write")
+    init.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    init.add_argument("--seed", type=int, default=0)
+    init.set_defaults(func=cmd_init)
+
+    gen = sub.add_parser("generate", help="complete a prompt (streams the text)")
+    _add_sampling_args(gen, max_tokens=128)
+    gen.add_argument("--prompt", help="prompt text (default: read standard input)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("-v", "--verbose", action="store_true", help="print token counts and speed to stderr")
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat with streaming replies")
+    _add_sampling_args(chat, max_tokens=512)
+    chat.add_argument("--system", help="system message")
+    chat.set_defaults(func=cmd_chat)
     return parser
 
 
@@ -65,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, OSError) as e:
+    except (ConfigError, CheckpointError, SamplingError, TokenizerError, OSError) as e:
         print(f"dsv2: error: {e}", file=sys.stderr)
         return 2
 
