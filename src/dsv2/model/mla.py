@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv2.config import ModelConfig
-from dsv2.model.layers import RMSNorm
+from dsv2.model.layers import RMSNorm, derived
 from dsv2.model.rope import apply_rope
 
 
@@ -68,7 +68,8 @@ class MLA(nn.Module):
 
         With `cache` (this layer's latent cache [B, max_len, d_c + d_h^R]), the new tokens' latents are
         written at `positions` [B,S], then the queries attend to the cached prefix where `mask` [B,S,T] is
-        true, through whichever path is cheaper for S queries (`absorbed_is_cheaper`).
+        true (None: positions are 0..S-1 in every row, plain causal), through whichever path is cheaper
+        for S queries (`absorbed_is_cheaper`).
         """
         q_nope, q_pe = self.queries(x, cos, sin)
         c_kv, k_pe = self.latents(x, cos, sin)
@@ -76,8 +77,11 @@ class MLA(nn.Module):
             return self.naive(q_nope, q_pe, c_kv, k_pe, None)
         rows = torch.arange(x.shape[0], device=x.device)[:, None]
         cache[rows, positions] = torch.cat([c_kv, k_pe], dim=-1)
-        history = cache[:, : mask.shape[-1]]  # [B,T,d_c + d_h^R]
+        history = cache[:, : x.shape[1] if mask is None else mask.shape[-1]]  # [B,T,d_c + d_h^R]
         if self.absorbed_is_cheaper(x.shape[1]):
+            if mask is None:
+                B, S = x.shape[:2]
+                mask = torch.ones(S, S, dtype=torch.bool, device=x.device).tril().expand(B, S, S)
             return self.absorbed(q_nope, q_pe, history, mask)
         c_kv, k_pe = history.split([self.kv_rank, self.rope_dim], dim=-1)
         return self.naive(q_nope, q_pe, c_kv, k_pe, mask)
@@ -105,20 +109,29 @@ class MLA(nn.Module):
 
         q^C_h·k^C_h = q^C_h·(W_UK_h c) = (W_UK_hᵀ q^C_h)·c, so W_UK folds into the query; and
         Σ_t p_t W_UV_h c_t = W_UV_h Σ_t p_t c_t, so W_UV applies after attending over the latents.
-        All H·S queries then share one key/value "head" of width d_c + d_h^R: multi-query attention.
+        All H·S queries then share one key/value "head" of width d_c + d_h^R: multi-query attention,
+        written out as two batched matmuls (the cache slices are strided; SDPA would copy them).
         """
         B, S, H, _ = q_nope.shape
-        w_ukv = self.wkv_b.weight.view(H, self.nope_dim + self.v_dim, self.kv_rank)
-        w_uk, w_uv = w_ukv[:, : self.nope_dim], w_ukv[:, self.nope_dim :]  # [H,d_h,d_c], [H,d_v,d_c]
+        w_uk, w_uv = self.absorbed_weights()
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
-        q = torch.cat([q_latent, q_pe], dim=-1).flatten(1, 2).unsqueeze(1)  # [B,1,S·H,d_c + d_h^R]
-        kv = history.unsqueeze(1)  # [B,1,T,d_c + d_h^R]
-        o_latent = F.scaled_dot_product_attention(
-            q, kv, kv[..., : self.kv_rank],
-            attn_mask=mask.repeat_interleave(H, dim=1).unsqueeze(1), scale=self.softmax_scale,
-        )  # [B,1,S·H,d_c]
+        q = torch.cat([q_latent, q_pe], dim=-1).flatten(1, 2)  # [B,S·H,d_c + d_h^R]
+        scores = torch.matmul(q, history.transpose(1, 2)) * self.softmax_scale  # [B,S·H,T]
+        scores = scores.masked_fill(~mask.repeat_interleave(H, dim=1), float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        o_latent = torch.matmul(probs, history[..., : self.kv_rank])  # [B,S·H,d_c]
         o = torch.einsum("bshc,hvc->bshv", o_latent.view(B, S, H, self.kv_rank), w_uv)
         return self.wo(o.flatten(2))
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H,d_h,d_c] and W_UV [H,d_v,d_c], split out of wkv_b once into contiguous tensors
+        (as strided views the CPU batched matmuls run 3-30x slower)."""
+
+        def split(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            w_ukv = w.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
+            return w_ukv[:, : self.nope_dim].contiguous(), w_ukv[:, self.nope_dim :].contiguous()
+
+        return derived(self, "absorbed", self.wkv_b.weight, split)
 
     def absorbed_is_cheaper(self, n_queries: int) -> bool:
         """Per (query, key, head) absorbed attention costs 2·d_c + d_h^R multiply-adds against naive's

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv2.config import ModelConfig
-from dsv2.model.layers import MLP
+from dsv2.model.layers import MLP, derived
 
 
 class Gate(nn.Module):
@@ -37,7 +37,10 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N,d] -> weights [N,K] fp32, expert ids [N,K], scores [N,E] fp32."""
-        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
+        # fp32 router like the reference; at inference the fp32 copy of a bf16 weight is made once
+        training = torch.is_grad_enabled() and self.weight.requires_grad
+        weight = self.weight.float() if training else derived(self, "fp32", self.weight, torch.Tensor.float)
+        scores = F.linear(x.float(), weight).softmax(dim=-1)
         candidates = scores
         if self.method == "group_limited_greedy":
             # a group's score is the best expert score in it; keep the M best groups (Eq. 23's device limit)

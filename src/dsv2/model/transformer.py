@@ -62,7 +62,9 @@ class Transformer(nn.Module):
             span = int(positions.max()) + 1
             if span > cache.max_len:
                 raise ValueError(f"position {span - 1} does not fit a cache of {cache.max_len} positions")
-            mask = torch.arange(span, device=tokens.device) <= positions.unsqueeze(-1)  # [B,S,T]
+            if span != S or not bool((positions == torch.arange(S, device=tokens.device)).all()):
+                mask = torch.arange(span, device=tokens.device) <= positions.unsqueeze(-1)  # [B,S,T]
+            # else: every row starts at 0, so plain causal masking (None) is exact and needs no [S,S] mask
         h = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, None if cache is None else cache.layer(i), positions, mask)
