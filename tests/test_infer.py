@@ -168,7 +168,7 @@ def test_filters_never_emit_outside_their_set():
     for params, allowed in [
         (SamplingParams(top_k=5), top5), (SamplingParams(top_p=0.6), nucleus), (SamplingParams(min_p=0.2), above_min),
     ]:
-        drawn = {sample(logits, params, torch.tensor([], dtype=torch.long), g) for _ in range(400)}
+        drawn = {sample(logits, params, [], g) for _ in range(400)}
         assert drawn <= allowed and len(drawn) > 1
     assert torch.isinf(filter_logits(logits, top_k=5)).sum() == 45
 
@@ -176,8 +176,8 @@ def test_filters_never_emit_outside_their_set():
 def test_repetition_penalty_and_greedy():
     logits = torch.tensor([3.0, 2.9, -1.0])
     g = torch.Generator()
-    assert sample(logits, SamplingParams(temperature=0), torch.tensor([], dtype=torch.long), g) == 0
-    assert sample(logits, SamplingParams(temperature=0, repetition_penalty=2.0), torch.tensor([0]), g) == 1
+    assert sample(logits, SamplingParams(temperature=0), [], g) == 0
+    assert sample(logits, SamplingParams(temperature=0, repetition_penalty=2.0), [0], g) == 1
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [

@@ -87,6 +87,12 @@ class ModelConfig:
     absent_keys: frozenset[str] = field(default_factory=frozenset, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        # transformers' strict config rejects ints in float fields (e.g. routed_scaling_factor: 16)
+        for name in ("routed_scaling_factor", "rms_norm_eps", "initializer_range", "aux_loss_alpha",
+                     "attention_dropout"):
+            v = getattr(self, name)
+            if isinstance(v, int) and not isinstance(v, bool):
+                object.__setattr__(self, name, float(v))
         self.validate()
 
     # ----------------------------------------------------------------------------- derived sizes

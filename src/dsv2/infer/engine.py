@@ -167,7 +167,8 @@ class LLM:
                 timing["decode_s"] += time.perf_counter() - t
                 timing["decode_tokens"] += len(active)
                 yield from self._emit(active, logits)
-            peak_bytes = max(peak_bytes, cache.bytes_in_use())
+            cached_tokens = sum(len(r.seen) - 1 for r in active)  # the newest token is not cached yet
+            peak_bytes = max(peak_bytes, cached_tokens * cache.bytes_per_token())
             for i in reversed(range(len(active))):  # retire, keeping active slots contiguous
                 if active[i].out.finished:
                     last_slot = len(active) - 1
@@ -201,9 +202,10 @@ class LLM:
 
     def _emit(self, requests: list[_Request], logits: torch.Tensor) -> Iterator[StreamEvent]:
         """Sample one token per request, update its output, yield the events."""
-        for r, row in zip(requests, logits, strict=True):
-            seen = torch.tensor(r.seen, device=self.device)
-            token = sample(row, r.params, seen, r.generator)
+        plain_greedy = [r.params.greedy and r.params.repetition_penalty == 1.0 for r in requests]
+        argmax = logits.argmax(dim=-1).tolist() if any(plain_greedy) else None  # one op for the batch
+        for i, (r, row) in enumerate(zip(requests, logits, strict=True)):
+            token = argmax[i] if plain_greedy[i] else sample(row, r.params, r.seen, r.generator)
             r.seen.append(token)
             out = r.out
             out.token_ids.append(token)

@@ -63,10 +63,11 @@ class SamplingParams:
         return g
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
     """CTRL-style: a seen token's positive logit is divided by the penalty, a negative one multiplied."""
-    if penalty == 1.0 or seen.numel() == 0:
+    if penalty == 1.0 or not seen:
         return logits
+    seen = torch.tensor(seen, device=logits.device)
     picked = logits.gather(-1, seen)
     return logits.scatter(-1, seen, torch.where(picked > 0, picked / penalty, picked * penalty))
 
@@ -88,7 +89,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, generator: torch.Generator) -> int:
+def sample(logits: torch.Tensor, params: SamplingParams, seen: list[int], generator: torch.Generator) -> int:
     """One row: logits [vocab] (any float dtype), the ids seen so far, the row's generator -> token id."""
     logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
     if params.greedy:
