@@ -9,8 +9,8 @@ against this machine's read bandwidth measured in the same run.
     python benchmarks/decode.py                       # nano, small, lite4; bf16 and fp32
     python benchmarks/decode.py --models nano --dtypes bfloat16 --new-tokens 32   # quick look
 
-transformers timing: prefill = generate(max_new_tokens=1); decode step = (generate(N) - generate(1)) / (N-1).
-dsv2 timing: the engine's own prefill/decode clocks (`LLM.stats()`).
+transformers timing: one forward over the prompts (prefill), then single-token forwards with its cache
+(decode steps), greedy. dsv2 timing: the engine's own prefill/decode clocks (`LLM.stats()`).
 """
 
 from __future__ import annotations
@@ -36,9 +36,11 @@ MODELS = {
     "small": lambda: dsv2.preset("small"),
     # V2-Lite's shapes cut to 4 layers (1 dense + 3 MoE): hidden 2048, 16 heads, 64+2 experts, top-6
     "lite4": lambda: dsv2.preset("deepseek-v2-lite").replace(num_hidden_layers=4),
+    "lite": lambda: dsv2.preset("deepseek-v2-lite"),  # the full 15.7B shape: for a GPU
 }
 SHAPES = [(1, 128), (1, 1024), (8, 128), (8, 1024)]
 CONTEXTS = [128, 1024, 4096, 8192]
+CONTEXT_STEPS = 32  # decode steps timed after a prompt of each context length
 
 
 def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
@@ -46,14 +48,22 @@ def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(10, min(vocab, 30000), (batch, length), generator=g).tolist()
 
 
-def vm_hwm_mb() -> float:
+def peak_memory_mb(device: str) -> float:
+    """Peak resident memory of this process (CPU), or peak allocated GPU memory (CUDA)."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 # ------------------------------------------------------------------------------ one implementation
-def run_dsv2(path: str, dtype: str, new_tokens: int, contexts: list[int]) -> dict:
-    llm = dsv2.LLM(path, dtype=dtype, skip_tokenizer_init=True, max_batch_size=8)
+def run_dsv2(path: str, dtype: str, new_tokens: int, contexts: list[int], device: str) -> dict:
+    llm = dsv2.LLM(path, dtype=dtype, device=device, skip_tokenizer_init=True, max_batch_size=8)
     vocab = llm.config.vocab_size
     params = dsv2.SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     llm.generate(prompts(1, 16, vocab), dsv2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
@@ -68,48 +78,61 @@ def run_dsv2(path: str, dtype: str, new_tokens: int, contexts: list[int]) -> dic
         }
     steps = {}
     for ctx in contexts:
-        llm.generate(prompts(1, ctx, vocab), dsv2.SamplingParams(max_tokens=9, temperature=0, ignore_eos=True))
+        llm.generate(prompts(1, ctx, vocab),
+                     dsv2.SamplingParams(max_tokens=CONTEXT_STEPS + 1, temperature=0, ignore_eos=True))
         s = llm.stats()
         steps[ctx] = 1000 * s["decode_s"] / s["decode_tokens"]
-    return {"shapes": rows, "context_step_ms": steps, "peak_rss_mb": vm_hwm_mb()}
+    return {"shapes": rows, "context_step_ms": steps, "peak_rss_mb": peak_memory_mb(device)}
 
 
-def run_transformers(path: str, dtype: str, new_tokens: int, contexts: list[int]) -> dict:
+def run_transformers(path: str, dtype: str, new_tokens: int, contexts: list[int], device: str) -> dict:
+    """Prefill = one forward over the prompts with use_cache; decode = single-token forwards feeding
+    past_key_values back (greedy): transformers' own decode step, without generate()'s bookkeeping."""
     import transformers
 
-    model = transformers.DeepseekV2ForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    model = transformers.DeepseekV2ForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     vocab = model.config.vocab_size
 
-    def timed(ids, n):
+    def run(ids, n):
+        ids = torch.tensor(ids, device=device)
+        sync(device)
         t = time.perf_counter()
-        model.generate(torch.tensor(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        return time.perf_counter() - t
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1:].argmax(-1)
+        sync(device)
+        t_prefill = time.perf_counter() - t
+        past = out.past_key_values
+        t = time.perf_counter()
+        for _ in range(n - 1):
+            out = model(token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        sync(device)
+        return t_prefill, (time.perf_counter() - t) / max(1, n - 1)
 
     with torch.inference_mode():
-        timed(prompts(1, 16, vocab), 4)
+        run(prompts(1, 16, vocab), 4)
         rows = {}
         for batch, length in SHAPES:
-            ids = prompts(batch, length, vocab)
-            t1, tn = timed(ids, 1), timed(ids, new_tokens)
-            step = (tn - t1) / (new_tokens - 1)
+            prefill, step = run(prompts(batch, length, vocab), new_tokens)
             rows[f"{batch}x{length}"] = {
-                "prefill_tok_s": batch * length / t1, "decode_tok_s": batch / step, "step_ms": 1000 * step,
+                "prefill_tok_s": batch * length / prefill, "decode_tok_s": batch / step, "step_ms": 1000 * step,
             }
-        steps = {}
-        for ctx in contexts:
-            ids = prompts(1, ctx, vocab)
-            steps[ctx] = 1000 * (timed(ids, 9) - timed(ids, 1)) / 8
-    return {"shapes": rows, "context_step_ms": steps, "peak_rss_mb": vm_hwm_mb()}
+        steps = {ctx: 1000 * run(prompts(1, ctx, vocab), CONTEXT_STEPS + 1)[1] for ctx in contexts}
+    return {"shapes": rows, "context_step_ms": steps, "peak_rss_mb": peak_memory_mb(device)}
 
 
 # ---------------------------------------------------------------------------------------- driver
-def read_bandwidth_gbs() -> float:
-    x = torch.ones(256 * 1024 * 1024 // 4 * 4)  # 1 GiB fp32
+def read_bandwidth_gbs(device: str = "cpu") -> float:
+    # random data: pages of identical content (torch.ones) can be merged by the hypervisor and then
+    # read from cache, which once showed 50 GB/s here
+    x = torch.rand(256 * 1024 * 1024, device=device)  # 1 GiB fp32
     x.sum()
     times = []
     for _ in range(7):
+        sync(device)
         t = time.perf_counter()
         x.sum()
+        sync(device)
         times.append(time.perf_counter() - t)
     return x.numel() * 4 / statistics.median(times) / 1e9
 
@@ -129,29 +152,42 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--contexts", type=int, nargs="+", default=CONTEXTS)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--json", help="also write all figures to this file")
+    ap.add_argument("--from-json", help="print the tables of an earlier --json run (bandwidth measured now)")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:
         which, path, dtype, n = args.worker
         run = run_dsv2 if which == "dsv2" else run_transformers
-        print(json.dumps(run(path, dtype, int(n), args.contexts)))
+        print(json.dumps(run(path, dtype, int(n), args.contexts, args.device)))
         return
 
-    bandwidth = read_bandwidth_gbs()
-    print(f"machine: {platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, "
-          f"{args.threads} threads, read bandwidth {bandwidth:.1f} GB/s (1 GiB fp32 sum)")
+    bandwidth = read_bandwidth_gbs(args.device)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        print(f"read bandwidth now: {bandwidth:.1f} GB/s (1 GiB fp32 sum)")
+        for name in args.models:
+            for dtype in args.dtypes:
+                if f"{name} {dtype} dsv2" in saved:
+                    report(name, dtype, MODELS[name](), saved[f"{name} {dtype} dsv2"],
+                           saved[f"{name} {dtype} transformers"], bandwidth, args.contexts)
+        return
+    gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
+    print(f"machine: {platform.machine()} {os.cpu_count()} cpus{gpu}, torch {torch.__version__}, "
+          f"{args.threads} threads, read bandwidth {bandwidth:.1f} GB/s (1 GiB fp32 sum on {args.device})")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             config = MODELS[name]()
             path = str(Path(tmp) / name)
-            dsv2.save_model(dsv2.random_model(config, dtype=torch.bfloat16, seed=0), path)
+            dsv2.save_model(dsv2.random_model(config, dtype=torch.bfloat16, device=args.device, seed=0), path)
             for dtype in args.dtypes:
                 for which in ("dsv2", "transformers"):
-                    cmd = [sys.executable, __file__, "--threads", str(args.threads), "--contexts",
-                           *map(str, args.contexts), "--worker", which, path, dtype, str(args.new_tokens)]
+                    cmd = [sys.executable, __file__, "--threads", str(args.threads), "--device", args.device,
+                           "--contexts", *map(str, args.contexts),
+                           "--worker", which, path, dtype, str(args.new_tokens)]
                     out = subprocess.run(cmd, capture_output=True, text=True)
                     if out.returncode:
                         print(out.stderr[-3000:], file=sys.stderr)
@@ -165,7 +201,8 @@ def main() -> None:
 
 def report(name, dtype, config, ours, theirs, bandwidth, contexts) -> None:
     print(f"\n### {name} ({summarize(config)['total_params'] / 1e6:.0f}M params), {dtype}")
-    print(f"peak RSS: dsv2 {ours['peak_rss_mb']:.0f} MB, transformers {theirs['peak_rss_mb']:.0f} MB")
+    print(f"peak memory (RSS on CPU, allocated on GPU): dsv2 {ours['peak_rss_mb']:.0f} MB, "
+          f"transformers {theirs['peak_rss_mb']:.0f} MB")
     print("| batch x prompt | prefill tok/s dsv2 | transformers | ratio | decode tok/s dsv2 | transformers | ratio "
           "| latent cache bytes |")
     print("|---|---|---|---|---|---|---|---|")

@@ -154,6 +154,7 @@ class LLM:
                 del waiting[: len(admitted)]
                 t = time.perf_counter()
                 logits = self._prefill(cache, len(active), admitted)
+                self._sync()
                 timing["prefill_s"] += time.perf_counter() - t
                 timing["prefill_tokens"] += sum(len(r.seen) for r in admitted)
                 active += admitted
@@ -164,6 +165,7 @@ class LLM:
                 last = torch.tensor([[r.seen[-1]] for r in active], device=self.device)
                 logits = self.model(last, cache=view)[:, -1]
                 view.advance(1)
+                self._sync()
                 timing["decode_s"] += time.perf_counter() - t
                 timing["decode_tokens"] += len(active)
                 yield from self._emit(active, logits)
@@ -185,6 +187,11 @@ class LLM:
             "kv_cache_peak_bytes_in_use": peak_bytes,
             "kv_cache_bytes_allocated": cache.bytes_allocated(),
         }
+
+    def _sync(self) -> None:
+        """Wait for the device, so the clocks measure work done rather than work queued."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _prefill(self, cache: LatentCache, first_slot: int, admitted: list[_Request]) -> torch.Tensor:
         """Prefill the admitted prompts together into slots [first_slot, …): right-padded, each row's
