@@ -127,6 +127,54 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": reply})
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from dsv2.train.loop import TrainConfig, train
+
+    fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if getattr(args, f, None) is not None}
+    cfg = TrainConfig(**fields)
+    last = train(cfg)
+    print(f"step {last['step']}: train loss {last['loss']:.3f}, val loss {last.get('val_loss', float('nan')):.3f}; "
+          f"model in {cfg.out}/model")
+    if args.sample_tokens:
+        from dsv2.infer.engine import LLM
+
+        llm = LLM(f"{cfg.out}/model", dtype="float32")
+        out = llm.generate(args.sample_prompt, SamplingParams(max_tokens=args.sample_tokens, temperature=0.8, seed=0))
+        print(f"sample:\n{args.sample_prompt}{out[0].text}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from dsv2.plots import plot_run
+
+    for path in plot_run(args.run, args.out):
+        print(path)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Validation loss and perplexity of a run (its final model or latest checkpoint) or a model folder."""
+    import math
+
+    import torch
+
+    from dsv2.data.shards import TokenShards
+    from dsv2.train import checkpoint
+    from dsv2.train.loop import TrainConfig, evaluate
+    from dsv2.weights import load_model
+
+    run = Path(args.target)
+    model_dir = run / "model" if (run / "model").is_dir() else checkpoint.latest_checkpoint(run) or run
+    data = Path(args.data) if args.data else run / "data"
+    model = load_model(model_dir, dtype=torch.float32, progress=False)
+    shards = TokenShards(data, "val", vocab_size=model.config.vocab_size)
+    cfg = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, eval_batches=args.batches)
+    loss = evaluate(model, shards, cfg)
+    print(f"{model_dir}: validation loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f} "
+          f"({args.batches} x {args.batch_size} x {args.seq_len} tokens of {data})")
+    return 0
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("model", help=f"checkpoint folder (with tokenizer.json) or preset ({', '.join(PRESETS)})")
     p.add_argument("--max-tokens", type=int, default=max_tokens)
@@ -162,6 +210,45 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-v", "--verbose", action="store_true", help="print token counts and speed to stderr")
     gen.set_defaults(func=cmd_generate)
 
+    tr = sub.add_parser("train", help="pretrain (default: the nano preset on the Python standard library)")
+    tr.add_argument("--model", help="preset, config.json or checkpoint folder (default nano)")
+    tr.add_argument("--data", help="folder of text files or a JSONL file (default: Python's standard library)")
+    tr.add_argument("--out", help="run folder (default runs/nano)")
+    tr.add_argument("--steps", type=int)
+    tr.add_argument("--batch-size", dest="batch_size", type=int)
+    tr.add_argument("--seq-len", dest="seq_len", type=int)
+    tr.add_argument("--grad-accum", dest="grad_accum", type=int)
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--warmup-steps", dest="warmup_steps", type=int)
+    tr.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
+    tr.add_argument("--activation-checkpointing", dest="activation_checkpointing", action="store_true", default=None)
+    tr.add_argument("--alpha-expert", dest="alpha_expert", type=float)
+    tr.add_argument("--alpha-device", dest="alpha_device", type=float)
+    tr.add_argument("--alpha-comm", dest="alpha_comm", type=float)
+    tr.add_argument("--capacity-factor", dest="capacity_factor", type=float, help="token dropping (paper: 1.0)")
+    tr.add_argument("--max-documents", dest="max_documents", type=int, help="documents to tokenise")
+    tr.add_argument("--tokenizer-documents", dest="tokenizer_documents", type=int, help="documents to train BPE on")
+    tr.add_argument("--eval-every", dest="eval_every", type=int)
+    tr.add_argument("--save-every", dest="save_every", type=int)
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--resume", action="store_true", default=None, help="continue from the latest checkpoint")
+    tr.add_argument("--sample-tokens", dest="sample_tokens", type=int, default=48)
+    tr.add_argument("--sample-prompt", dest="sample_prompt", default="def ")
+    tr.set_defaults(func=cmd_train)
+
+    plot = sub.add_parser("plot", help="PNG plots of a training run: loss, lr, expert load")
+    plot.add_argument("run", help="run folder (with metrics.jsonl)")
+    plot.add_argument("--out", help="folder for the PNGs (default: the run folder)")
+    plot.set_defaults(func=cmd_plot)
+
+    ev = sub.add_parser("eval", help="validation loss and perplexity of a run or model folder")
+    ev.add_argument("target", help="run folder, or model folder with --data")
+    ev.add_argument("--data", help="shard folder (default RUN/data)")
+    ev.add_argument("--batches", type=int, default=8)
+    ev.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    ev.add_argument("--seq-len", dest="seq_len", type=int, default=128)
+    ev.set_defaults(func=cmd_eval)
+
     chat = sub.add_parser("chat", help="interactive chat with streaming replies")
     _add_sampling_args(chat, max_tokens=512)
     chat.add_argument("--system", help="system message")
@@ -173,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, SamplingError, TokenizerError, OSError) as e:
+    except (ConfigError, CheckpointError, SamplingError, TokenizerError, OSError, ValueError) as e:
         print(f"dsv2: error: {e}", file=sys.stderr)
         return 2
 

@@ -15,12 +15,27 @@ proportional to N·K and experts nobody chose are never read. `loop_experts` is 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsv2.config import ModelConfig
 from dsv2.model.layers import MLP, derived
+
+
+@dataclass
+class RoutingRecord:
+    """Passed to a training forward: every MoE layer appends its router scores [B,S,E] and choices [B,S,K]
+    (what the balance losses need) and, if `drop` is set, applies the keep-mask it returns for
+    (affinities [B,S,K], choices [B,S,K]) — device-level token dropping — to its routing weights."""
+
+    scores: list[torch.Tensor] = field(default_factory=list)
+    indices: list[torch.Tensor] = field(default_factory=list)
+    kept: list[torch.Tensor] = field(default_factory=list)
+    drop: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 class Gate(nn.Module):
@@ -120,8 +135,16 @@ class MoE(nn.Module):
             MLP(config.hidden_size, config.moe_intermediate_size * n_shared) if n_shared else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing: RoutingRecord | None = None) -> torch.Tensor:
         flat = x.flatten(0, -2)
-        weights, indices, _ = self.gate(flat)
+        weights, indices, scores = self.gate(flat)
+        if routing is not None:
+            per_token = (*x.shape[:-1], -1)
+            routing.scores.append(scores.view(per_token))
+            routing.indices.append(indices.view(per_token))
+            if routing.drop is not None:
+                keep = routing.drop(weights.detach().view(per_token), indices.view(per_token))
+                routing.kept.append(keep)
+                weights = weights * keep.reshape(weights.shape)  # a dropped slot contributes nothing
         y = self.experts(flat, weights, indices).view_as(x)
         return y if self.shared_experts is None else y + self.shared_experts(x)

@@ -9,7 +9,7 @@ from dsv2.config import ModelConfig
 from dsv2.infer.cache import LatentCache
 from dsv2.model.layers import MLP, RMSNorm
 from dsv2.model.mla import MLA
-from dsv2.model.moe import MoE
+from dsv2.model.moe import MoE, RoutingRecord
 from dsv2.model.rope import RotaryEmbedding
 
 
@@ -22,9 +22,11 @@ class Block(nn.Module):
         self.ffn = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                routing: RoutingRecord | None = None) -> torch.Tensor:
         h = h + self.attn(self.attn_norm(h), cos, sin, cache, positions, mask)
-        return h + self.ffn(self.ffn_norm(h))
+        x = self.ffn_norm(h)
+        return h + (self.ffn(x, routing) if isinstance(self.ffn, MoE) else self.ffn(x))
 
 
 class Transformer(nn.Module):
@@ -39,7 +41,7 @@ class Transformer(nn.Module):
 
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: LatentCache | None = None,
-        logits_index: torch.Tensor | None = None,
+        logits_index: torch.Tensor | None = None, routing: RoutingRecord | None = None,
     ) -> torch.Tensor:
         """tokens [B,S] -> logits [B,S,vocab] in the model dtype.
 
@@ -49,6 +51,8 @@ class Transformer(nn.Module):
             advances `cache.lengths`.
         logits_index: [B] index along S of the one position per row whose logits to return ([B,vocab]);
             prefill needs only the last prompt token's, and the full [B,S,vocab] can be large.
+        routing: training only; every MoE layer records its routing into it (and applies its token
+            dropping), for the balance losses of `dsv2.train.balance`.
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
@@ -67,7 +71,7 @@ class Transformer(nn.Module):
             # else: every row starts at 0, so plain causal masking (None) is exact and needs no [S,S] mask
         h = self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, None if cache is None else cache.layer(i), positions, mask)
+            h = layer(h, cos, sin, None if cache is None else cache.layer(i), positions, mask, routing)
         if logits_index is not None:
             h = h[torch.arange(B, device=h.device), logits_index]
         return self.head(self.norm(h))

@@ -1,0 +1,73 @@
+"""Plots of a training run (matplotlib, written as PNG files): losses, learning rate, expert load."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a training box
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics; is {run_dir} a training run folder?")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}:{n}: not a JSON line") from None
+    if not rows:
+        raise ValueError(f"{path}: empty")
+    return rows
+
+
+def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Write loss.png, lr.png and expert_load.png for a run; returns their paths."""
+    rows = read_metrics(run_dir)
+    out = Path(out_dir or run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = [r["step"] for r in rows]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["loss"] for r in rows], label="train", lw=1)
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation")
+    ax.set(xlabel="step", ylabel="next-token loss (nats)", title="loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    written.append(_save(fig, out / "loss.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot(steps, [r["lr"] for r in rows])
+    ax.set(xlabel="step", ylabel="learning rate", title="learning rate (warmup, then ×0.316 at 60% and 90%)")
+    ax.grid(alpha=0.3)
+    written.append(_save(fig, out / "lr.png"))
+
+    layers = rows[-1].get("layers") or []
+    if layers:
+        recent = [r["layers"] for r in rows[-max(1, len(rows) // 10):]]  # the last 10% of steps
+        load = np.mean([[layer["load"] for layer in step] for step in recent], axis=0)  # [moe layer, expert]
+        fig, ax = plt.subplots(figsize=(max(6, load.shape[1] * 0.25), 1 + 0.4 * load.shape[0]))
+        im = ax.imshow(load * load.shape[1], aspect="auto", cmap="viridis")  # 1.0 = perfectly balanced
+        ax.set(xlabel="expert", ylabel="MoE layer", title="expert load (× fair share), last 10% of steps")
+        fig.colorbar(im, ax=ax)
+        written.append(_save(fig, out / "expert_load.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

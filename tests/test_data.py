@@ -1,0 +1,280 @@
+"""Pretraining data: corpus sources, packed token shards and their manifest, the resumable batch loader."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dsv2.data.corpus import STDLIB_EXCLUDED_DIRS, Corpus, DataError, Document, iter_documents, list_files
+from dsv2.data.shards import MANIFEST_FILE, SPLITS, Batches, TokenShards, build_shards, is_validation, token_dtype
+from dsv2.tokenizer import Tokenizer, train_bpe
+
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
+# 40 short documents of different lengths and word orders; ids as a folder corpus would give them.
+DOCS = [
+    Document(f"docs/{i:03d}.txt", f"# doc {i}\n" + " ".join(WORDS[(7 * i + 3 * j) % 12] for j in range(5 + i % 13)))
+    for i in range(40)
+]
+VAL_FRACTION = 0.25  # large, so 40 documents give a few validation ones
+EOS = 1
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    hf = train_bpe([d.text for d in DOCS], vocab_size=300, special_tokens=["<bos>", "<eos>"])
+    return Tokenizer(hf, bos_id=0, eos_id=EOS)
+
+
+@pytest.fixture
+def built(tmp_path: Path, tok: Tokenizer) -> tuple[Path, dict]:
+    folder = tmp_path / "shards"
+    manifest = build_shards(DOCS, tok, folder, shard_tokens=64, val_fraction=VAL_FRACTION, progress=False)
+    return folder, manifest
+
+
+def expected_stream(tok: Tokenizer, docs: list[Document], split: str) -> list[int]:
+    """What a split's token stream must be: BOS text EOS per document of the split, in arrival order."""
+    out = []
+    for d in docs:
+        if is_validation(d.id, VAL_FRACTION) == (split == "val"):
+            out += tok.encode(d.text, add_bos=True) + [EOS]
+    return out
+
+
+# ------------------------------------------------------------------------------------------- corpus
+def test_stdlib_corpus_is_deterministic_and_leaves_tests_out():
+    first = list(islice(Corpus(), 100))
+    assert len(first) == 100 and first == list(islice(iter_documents(None), 100))
+    ids = [d.id for d in first]
+    assert ids == sorted(ids) and all(i.endswith(".py") and not i.startswith("/") for i in ids)
+    files = list_files(Corpus().path, ["*.py"], STDLIB_EXCLUDED_DIRS)
+    assert len(files) > 300 and {"os.py", "json/__init__.py"} <= set(files)
+    folders = {part for f in files for part in f.split("/")[:-1]}
+    assert not folders & {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+
+
+def test_folder_corpus_patterns_and_skips(tmp_path: Path):
+    (tmp_path / "b" / "__pycache__").mkdir(parents=True)
+    (tmp_path / ".git").mkdir()
+    (tmp_path / "a.txt").write_text("first")
+    (tmp_path / "b" / "c.md").write_text("second")
+    (tmp_path / "b" / "data.bin").write_text("not matched by default")
+    (tmp_path / "b" / "__pycache__" / "x.txt").write_text("cache")
+    (tmp_path / ".git" / "HEAD.txt").write_text("hidden")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    (tmp_path / "blank.txt").write_text(" \n\t")
+    corpus = Corpus(tmp_path)
+    assert [(d.id, d.text) for d in corpus] == [("a.txt", "first"), ("b/c.md", "second")]
+    assert corpus.skipped == {"not UTF-8": 1, "empty": 1}
+    assert [d.id for d in iter_documents(tmp_path, patterns=["*.bin"])] == ["b/data.bin"]
+
+
+def test_jsonl_corpus(tmp_path: Path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "one"}\n\n{"text": "two", "meta": 1}\n{"text": "  "}\n')
+    corpus = Corpus(path)
+    assert list(corpus) == [Document("data.jsonl:1", "one"), Document("data.jsonl:3", "two")]
+    assert corpus.skipped == {"empty": 1}
+    path.write_text('{"body": "x", "text": 1}\n')
+    assert list(iter_documents(path, text_field="body")) == [Document("data.jsonl:1", "x")]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"text": "ok"}\n{broken\n', "data.jsonl:2: not valid JSON"),
+    (b'{"text": "ok"}\n\n{"body": "x"}\n', "data.jsonl:3: no field 'text'"),
+    (b"[1, 2]\n", "data.jsonl:1: no field 'text'"),
+    (b'{"text": ["a"]}\n', "data.jsonl:1: field 'text' must be a string, got list"),
+    (b'{"text": "ok"}\n\xff\n', "data.jsonl:2: not UTF-8"),
+])
+def test_jsonl_errors_name_file_and_line(tmp_path: Path, content: bytes, message: str):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=re.escape(f"{path.parent}/{message}")):
+        list(iter_documents(path))
+
+
+def test_source_errors(tmp_path: Path):
+    with pytest.raises(DataError, match="nowhere: no such file or folder"):
+        Corpus(tmp_path / "nowhere")
+    (tmp_path / "table.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match=r"table\.csv: not a folder or a \.jsonl file"):
+        Corpus(tmp_path / "table.csv")
+
+
+# ------------------------------------------------------------------------------------------- shards
+def test_shards_round_trip_the_tokenizer_output(built, tok: Tokenizer):
+    folder, manifest = built
+    assert manifest["format_version"] == 1 and manifest["vocab_size"] == 300 and manifest["dtype"] == "uint16"
+    assert manifest["documents"] == len(DOCS) and manifest["source"] == "unspecified"
+    assert manifest == json.loads((folder / MANIFEST_FILE).read_text())
+    total = 0
+    for split in SPLITS:
+        shards = TokenShards(folder, split, verify=True, vocab_size=300)
+        expected = expected_stream(tok, DOCS, split)
+        entries = manifest["splits"][split]["shards"]
+        assert len(entries) >= 2 and [e["tokens"] for e in entries[:-1]] == [64] * (len(entries) - 1)
+        assert shards.num_tokens == len(expected) == manifest["splits"][split]["tokens"]
+        assert shards.read(0, shards.num_tokens).tolist() == expected
+        assert shards.read(60, 10).tolist() == expected[60:70]  # crosses the first shard boundary
+        assert np.memmap(folder / entries[1]["file"], dtype=np.uint16, mode="r").tolist() == expected[64:128]
+        total += shards.num_tokens
+    assert manifest["tokens"] == total
+    assert not list(folder.glob(".*"))  # no temporary files left behind
+    with pytest.raises(IndexError):
+        shards.read(shards.num_tokens - 1, 2)
+    assert token_dtype(65536) == "uint16" and token_dtype(65537) == "uint32"
+
+
+def test_rebuild_replaces_the_folder_and_records_the_corpus(built, tok: Tokenizer, tmp_path: Path):
+    folder, _ = built
+    (tmp_path / "src").mkdir()
+    for d in DOCS[:3]:
+        (tmp_path / "src" / d.id.replace("/", "_")).write_text(d.text)
+    (tmp_path / "src" / "blank.txt").write_text("")
+    manifest = build_shards(Corpus(tmp_path / "src"), tok, folder, shard_tokens=64, val_fraction=0.0, progress=False)
+    assert manifest["source"].startswith("folder ") and manifest["skipped"] == {"empty": 1}
+    listed = {e["file"] for split in SPLITS for e in manifest["splits"][split]["shards"]}
+    assert {p.name for p in folder.glob("*.bin")} == listed  # the first build's extra shards are gone
+    assert TokenShards(folder, "val").num_tokens == 0
+    assert TokenShards(folder, "train", verify=True).num_tokens == manifest["tokens"]
+
+
+def test_split_is_by_document_and_stable_under_reordering(tmp_path: Path, tok: Tokenizer):
+    def documents(folder: Path, split: str) -> list[tuple[int, ...]]:
+        stream = TokenShards(folder, split).read(0, TokenShards(folder, split).num_tokens).tolist()
+        docs, start = [], 0
+        for i, t in enumerate(stream):
+            if t == EOS:
+                docs.append(tuple(stream[start : i + 1]))
+                start = i + 1
+        assert start == len(stream)  # the stream ends with a whole document
+        return sorted(docs)
+
+    a = build_shards(DOCS, tok, tmp_path / "a", shard_tokens=64, val_fraction=VAL_FRACTION, progress=False)
+    b = build_shards(DOCS[::-1], tok, tmp_path / "b", shard_tokens=50, val_fraction=VAL_FRACTION, progress=True)
+    assert 0 < a["splits"]["val"]["documents"] < len(DOCS)
+    for split in SPLITS:
+        assert a["splits"][split]["documents"] == b["splits"][split]["documents"]
+        assert documents(tmp_path / "a", split) == documents(tmp_path / "b", split)
+    val = sorted(tuple(tok.encode(d.text) + [EOS]) for d in DOCS if is_validation(d.id, VAL_FRACTION))
+    assert documents(tmp_path / "a", "val") == val
+    assert is_validation("x", 1.0) and not is_validation("x", 0.0)
+
+
+def _edit_manifest(edit: Callable[[dict], object]) -> Callable[[Path], None]:
+    def apply(folder: Path) -> None:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        edit(manifest)
+        (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return apply
+
+
+def _flip_byte(folder: Path) -> None:
+    data = bytearray((folder / "train_00000.bin").read_bytes())
+    data[3] ^= 0xFF
+    (folder / "train_00000.bin").write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, kwargs, message", [
+    (lambda f: (f / MANIFEST_FILE).unlink(), {}, "manifest.json: missing"),
+    (lambda f: (f / MANIFEST_FILE).write_text("{"), {}, "manifest.json: not valid JSON"),
+    (_edit_manifest(lambda m: m.update(format_version=2)), {}, "manifest.json: unknown format_version 2"),
+    (_edit_manifest(lambda m: m.pop("dtype")), {}, "manifest.json: missing field dtype"),
+    (_edit_manifest(lambda m: m.update(dtype="uint32")), {}, "manifest.json: field dtype is uint32, but vocab_size"),
+    (_edit_manifest(lambda m: m.update(dtype="float16")), {}, "manifest.json: field dtype must be one of"),
+    (_edit_manifest(lambda m: m["splits"]["train"]["shards"][1].pop("sha256")), {},
+     "manifest.json: missing field splits.train.shards[1].sha256"),
+    (_edit_manifest(lambda m: m["splits"]["train"]["shards"][0].update(tokens="64")), {},
+     "manifest.json: field splits.train.shards[0].tokens must be int"),
+    (_edit_manifest(lambda m: m["splits"]["train"]["shards"][0].update(file="../x.bin")), {},
+     "manifest.json: field splits.train.shards[0].file must be a file name"),
+    (_edit_manifest(lambda m: m["splits"]["train"].update(tokens=1)), {}, "manifest.json: field splits.train.tokens"),
+    (lambda f: (f / "train_00001.bin").unlink(), {}, "train_00001.bin: missing (listed in"),
+    (lambda f: (f / "train_00000.bin").write_bytes((f / "train_00000.bin").read_bytes()[:-2]), {},
+     "train_00000.bin: 126 bytes, but"),
+    (_flip_byte, {"verify": True}, "train_00000.bin: sha256 is"),
+    (lambda f: None, {"split": "dev"}, "manifest.json: no split 'dev'"),
+    (lambda f: None, {"vocab_size": 400}, "manifest.json: field vocab_size is 300"),
+])
+def test_manifest_and_shard_errors_name_the_file(built, damage, kwargs: dict, message: str):
+    folder, _ = built
+    damage(folder)
+    with pytest.raises(DataError, match=re.escape(message)):
+        TokenShards(folder, **{"split": "train", **kwargs})
+    if kwargs.get("verify"):  # the checksum costs a full read, so only `verify` looks at it
+        TokenShards(folder, "train")
+
+
+def test_build_needs_an_eos(tmp_path: Path, tok: Tokenizer):
+    with pytest.raises(ValueError, match="no EOS id"):
+        build_shards(DOCS, Tokenizer(tok.hf, bos_id=0, eos_id=None), tmp_path, progress=False)
+
+
+# ------------------------------------------------------------------------------------------- batches
+def test_batches_are_seeded_and_cover_every_window_once_per_epoch(built):
+    shards = TokenShards(built[0], "train")
+    B, T = 3, 8
+    loader = Batches(shards, B, T, seed=5)
+    n = loader.num_windows
+    assert n == (shards.num_tokens - 1) // T and n % B != 0  # so some batch straddles two epochs
+    windows = [shards.read(w * T, T + 1).tolist() for w in range(n)]
+    orders = [loader.order(0).tolist(), loader.order(1).tolist()]
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(n)) and orders[0] != orders[1] != list(range(n))
+
+    rows = []
+    for _ in range(math.ceil(2 * n / B)):
+        x, y = next(loader)
+        assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.int64
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        rows += torch.cat([x, y[:, -1:]], dim=1).tolist()
+    assert rows[: 2 * n] == [windows[w] for w in orders[0] + orders[1]]
+
+    same, other = Batches(shards, B, T, seed=5), Batches(shards, B, T, seed=6)
+    first = next(same)[0]
+    assert torch.equal(first, torch.tensor(rows[:B])[:, :-1]) and not torch.equal(first, next(other)[0])
+
+
+def test_batches_resume_at_exactly_the_next_batch(built):
+    shards = TokenShards(built[0], "train")
+    B, T = 4, 8
+    n = Batches(shards, B, T).num_windows
+    for consumed in (3, n // B + 1):  # mid-epoch, and just after a batch that crossed into epoch 1
+        run = Batches(shards, B, T, seed=1)
+        for _ in range(consumed):
+            next(run)
+        state = json.loads(json.dumps(run.state_dict()))  # as a checkpoint would store it
+        expected = [next(run) for _ in range(5)]
+        resumed = Batches(shards, B, T, seed=1)
+        resumed.load_state_dict(state)
+        from_position = Batches(shards, B, T, seed=1, position=consumed * B)
+        for want in expected:
+            got, again = next(resumed), next(from_position)
+            assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1]) and torch.equal(want[0], again[0])
+
+    halves = Batches(shards, B // 2, T, seed=1)  # a smaller batch size continues at the same window
+    halves.load_state_dict(state)
+    assert torch.equal(torch.cat([next(halves)[0], next(halves)[0]]), expected[0][0])
+    with pytest.raises(DataError, match="loader state: seed is 1 but this loader's is 2"):
+        Batches(shards, B, T, seed=2).load_state_dict(state)
+    with pytest.raises(DataError, match="loader state: seq_len"):
+        Batches(shards, B, T + 1, seed=1).load_state_dict(state)
+
+
+def test_validation_batches_are_a_fixed_sequence(built):
+    val = TokenShards(built[0], "val")
+    first = [next(Batches(val, 2, 4, seed=s, shuffle=False))[0] for s in (0, 9)]
+    assert torch.equal(first[0], first[1])
+    assert first[0].tolist() == [val.read(0, 4).tolist(), val.read(4, 4).tolist()]
+    loader = Batches(val, 2, 4, shuffle=False)
+    again = Batches(val, 2, 4, shuffle=False)
+    assert all(torch.equal(next(loader)[1], next(again)[1]) for _ in range(loader.num_windows))
+    with pytest.raises(DataError, match="fewer than one window"):
+        Batches(val, 1, val.num_tokens)
