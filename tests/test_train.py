@@ -74,3 +74,27 @@ def test_schedule_matches_paper():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0 and lrs[59] == 1.0
     assert lrs[60] == pytest.approx(0.316) and lrs[89] == pytest.approx(0.316) and lrs[90] == pytest.approx(0.316**2)
     assert [optim.batch_size_at(s, 16, 4, 10) for s in (0, 5, 10, 50)] == [4, 10, 16, 16]
+
+
+def test_device_losses_need_device_groups(tmp_path):
+    from conftest import hub_config
+
+    cfg_path = tmp_path / "lite.json"
+    cfg_path.write_text(json.dumps({**hub_config("lite_like"), "vocab_size": 300}))
+    with pytest.raises(RuntimeError, match="alpha_device=0.05 is set but the device-level balance loss"):
+        train(TrainConfig(model=str(cfg_path), out=str(tmp_path / "run"), alpha_device=0.05, **{**TINY, "steps": 1}))
+
+
+def test_token_dropping_run_plot_and_eval(tmp_path):
+    from dsv2.cli import main
+    from dsv2.plots import plot_run
+
+    train(TrainConfig(out=str(tmp_path), capacity_factor=1.0, **{**TINY, "steps": 6}))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    dropped = [layer["dropped"] for row in rows for layer in row["layers"]]
+    assert all(0 <= d < 0.5 for d in dropped) and any(d > 0 for d in dropped)
+    assert set(rows[-1]["layers"][0]["losses"]) == {"expert", "device", "comm"}
+    paths = plot_run(tmp_path)
+    assert sorted(p.name for p in paths) == ["expert_load.png", "loss.png", "lr.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+    assert main(["eval", str(tmp_path), "--batches", "2", "--batch-size", "2", "--seq-len", "32"]) == 0

@@ -144,6 +144,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """Train the byte-level BPE and build the packed shards, as `dsv2 train` would, into a run folder."""
+    from dsv2.train.loop import TrainConfig, _model_config, prepare_data
+
+    cfg = TrainConfig(model=args.model, data=args.data, out=args.out, max_documents=args.max_documents)
+    _, train_shards, val_shards = prepare_data(cfg, _model_config(args.model))
+    print(f"{args.out}: tokenizer.json and data/ with {train_shards.num_tokens:,} train and "
+          f"{val_shards.num_tokens:,} validation tokens")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from dsv2.plots import plot_run
 
@@ -235,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--sample-tokens", dest="sample_tokens", type=int, default=48)
     tr.add_argument("--sample-prompt", dest="sample_prompt", default="def ")
     tr.set_defaults(func=cmd_train)
+
+    data = sub.add_parser("data", help="tokenizer + packed token shards for training (default: Python's stdlib)")
+    data.add_argument("--data", help="folder of text files or a JSONL file (default: Python's standard library)")
+    data.add_argument("--out", default="runs/nano", help="run folder to fill (tokenizer.json, data/)")
+    data.add_argument("--model", default="nano", help="preset or config whose vocab_size the tokenizer gets")
+    data.add_argument("--max-documents", dest="max_documents", type=int, default=None)
+    data.set_defaults(func=cmd_data)
 
     plot = sub.add_parser("plot", help="PNG plots of a training run: loss, lr, expert load")
     plot.add_argument("run", help="run folder (with metrics.jsonl)")

@@ -121,15 +121,16 @@ def routing_losses(
             scores, indices, n_devices=n_devices or 1, topk_devices=config.topk_group or 1,
             alpha_expert=a1, alpha_device=a2, alpha_comm=a3,
         )
+        layer = {"losses": {}, "max_over_min": float(stats["load_max_over_min"]), "load": stats["expert_load"].tolist()}
         for name, alpha in zip(("expert", "device", "comm"), alphas, strict=True):
             if alpha > 0 and not losses[name].requires_grad:
                 raise RuntimeError(
                     f"alpha_{name}={alpha} is set but the {name}-level balance loss cannot reach the router's "
                     f"gradient in this model (n_group={config.n_group}): unset it"
                 )
-            sums[name] += float(losses[name].detach())
+            layer["losses"][name] = float(losses[name].detach())
+            sums[name] += layer["losses"][name]
         total = total + losses["total"]
-        layer = {"max_over_min": float(stats["load_max_over_min"]), "load": stats["expert_load"].tolist()}
         if record.kept:
             layer["dropped"] = float(1 - record.kept[i].float().mean())
         layers.append(layer)
