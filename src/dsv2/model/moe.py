@@ -15,7 +15,7 @@ proportional to N·K and experts nobody chose are never read. `loop_experts` is 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -81,8 +81,17 @@ class RoutedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x, self.w1[e])) * F.linear(x, self.w3[e]), self.w2[e])
+    def per_expert(self) -> tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[torch.Tensor]]:
+        """Indexable per-expert weights. When gradients flow, one `unbind` per tensor: indexing the stacked
+        parameter once per expert would make autograd allocate and zero a gradient the size of all E
+        experts for every expert used (22 GB of memory traffic per step for `small`)."""
+        if torch.is_grad_enabled() and self.w1.requires_grad:
+            return self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
+        return self.w1, self.w2, self.w3
+
+    @staticmethod
+    def expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Grouped: x [N,d], weights/indices [N,K] -> Σ_k w·FFN_idx(x) [N,d].
@@ -100,8 +109,10 @@ class RoutedExperts(nn.Module):
         if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(F, "grouped_mm"):
             out_sorted = self._grouped_mm(x_sorted, counts)
         else:
+            w1, w2, w3 = self.per_expert()
             slabs = x_sorted.split(counts.tolist())
-            out_sorted = torch.cat([self.expert(e, slab) for e, slab in enumerate(slabs) if slab.shape[0]])
+            outs = [self.expert(slab, w1[e], w2[e], w3[e]) for e, slab in enumerate(slabs) if len(slab)]
+            out_sorted = torch.cat(outs)
         out = torch.empty_like(out_sorted).index_copy(0, order, out_sorted)  # back to slot order
         combined = (out.view(n_tokens, top_k, -1).float() * weights.unsqueeze(-1)).sum(dim=1)
         return combined.to(x.dtype)
@@ -117,10 +128,12 @@ class RoutedExperts(nn.Module):
     def loop_experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Slow twin of `forward`: visit every expert, gather its tokens, accumulate in fp32."""
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        w1, w2, w3 = self.per_expert()
         for e in range(self.w1.shape[0]):
             token, slot = (indices == e).nonzero(as_tuple=True)
             if token.numel():
-                out.index_add_(0, token, self.expert(e, x[token]).float() * weights[token, slot, None])
+                expert_out = self.expert(x[token], w1[e], w2[e], w3[e])
+                out.index_add_(0, token, expert_out.float() * weights[token, slot, None])
         return out.to(x.dtype)
 
 
