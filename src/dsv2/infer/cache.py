@@ -1,11 +1,24 @@
 """The latent KV cache: all MLA needs to remember about a token (paper §2.1.2, Table 1).
 
-Per layer, per sequence slot and per position it holds the normalised latent c_KV (kv_lora_rank values)
-followed by the rotated shared RoPE key k^R (qk_rope_head_dim values): 576 numbers for DeepSeek-V2,
-nothing per head. Keys and values are never stored decompressed.
+Per layer and per cached token it holds the normalised latent c_KV (kv_lora_rank values) followed by the
+rotated shared RoPE key k^R (qk_rope_head_dim values): 576 numbers for DeepSeek-V2, nothing per head. Keys
+and values are never stored decompressed.
 
-The cache is owned by the caller (engine or generate loop) and passed to `Transformer.forward`, which
-writes the new tokens' latents at their positions; the caller advances `lengths`.
+Two layouts, one interface (what `Transformer.forward` and `MLA.forward` use):
+
+    cache.lengths [B]            tokens already cached per row; the new tokens go at lengths..lengths+S-1
+    cache.capacity               positions a row can hold
+    cache.layer(i).write(positions [B,S], entries [B,S,D])   store the new tokens' latents
+    cache.layer(i).read(span) -> [B,span,D]                  latents of positions 0..span-1
+
+- `LatentCache`: one contiguous [layer, row, position, D] tensor; simple, the slow twin.
+- `PagedLatentCache`: a pool of fixed-size blocks [layer, block, slot, D] shared by all sequences, each
+  sequence owning a list of blocks (its block table), so memory is taken as sequences grow and given back
+  the moment they finish; `PagedLatentCache.view(tables, lengths)` is the batch the model sees. Which
+  block belongs to whom is decided by the scheduler (`infer/scheduler.py`), not here.
+
+The cache is owned by the caller (engine or generate loop); the model writes into it and the caller
+advances `lengths`.
 """
 
 from __future__ import annotations
@@ -15,43 +28,42 @@ import torch
 from dsv2.config import ModelConfig
 
 
+class _ContiguousLayer:
+    def __init__(self, kv: torch.Tensor):
+        self.kv = kv  # [B, max_len, D]
+
+    def write(self, positions: torch.Tensor, entries: torch.Tensor) -> None:
+        rows = torch.arange(entries.shape[0], device=entries.device)[:, None]
+        self.kv[rows, positions] = entries
+
+    def read(self, span: int) -> torch.Tensor:
+        return self.kv[:, :span]
+
+
 class LatentCache:
+    """Contiguous: row b's position p of layer l lives at kv[l, b, p]."""
+
     def __init__(
         self, config: ModelConfig, batch_size: int, max_len: int,
         dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
     ):
-        self.config = config
-        self.max_len = max_len
-        # [layer, slot, position, c_KV | k^R]
         self.kv = torch.zeros(config.num_hidden_layers, batch_size, max_len, config.kv_cache_dim,
-                              dtype=dtype, device=device)
+                              dtype=dtype, device=device)  # [layer, row, position, c_KV | k^R]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     @property
-    def batch_size(self) -> int:
-        return self.kv.shape[1]
+    def capacity(self) -> int:
+        return self.kv.shape[2]
 
-    def rows(self, start: int, stop: int) -> LatentCache:
-        """A view of slots [start, stop): writes through it land in this cache."""
-        view = LatentCache.__new__(LatentCache)
-        view.config, view.max_len = self.config, self.max_len
-        view.kv, view.lengths = self.kv[:, start:stop], self.lengths[start:stop]
-        return view
-
-    def layer(self, i: int) -> torch.Tensor:
-        return self.kv[i]
+    def layer(self, i: int) -> _ContiguousLayer:
+        return _ContiguousLayer(self.kv[i])
 
     def positions(self, n_new: int) -> torch.Tensor:
-        """Positions [B, n_new] of the next n_new tokens of every slot."""
+        """Positions [B, n_new] of the next n_new tokens of every row."""
         return self.lengths[:, None] + torch.arange(n_new, device=self.lengths.device)
 
     def advance(self, n: int | torch.Tensor) -> None:
         self.lengths += n
-
-    def move(self, src: int, dst: int) -> None:
-        """Copy slot src into slot dst (used to keep the active slots of a batch contiguous)."""
-        self.kv[:, dst] = self.kv[:, src]
-        self.lengths[dst] = self.lengths[src]
 
     def bytes_per_token(self) -> int:
         return self.kv.shape[0] * self.kv.shape[-1] * self.kv.element_size()
@@ -62,3 +74,78 @@ class LatentCache:
 
     def bytes_allocated(self) -> int:
         return self.kv.numel() * self.kv.element_size()
+
+
+class _PagedLayer:
+    def __init__(self, pool: torch.Tensor, tables: torch.Tensor):
+        self.pool, self.tables = pool, tables  # [n_blocks, block_size, D], [B, blocks per row]
+
+    def write(self, positions: torch.Tensor, entries: torch.Tensor) -> None:
+        block_size = self.pool.shape[1]
+        blocks = self.tables.gather(1, positions // block_size)
+        self.pool[blocks, positions % block_size] = entries
+
+    def read(self, span: int) -> torch.Tensor:
+        # one gather of the rows' blocks in order: positions 0..span-1 become contiguous again. Table
+        # entries past a row's own blocks are padding (block 0) and only reach masked-out positions.
+        block_size = self.pool.shape[1]
+        n_blocks = -(-span // block_size)
+        gathered = self.pool[self.tables[:, :n_blocks]]  # [B, n_blocks, block_size, D]
+        return gathered.flatten(1, 2)[:, :span]
+
+
+class PagedLatentCache:
+    """A pool of `num_blocks` blocks of `block_size` token slots per layer."""
+
+    def __init__(
+        self, config: ModelConfig, num_blocks: int, block_size: int = 16,
+        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    ):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"a paged cache needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.block_size = block_size
+        self.pool = torch.zeros(config.num_hidden_layers, num_blocks, block_size, config.kv_cache_dim,
+                                dtype=dtype, device=device)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.shape[1]
+
+    def view(self, tables: list[list[int]], lengths: list[int]) -> PagedBatch:
+        """The batch of rows whose blocks are `tables` (in position order) with `lengths` tokens cached."""
+        width = max(len(t) for t in tables)
+        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        device = self.pool.device
+        return PagedBatch(self.pool, padded.to(device), torch.tensor(lengths, dtype=torch.long, device=device))
+
+    def bytes_per_token(self) -> int:
+        return self.pool.shape[0] * self.pool.shape[-1] * self.pool.element_size()
+
+    def bytes_per_block(self) -> int:
+        return self.bytes_per_token() * self.block_size
+
+    def bytes_allocated(self) -> int:
+        return self.pool.numel() * self.pool.element_size()
+
+    @staticmethod
+    def blocks_for(config: ModelConfig, cache_bytes: int, block_size: int, dtype: torch.dtype) -> int:
+        """How many blocks a memory budget of `cache_bytes` buys."""
+        per_block = config.num_hidden_layers * config.kv_cache_dim * block_size * dtype.itemsize
+        return cache_bytes // per_block
+
+
+class PagedBatch:
+    """Rows of a `PagedLatentCache`, as `Transformer.forward` sees them."""
+
+    def __init__(self, pool: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor):
+        self.pool, self.tables, self.lengths = pool, tables, lengths
+
+    @property
+    def capacity(self) -> int:
+        return self.tables.shape[1] * self.pool.shape[2]
+
+    def layer(self, i: int) -> _PagedLayer:
+        return _PagedLayer(self.pool[i], self.tables)
+
+    def positions(self, n_new: int) -> torch.Tensor:
+        return self.lengths[:, None] + torch.arange(n_new, device=self.lengths.device)

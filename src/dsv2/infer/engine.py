@@ -1,17 +1,19 @@
-"""LLM: batched generation over the latent cache, with a vLLM-like API.
+"""The inference engine: continuous batching over a paged latent cache, and the vLLM-like `LLM` on top.
 
     llm = LLM("path/to/model", dtype="bfloat16")
     outputs = llm.generate(["Hello", [100000, 1, 2]], SamplingParams(max_tokens=32, temperature=0))
     for event in llm.stream(["Hello"], SamplingParams(max_tokens=32)): print(event.text_delta, end="")
 
-Each step: free cache slots are filled with waiting requests (their prompts prefilled together, right
-padded), then every active request decodes one token in a single batched forward through the absorbed
-MLA path, then finished requests leave and the last active slot moves into the hole, so active slots
-are always [0, n). The cache holds only latents; its bytes are reported by `stats()`.
+`LLMEngine` is the loop a server drives: `add_request` (validated before anything is queued), `step`
+(one scheduler plan: one batched decode forward for every sequence in decode, then the planned prefill
+chunks, then sampling), `abort`. Requests join the running batch at the next step and leave it the step
+they finish, giving their cache blocks back. The cache holds only latents (`PagedLatentCache`);
+decode goes through the absorbed MLA path.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,22 +22,26 @@ from pathlib import Path
 import torch
 
 from dsv2.config import PRESETS
-from dsv2.infer.cache import LatentCache
+from dsv2.infer.cache import PagedLatentCache
 from dsv2.infer.sampling import SamplingError, SamplingParams, sample
+from dsv2.infer.scheduler import Scheduler
+from dsv2.infer.scheduler import Sequence as CacheSequence
 from dsv2.model import Transformer
 from dsv2.tokenizer import Tokenizer
 from dsv2.weights import load_model
 
 Prompt = str | Sequence[int]
+DEFAULT_CACHE_BYTES = 1 << 30
 
 
 @dataclass
 class RequestOutput:
-    index: int  # position of the prompt in the call
+    index: int  # position of the prompt in the call (LLM) or 0 (engine)
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str | None = None
-    finish_reason: str | None = None  # "stop" (EOS, stop token or stop string) or "length"
+    finish_reason: str | None = None  # "stop" (EOS, stop token or stop string), "length" or "abort"
+    request_id: str = ""
 
     @property
     def finished(self) -> bool:
@@ -48,43 +54,210 @@ class StreamEvent:
     token_id: int
     text_delta: str
     finish_reason: str | None
+    request_id: str = ""
 
 
-@dataclass
-class _Request:
+@dataclass(eq=False)
+class Request:
+    """A validated request: what `LLMEngine.add_request` queues."""
+
+    seq: CacheSequence
     out: RequestOutput
     params: SamplingParams
     generator: torch.Generator
-    seen: list[int]
     stop_ids: set[int]
-    max_tokens: int  # params.max_tokens clipped to the context window
     text_sent: int = 0
 
 
+class LLMEngine:
+    """Model + tokenizer + paged latent cache + scheduler.
+
+    cache_bytes: memory for the latent cache (default 1 GiB, at most what `max_running` full-context
+    sequences can use); or give `num_blocks` directly. `prefill_chunk` / `max_prefill_tokens`: see
+    `infer/scheduler.py`.
+    """
+
+    def __init__(
+        self, model: Transformer, tokenizer: Tokenizer | None = None, *, max_running: int = 32,
+        cache_bytes: int | None = None, num_blocks: int | None = None, block_size: int = 16,
+        prefill_chunk: int = 256, max_prefill_tokens: int = 512,
+    ):
+        self.model = model.eval()
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        dtype = model.embed.weight.dtype
+        if num_blocks is None:
+            needed = max_running * -(-self.config.max_position_embeddings // block_size)
+            budget = DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes
+            num_blocks = min(needed, PagedLatentCache.blocks_for(self.config, budget, block_size, dtype))
+            if num_blocks < 1:
+                raise ValueError(f"cache_bytes={cache_bytes} does not hold one block of {block_size} tokens")
+        self.cache = PagedLatentCache(self.config, num_blocks, block_size, dtype=dtype, device=self.device)
+        self.scheduler = Scheduler(num_blocks, block_size, max_running, prefill_chunk, max_prefill_tokens)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.counters = {"prefill_tokens": 0, "decode_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0,
+                         "preemptions": 0, "steps": 0}
+        self.usage = self.cache_usage()
+
+    # ---------------------------------------------------------------------------------------- requests
+    def make_request(
+        self, prompt: Prompt, params: SamplingParams, request_id: str | None = None, index: int = 0,
+        what: str = "prompt",
+    ) -> Request:
+        """Tokenise and validate; raises (naming `what`) before anything is queued. Thread-safe."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            ids = self._tokenizer().encode(prompt)
+        elif isinstance(prompt, Sequence):
+            ids = list(prompt)
+        else:
+            raise ValueError(f"{what}: expected a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError(f"{what}: empty prompt")
+        vocab = self.config.vocab_size
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+            raise ValueError(f"{what}: token ids must be integers in [0, {vocab})")
+        context = self.config.max_position_embeddings
+        if len(ids) >= context:
+            raise SamplingError(
+                f"{what}: {len(ids)} tokens leave no room in the context of {context} (max_position_embeddings)"
+            )
+        eos = self.config.eos_token_id
+        eos_ids = set() if params.ignore_eos or eos is None else set(eos if isinstance(eos, list) else [eos])
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        seq = CacheSequence(request_id, ids, len(ids), min(params.max_tokens, context - len(ids)))
+        needed = self.scheduler.blocks_needed(len(ids) + seq.max_tokens - 1)
+        if needed > self.scheduler.allocator.num_blocks:
+            raise SamplingError(
+                f"{what}: {len(ids)} prompt tokens + max_tokens {seq.max_tokens} need {needed} cache blocks, more "
+                f"than the whole cache ({self.scheduler.allocator.num_blocks} blocks of {self.cache.block_size})"
+            )
+        out = RequestOutput(index, ids, text="" if self.tokenizer else None, request_id=request_id)
+        return Request(seq, out, params, params.generator(self.device), set(params.stop_token_ids) | eos_ids)
+
+    def add_request(self, request: Request) -> None:
+        if request.seq.request_id in self.requests:
+            raise ValueError(f"request id {request.seq.request_id!r} is already running")
+        self.scheduler.add(request.seq)
+        self.requests[request.seq.request_id] = request
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request: its cache blocks are free at once. Unknown or finished ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        self.scheduler.finish(request.seq)
+        request.out.finish_reason = request.out.finish_reason or "abort"
+        return request.out
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def _tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass prompts as token ids")
+        return self.tokenizer
+
+    # -------------------------------------------------------------------------------------------- step
+    @torch.inference_mode()
+    def step(self) -> list[StreamEvent]:
+        """Run one scheduler plan; the events of the tokens it produced (finished requests have left)."""
+        plan = self.scheduler.schedule()
+        self.counters["preemptions"] += len(plan.preempted)
+        sampled: list[tuple[str, list[Request], torch.Tensor, float]] = []  # (counter, requests, logits, seconds)
+        if plan.decode:
+            t = time.perf_counter()
+            seqs = plan.decode
+            view = self.cache.view([s.blocks for s in seqs], [s.num_computed for s in seqs])
+            last = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
+            logits = self.model(last, cache=view)[:, -1]
+            for s in seqs:
+                self.scheduler.computed(s, 1)
+            sampled.append(("decode", [self.requests[s.request_id] for s in seqs], logits, time.perf_counter() - t))
+            self.counters["decode_tokens"] += len(seqs)
+        for seq, n in plan.prefill:
+            t = time.perf_counter()
+            start = seq.num_computed
+            view = self.cache.view([seq.blocks], [start])
+            tokens = torch.tensor([seq.tokens[start : start + n]], device=self.device)
+            logits = self.model(tokens, cache=view, logits_index=torch.tensor([n - 1], device=self.device))
+            self.scheduler.computed(seq, n)
+            self.counters["prefill_tokens"] += n
+            if seq.num_computed == len(seq.tokens):  # all cached: the last token's logits give the next token
+                sampled.append(("prefill", [self.requests[seq.request_id]], logits, time.perf_counter() - t))
+            else:
+                self.counters["prefill_s"] += time.perf_counter() - t
+        self.usage = self.cache_usage()  # before finished requests give their blocks back
+        events: list[StreamEvent] = []
+        for phase, requests, logits, seconds in sampled:
+            t = time.perf_counter()
+            events += self._emit(requests, logits)  # sampling reads the logits: the device work is done
+            self.counters[f"{phase}_s"] += seconds + time.perf_counter() - t
+        self.counters["steps"] += 1
+        return events
+
+    def _emit(self, requests: list[Request], logits: torch.Tensor) -> list[StreamEvent]:
+        """Sample one token per request, update its output, retire finished ones, return the events."""
+        plain_greedy = [r.params.greedy and r.params.repetition_penalty == 1.0 for r in requests]
+        argmax = logits.argmax(dim=-1).tolist() if any(plain_greedy) else None  # one op for the batch
+        events = []
+        for i, (r, row) in enumerate(zip(requests, logits, strict=True)):
+            seq, out = r.seq, r.out
+            token = argmax[i] if plain_greedy[i] else sample(row, r.params, seq.tokens, r.generator)
+            seq.tokens.append(token)
+            out.token_ids.append(token)
+            if token in r.stop_ids:
+                out.finish_reason = "stop"
+            elif seq.num_generated >= seq.max_tokens:
+                out.finish_reason = "length"
+            delta = ""
+            if self.tokenizer is not None:
+                out.text = self.tokenizer.decode(out.token_ids)
+                for s in r.params.stop or ():
+                    cut = out.text.find(s, max(0, r.text_sent - len(s)))
+                    if cut >= 0:
+                        out.text, out.finish_reason = out.text[:cut], "stop"
+                # hold back a trailing partial UTF-8 character until it completes
+                ready = len(out.text) if out.finished or not out.text.endswith("\ufffd") else len(out.text) - 1
+                delta, r.text_sent = out.text[r.text_sent : ready], max(r.text_sent, ready)
+            if out.finished:
+                self.scheduler.finish(seq)
+                del self.requests[seq.request_id]
+            events.append(StreamEvent(out.index, token, delta, out.finish_reason, seq.request_id))
+        return events
+
+    # ------------------------------------------------------------------------------------------- stats
+    def cache_usage(self) -> dict[str, int]:
+        """Blocks in use and latent entries cached right now."""
+        free = self.scheduler.allocator.num_free
+        cached = sum(r.seq.num_computed for r in self.requests.values())
+        return {"blocks_total": self.cache.num_blocks, "blocks_used": self.cache.num_blocks - free,
+                "cached_tokens": cached}
+
+
 class LLM:
+    """Offline batched generation: every prompt of a call becomes a request of one `LLMEngine`."""
+
     def __init__(
         self, model: str | Path | Transformer, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
         max_batch_size: int = 32, tokenizer: Tokenizer | None = None, skip_tokenizer_init: bool = False,
+        cache_bytes: int | None = None, block_size: int = 16,
     ):
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        if isinstance(model, Transformer):
-            self.model = model
-        else:
-            self.model = load_model(model, dtype=dtype, device=device, seed=0)
-        self.model.eval()
-        self.config = self.model.config
-        self.device = next(self.model.parameters()).device
-        self.max_batch_size = max_batch_size
-        self.tokenizer = tokenizer
+        net = model if isinstance(model, Transformer) else load_model(model, dtype=dtype, device=device, seed=0)
         if tokenizer is None and not skip_tokenizer_init:
             if isinstance(model, (str, Path)) and Path(model).is_dir():
-                self.tokenizer = Tokenizer.from_folder(model, self.config)
+                tokenizer = Tokenizer.from_folder(model, net.config)
             elif str(model) in PRESETS:
-                self.tokenizer = Tokenizer.byte_level(self.config)  # random weights: any byte tokenizer will do
+                tokenizer = Tokenizer.byte_level(net.config)  # random weights: any byte tokenizer will do
+        self.engine = LLMEngine(net, tokenizer, max_running=max_batch_size, cache_bytes=cache_bytes,
+                                block_size=block_size)
+        self.model, self.config, self.tokenizer = net, net.config, tokenizer
         self._stats: dict[str, float] = {}
-        self._cache: LatentCache | None = None
 
-    # ---------------------------------------------------------------------------------- public API
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None) -> list[RequestOutput]:
         requests = self._requests(prompts, params or SamplingParams())
         for _ in self._run(requests):
@@ -96,138 +269,46 @@ class LLM:
         yield from self._run(self._requests(prompts, params or SamplingParams()))
 
     def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None) -> RequestOutput:
-        return self.generate([self._tokenizer().apply_chat_template(messages)], params)[0]
+        return self.generate([self.engine._tokenizer().apply_chat_template(messages)], params)[0]
 
     def stats(self) -> dict[str, float]:
         """Figures of the last call: tokens, seconds, tokens/s, latent-cache bytes (per token, peak, allocated)."""
         return dict(self._stats)
 
-    # ------------------------------------------------------------------------------------- requests
-    def _tokenizer(self) -> Tokenizer:
-        if self.tokenizer is None:
-            raise ValueError("this LLM has no tokenizer (skip_tokenizer_init=True): pass prompts as token ids")
-        return self.tokenizer
-
-    def _requests(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams) -> list[_Request]:
-        """Validate everything before any work starts."""
+    def _requests(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams) -> list[Request]:
+        """Validate every prompt before any work starts."""
         if isinstance(params, dict):
             params = SamplingParams(**params)
         if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
             raise ValueError("prompts: expected at least one prompt")
-        context = self.config.max_position_embeddings
-        eos = self.config.eos_token_id
-        eos_ids = set() if params.ignore_eos or eos is None else set(eos if isinstance(eos, list) else [eos])
-        requests = []
-        for i, prompt in enumerate(prompts):
-            ids = self._tokenizer().encode(prompt) if isinstance(prompt, str) else list(prompt)
-            if not ids:
-                raise ValueError(f"prompts[{i}]: empty prompt")
-            if not all(isinstance(t, int) and 0 <= t < self.config.vocab_size for t in ids):
-                raise ValueError(f"prompts[{i}]: token ids must be integers in [0, {self.config.vocab_size})")
-            if len(ids) >= context:
-                raise SamplingError(
-                    f"prompts[{i}]: {len(ids)} tokens leave no room in the context of {context} "
-                    "(max_position_embeddings)"
-                )
-            stop_ids = set(params.stop_token_ids) | eos_ids
-            out = RequestOutput(i, ids, text="" if self.tokenizer else None)
-            requests.append(_Request(out, params, params.generator(self.device), list(ids), stop_ids,
-                                     min(params.max_tokens, context - len(ids))))
-        return requests
+        return [self.engine.make_request(p, params, index=i, what=f"prompts[{i}]") for i, p in enumerate(prompts)]
 
-    # ---------------------------------------------------------------------------------------- loop
-    @torch.inference_mode()
-    def _run(self, requests: list[_Request]) -> Iterator[StreamEvent]:
-        waiting = list(requests)
-        slots = min(self.max_batch_size, len(requests))
-        max_len = max(len(r.seen) + r.max_tokens for r in requests)
-        cache = LatentCache(self.config, slots, max_len, dtype=self.model.embed.weight.dtype, device=self.device)
-        active: list[_Request] = []
+    def _run(self, requests: list[Request]) -> Iterator[StreamEvent]:
+        engine = self.engine
+        before = dict(engine.counters)
         t0 = time.perf_counter()
-        timing = {"prefill_s": 0.0, "decode_s": 0.0, "prefill_tokens": 0, "decode_tokens": 0}
-        peak_bytes = 0
-        while waiting or active:
-            if waiting and len(active) < slots:
-                admitted = waiting[: slots - len(active)]
-                del waiting[: len(admitted)]
-                t = time.perf_counter()
-                logits = self._prefill(cache, len(active), admitted)
-                self._sync()
-                timing["prefill_s"] += time.perf_counter() - t
-                timing["prefill_tokens"] += sum(len(r.seen) for r in admitted)
-                active += admitted
-                yield from self._emit(admitted, logits)
-            else:
-                t = time.perf_counter()
-                view = cache.rows(0, len(active))
-                last = torch.tensor([[r.seen[-1]] for r in active], device=self.device)
-                logits = self.model(last, cache=view)[:, -1]
-                view.advance(1)
-                self._sync()
-                timing["decode_s"] += time.perf_counter() - t
-                timing["decode_tokens"] += len(active)
-                yield from self._emit(active, logits)
-            cached_tokens = sum(len(r.seen) - 1 for r in active)  # the newest token is not cached yet
-            peak_bytes = max(peak_bytes, cached_tokens * cache.bytes_per_token())
-            for i in reversed(range(len(active))):  # retire, keeping active slots contiguous
-                if active[i].out.finished:
-                    last_slot = len(active) - 1
-                    if i != last_slot:
-                        cache.move(last_slot, i)
-                    active[i] = active[last_slot]
-                    active.pop()
+        peak_tokens = peak_blocks = 0
+        for r in requests:
+            engine.add_request(r)
+        try:
+            while any(not r.out.finished for r in requests):
+                events = engine.step()
+                peak_tokens = max(peak_tokens, engine.usage["cached_tokens"])
+                peak_blocks = max(peak_blocks, engine.usage["blocks_used"])
+                yield from events
+        finally:  # a consumer that stops early (or an error) must not leave requests holding blocks
+            for r in requests:
+                engine.abort(r.seq.request_id)
+        done = {k: engine.counters[k] - before[k] for k in before}
         self._stats = {
-            **timing,
+            **done,
             "total_s": time.perf_counter() - t0,
-            "prefill_tok_per_s": timing["prefill_tokens"] / max(timing["prefill_s"], 1e-9),
-            "decode_tok_per_s": timing["decode_tokens"] / max(timing["decode_s"], 1e-9),
-            "kv_cache_bytes_per_token": cache.bytes_per_token(),
-            "kv_cache_peak_bytes_in_use": peak_bytes,
-            "kv_cache_bytes_allocated": cache.bytes_allocated(),
+            "prefill_tok_per_s": done["prefill_tokens"] / max(done["prefill_s"], 1e-9),
+            "decode_tok_per_s": done["decode_tokens"] / max(done["decode_s"], 1e-9),
+            "kv_cache_bytes_per_token": engine.cache.bytes_per_token(),
+            "kv_cache_peak_bytes_in_use": peak_tokens * engine.cache.bytes_per_token(),
+            "kv_cache_peak_blocks": peak_blocks,
+            "kv_cache_bytes_allocated": engine.cache.bytes_allocated(),
         }
-
-    def _sync(self) -> None:
-        """Wait for the device, so the clocks measure work done rather than work queued."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _prefill(self, cache: LatentCache, first_slot: int, admitted: list[_Request]) -> torch.Tensor:
-        """Prefill the admitted prompts together into slots [first_slot, …): right-padded, each row's
-        latents written at its own positions, logits taken at each row's last prompt token."""
-        lengths = [len(r.seen) for r in admitted]
-        tokens = torch.zeros(len(admitted), max(lengths), dtype=torch.long, device=self.device)
-        for row, r in enumerate(admitted):
-            tokens[row, : len(r.seen)] = torch.tensor(r.seen)
-        view = cache.rows(first_slot, first_slot + len(admitted))
-        view.lengths.zero_()
-        last = torch.tensor(lengths, device=self.device) - 1
-        logits = self.model(tokens, cache=view, logits_index=last)
-        view.lengths.copy_(last + 1)  # padding positions are overwritten by the tokens that follow
-        return logits
-
-    def _emit(self, requests: list[_Request], logits: torch.Tensor) -> Iterator[StreamEvent]:
-        """Sample one token per request, update its output, yield the events."""
-        plain_greedy = [r.params.greedy and r.params.repetition_penalty == 1.0 for r in requests]
-        argmax = logits.argmax(dim=-1).tolist() if any(plain_greedy) else None  # one op for the batch
-        for i, (r, row) in enumerate(zip(requests, logits, strict=True)):
-            token = argmax[i] if plain_greedy[i] else sample(row, r.params, r.seen, r.generator)
-            r.seen.append(token)
-            out = r.out
-            out.token_ids.append(token)
-            delta = ""
-            if token in r.stop_ids:
-                out.finish_reason = "stop"
-            elif len(out.token_ids) >= r.max_tokens:
-                out.finish_reason = "length"
-            if self.tokenizer is not None:
-                out.text = self.tokenizer.decode(out.token_ids)
-                for s in r.params.stop or ():
-                    cut = out.text.find(s, max(0, r.text_sent - len(s)))
-                    if cut >= 0:
-                        out.text, out.finish_reason = out.text[:cut], "stop"
-                # hold back a trailing partial UTF-8 character until it completes
-                ready = len(out.text) if out.finished or not out.text.endswith("\ufffd") else len(out.text) - 1
-                delta, r.text_sent = out.text[r.text_sent : ready], max(r.text_sent, ready)
-            yield StreamEvent(out.index, token, delta, out.finish_reason)

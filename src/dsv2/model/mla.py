@@ -20,6 +20,8 @@ the query and applies W_UV after attention, so a decode step reads only the late
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +29,14 @@ from torch import nn
 from dsv2.config import ModelConfig
 from dsv2.model.layers import RMSNorm, derived
 from dsv2.model.rope import apply_rope
+
+
+class LayerCache(Protocol):
+    """One layer of the caller's latent cache (contiguous or paged: `dsv2.infer.cache`)."""
+
+    def write(self, positions: torch.Tensor, entries: torch.Tensor) -> None: ...  # [B,S], [B,S,D]
+
+    def read(self, span: int) -> torch.Tensor: ...  # latents of positions 0..span-1: [B,span,D]
 
 
 class MLA(nn.Module):
@@ -62,22 +72,21 @@ class MLA(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        cache: torch.Tensor | None = None, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+        cache: LayerCache | None = None, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Self-attention of x [B,S,d] (causal). Without a cache: over x itself, naive path.
 
-        With `cache` (this layer's latent cache [B, max_len, d_c + d_h^R]), the new tokens' latents are
-        written at `positions` [B,S], then the queries attend to the cached prefix where `mask` [B,S,T] is
-        true (None: positions are 0..S-1 in every row, plain causal), through whichever path is cheaper
-        for S queries (`absorbed_is_cheaper`).
+        With `cache` (this layer's latent cache), the new tokens' latents are written at `positions`
+        [B,S], then the queries attend to the cached prefix where `mask` [B,S,T] is true (None:
+        positions are 0..S-1 in every row, plain causal), through whichever path is cheaper for S
+        queries (`absorbed_is_cheaper`).
         """
         q_nope, q_pe = self.queries(x, cos, sin)
         c_kv, k_pe = self.latents(x, cos, sin)
         if cache is None:
             return self.naive(q_nope, q_pe, c_kv, k_pe, None)
-        rows = torch.arange(x.shape[0], device=x.device)[:, None]
-        cache[rows, positions] = torch.cat([c_kv, k_pe], dim=-1)
-        history = cache[:, : x.shape[1] if mask is None else mask.shape[-1]]  # [B,T,d_c + d_h^R]
+        cache.write(positions, torch.cat([c_kv, k_pe], dim=-1))
+        history = cache.read(x.shape[1] if mask is None else mask.shape[-1])  # [B,T,d_c + d_h^R]
         if self.absorbed_is_cheaper(x.shape[1]):
             if mask is None:
                 B, S = x.shape[:2]

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
 from dsv2.config import ModelConfig
-from dsv2.infer.cache import LatentCache
 from dsv2.model.layers import MLP, RMSNorm
-from dsv2.model.mla import MLA
+from dsv2.model.mla import MLA, LayerCache
 from dsv2.model.moe import MoE, RoutingRecord
 from dsv2.model.rope import RotaryEmbedding
+
+
+class Cache(Protocol):
+    """The caller's latent cache for a batch of rows (`dsv2.infer.cache`: contiguous or paged)."""
+
+    lengths: torch.Tensor  # [B] tokens cached per row
+
+    @property
+    def capacity(self) -> int: ...  # positions a row can hold
+
+    def positions(self, n_new: int) -> torch.Tensor: ...  # [B, n_new] next positions of every row
+
+    def layer(self, i: int) -> LayerCache: ...
 
 
 class Block(nn.Module):
@@ -21,7 +35,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ffn = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor | None = None,
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None,
                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 routing: RoutingRecord | None = None) -> torch.Tensor:
         h = h + self.attn(self.attn_norm(h), cos, sin, cache, positions, mask)
@@ -40,13 +54,13 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(config)
 
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: LatentCache | None = None,
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: Cache | None = None,
         logits_index: torch.Tensor | None = None, routing: RoutingRecord | None = None,
     ) -> torch.Tensor:
         """tokens [B,S] -> logits [B,S,vocab] in the model dtype.
 
         positions: [B,S] or [S]; default 0..S-1, or each slot's next positions when a cache is given.
-        cache: the caller's `LatentCache` (B slots); the tokens' latents are written into it at their
+        cache: the caller's latent cache (B rows); the tokens' latents are written into it at their
             positions and attention covers everything cached up to each query's position. The caller
             advances `cache.lengths`.
         logits_index: [B] index along S of the one position per row whose logits to return ([B,vocab]);
@@ -64,8 +78,8 @@ class Transformer(nn.Module):
         if cache is not None:
             positions = positions.expand(B, S)
             span = int(positions.max()) + 1
-            if span > cache.max_len:
-                raise ValueError(f"position {span - 1} does not fit a cache of {cache.max_len} positions")
+            if span > cache.capacity:
+                raise ValueError(f"position {span - 1} does not fit a cache of {cache.capacity} positions")
             if span != S or not bool((positions == torch.arange(S, device=tokens.device)).all()):
                 mask = torch.arange(span, device=tokens.device) <= positions.unsqueeze(-1)  # [B,S,T]
             # else: every row starts at 0, so plain causal masking (None) is exact and needs no [S,S] mask
