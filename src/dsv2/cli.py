@@ -186,6 +186,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """OpenAI-compatible server over the continuous-batching engine (FastAPI + uvicorn)."""
+    try:
+        import uvicorn
+
+        from dsv2.serve.api import create_app
+    except ImportError as e:
+        raise ValueError(f"serving needs the [serve] extra (pip install 'dsv2[serve]'): {e}") from None
+    from dsv2.infer.engine import LLM
+
+    if args.cache_mb is not None and args.cache_mb <= 0:
+        raise ValueError(f"--cache-mb must be positive, got {args.cache_mb}")
+    llm = LLM(args.model, dtype=args.dtype, max_batch_size=args.max_running,
+              cache_bytes=None if args.cache_mb is None else int(args.cache_mb * 2**20), block_size=args.block_size)
+    name = args.served_model_name or Path(args.model).name
+    engine = llm.engine
+    print(f"dsv2 serve: {name} ({args.dtype}) on http://{args.host}:{args.port}/v1 - latent cache "
+          f"{engine.cache.num_blocks} blocks x {engine.cache.block_size} tokens "
+          f"({engine.cache.bytes_allocated() / 2**20:.0f} MiB)", file=sys.stderr)
+    app = create_app(engine, name, api_key=args.api_key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("model", help=f"checkpoint folder (with tokenizer.json) or preset ({', '.join(PRESETS)})")
     p.add_argument("--max-tokens", type=int, default=max_tokens)
@@ -266,6 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", dest="batch_size", type=int, default=8)
     ev.add_argument("--seq-len", dest="seq_len", type=int, default=128)
     ev.set_defaults(func=cmd_eval)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, paged latent cache)")
+    serve.add_argument("--model", default="nano",
+                       help=f"model folder (with tokenizer.json) or preset ({', '.join(PRESETS)}); default nano")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", dest="api_key", help="require `Authorization: Bearer KEY` on /v1/*")
+    serve.add_argument("--served-model-name", dest="served_model_name", help="model id (default: folder name)")
+    serve.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    serve.add_argument("--max-running", dest="max_running", type=int, default=32, help="sequences per batch")
+    serve.add_argument("--cache-mb", dest="cache_mb", type=float, help="latent cache memory (default 1024 MiB)")
+    serve.add_argument("--block-size", dest="block_size", type=int, default=16, help="tokens per cache block")
+    serve.add_argument("--log-level", dest="log_level", default="info")
+    serve.set_defaults(func=cmd_serve)
 
     chat = sub.add_parser("chat", help="interactive chat with streaming replies")
     _add_sampling_args(chat, max_tokens=512)

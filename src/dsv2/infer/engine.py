@@ -128,7 +128,7 @@ class LLMEngine:
         eos = self.config.eos_token_id
         eos_ids = set() if params.ignore_eos or eos is None else set(eos if isinstance(eos, list) else [eos])
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        seq = CacheSequence(request_id, ids, len(ids), min(params.max_tokens, context - len(ids)))
+        seq = CacheSequence(request_id, list(ids), len(ids), min(params.max_tokens, context - len(ids)))
         needed = self.scheduler.blocks_needed(len(ids) + seq.max_tokens - 1)
         if needed > self.scheduler.allocator.num_blocks:
             raise SamplingError(

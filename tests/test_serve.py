@@ -1,0 +1,195 @@
+"""The OpenAI-compatible server, live on 127.0.0.1, driven by the official `openai` client and raw HTTP:
+chat, completions, streaming, n > 1, stop strings, batch invariance, cancellation freeing every cache
+block, and the bad-input battery (each case its status code and message, and the server keeps serving)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from dsv2 import LLM, SamplingParams
+from dsv2.infer.engine import LLMEngine
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+from dsv2.serve.api import create_app  # noqa: E402
+
+KEY = "sk-test"
+
+
+@pytest.fixture(scope="module")
+def llm():
+    torch.manual_seed(0)
+    return LLM("nano", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def server(llm):
+    """A live server over its own engine (same weights and tokenizer as `llm`), on a free port."""
+    engine = LLMEngine(llm.model, llm.tokenizer, num_blocks=256, block_size=8, prefill_chunk=32)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(engine, "nano", api_key=KEY), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", engine
+    srv.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0)
+
+
+def greedy(llm, prompt, n=12):
+    return llm.generate(prompt, SamplingParams(max_tokens=n, temperature=0))[0]
+
+
+def metrics(base: str) -> dict[str, float]:
+    text = httpx.get(base + "/metrics").text
+    return {k: float(v) for k, v in (line.split() for line in text.splitlines() if not line.startswith("#"))}
+
+
+# ------------------------------------------------------------------------------------ openai client
+def test_models_and_completion(client, llm):
+    assert [m.id for m in client.models.list().data] == ["nano"]
+    r = client.completions.create(model="nano", prompt="def main():", max_tokens=12, temperature=0)
+    expected = greedy(llm, "def main():")
+    assert r.choices[0].text == expected.text and r.choices[0].finish_reason == expected.finish_reason
+    assert r.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert r.usage.completion_tokens == len(expected.token_ids)
+
+
+def test_chat_and_streaming_agree(client, llm):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    ids = llm.tokenizer.apply_chat_template(messages)
+    expected = greedy(llm, ids, 10)
+    r = client.chat.completions.create(model="nano", messages=messages, max_tokens=10, temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == expected.text
+    assert r.usage.prompt_tokens == len(ids)
+    chunks = list(client.chat.completions.create(model="nano", messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected.finish_reason
+    assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
+    streamed = client.completions.create(model="nano", prompt="abc", max_tokens=9, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == greedy(llm, "abc", 9).text
+
+
+def test_n_choices_with_seed(client):
+    kwargs = dict(model="nano", prompt="x = ", max_tokens=8, temperature=1.0, seed=7, n=3)
+    a = client.completions.create(**kwargs)
+    b = client.completions.create(**kwargs)
+    assert sorted(c.index for c in a.choices) == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # a seed reproduces every choice
+    assert len({c.text for c in a.choices}) > 1  # and the choices are not copies of one another
+    assert a.usage.completion_tokens == 3 * 8 and a.usage.prompt_tokens == 5  # BOS + "x = ", counted once
+
+
+def test_stop_string(client, llm):
+    full = greedy(llm, "hello", 20)
+    needle = full.text[3:5]
+    r = client.completions.create(model="nano", prompt="hello", max_tokens=20, temperature=0, stop=[needle])
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].text == full.text[: full.text.find(needle)]
+
+
+def test_concurrent_greedy_equals_sequential(client, llm):
+    prompts = ["import os", "class A:", "for i in range(10):", "# comment", "x"]
+    sequential = [greedy(llm, p, 16).text for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [pool.submit(client.completions.create, model="nano", prompt=p, max_tokens=16, temperature=0)
+                   for p in prompts]
+        concurrent_texts = [f.result().choices[0].text for f in futures]
+    assert concurrent_texts == sequential
+
+
+# ------------------------------------------------------------------------------- cancellation, burst
+def test_burst_with_disconnects_frees_every_block(server):
+    base, engine = server
+    body = {"model": "nano", "max_tokens": 400, "temperature": 0.8, "ignore_eos": True, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def one(i: int) -> int:
+        with httpx.Client(timeout=60) as http, http.stream(
+            "POST", base + "/v1/completions", json={**body, "prompt": f"request {i}"}, headers=headers,
+        ) as r:
+            assert r.status_code == 200
+            lines = 0
+            for line in r.iter_lines():
+                lines += line.startswith("data: ")
+                if i % 2 and lines == 3:
+                    return lines  # hang up mid-stream
+        return lines
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        counts = list(pool.map(one, range(8)))
+    assert all(c == 3 for c in counts[1::2]) and all(c > 3 for c in counts[::2])
+    deadline = time.time() + 20
+    while engine.scheduler.allocator.num_free != engine.cache.num_blocks:
+        assert time.time() < deadline, metrics(base)
+        time.sleep(0.05)
+    m = metrics(base)
+    assert m["dsv2_cache_blocks_used"] == 0 and m["dsv2_requests_running"] == 0 and m["dsv2_aborted_total"] >= 4
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def post(base: str, path: str, content: str | bytes, key: str | None = KEY) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(base + path, content=content, headers=headers, timeout=30)
+
+
+@pytest.mark.parametrize(("path", "body", "key", "status", "param", "message"), [
+    ("/v1/completions", '{"model": "nano", "prompt": "x"', KEY, 400, None, "not valid JSON"),
+    ("/v1/completions", "[1, 2]", KEY, 400, None, "must be a JSON object"),
+    ("/v1/completions", '{"model": "nano", "prompt": "x", "max_tokens": "many"}', KEY, 400, "max_tokens", "integer"),
+    ("/v1/completions", '{"model": "nano", "prompt": "x", "max_tokens": 0}', KEY, 400, "max_tokens", "greater"),
+    ("/v1/completions", '{"model": "nano", "prompt": "x", "max_tokens": 4000}', KEY, 400, "max_tokens", "context"),
+    ("/v1/completions", '{"model": "nano", "prompt": "x", "temperature": -1}', KEY, 400, "temperature", "greater"),
+    ("/v1/completions", '{"model": "nano", "prompt": "x", "top_p": 0}', KEY, 400, "top_p", "greater"),
+    ("/v1/completions", '{"model": "nano", "prompt": "x", "n": 0}', KEY, 400, "n", "greater"),
+    ("/v1/completions", '{"model": "nano", "prompt": [1, 5000]}', KEY, 400, "prompt", "token ids"),
+    ("/v1/completions", '{"model": "nano", "prompt": []}', KEY, 400, "prompt", "at least one"),
+    ("/v1/completions", '{"prompt": "x"}', KEY, 400, "model", "required"),
+    ("/v1/completions", '{"model": "gpt-9", "prompt": "x"}', KEY, 404, "model", "does not exist"),
+    ("/v1/completions", '{"model": "nano", "prompt": "' + "a" * 3000 + '"}', KEY, 400, "prompt", "context"),
+    ("/v1/chat/completions", '{"model": "nano", "messages": []}', KEY, 400, "messages", "at least 1"),
+    ("/v1/chat/completions", '{"model": "nano", "messages": [{"role": "bot", "content": "x"}]}', KEY, 400,
+     "messages.0.role", "'system', 'user' or 'assistant'"),
+    ("/v1/chat/completions", '{"model": "nano", "messages": [{"role": "user"}]}', KEY, 400,
+     "messages.0.content", "required"),
+    ("/v1/completions", '{"model": "nano", "prompt": "x"}', None, 401, None, "API key"),
+    ("/v1/completions", '{"model": "nano", "prompt": "x"}', "sk-wrong", 401, None, "API key"),
+])
+def test_bad_requests_get_openai_errors_and_server_keeps_serving(server, path, body, key, status, param, message):
+    base, engine = server
+    r = post(base, path, body, key)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert message in error["message"] and error["param"] == param and error["type"]
+    assert engine.scheduler.allocator.num_free == engine.cache.num_blocks  # nothing reached the engine
+    ok = post(base, "/v1/completions", json.dumps({"model": "nano", "prompt": "ok", "max_tokens": 2}))
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2
+
+
+def test_health_and_metrics_need_no_key(server):
+    base, _ = server
+    assert httpx.get(base + "/health").json() == {"status": "ok"}
+    m = metrics(base)
+    names = {"requests_running", "requests_waiting", "cache_blocks_used", "cache_blocks_total", "tokens_per_second"}
+    assert {f"dsv2_{name}" for name in names} <= m.keys()
