@@ -7,24 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from dsv2.config import PRESETS, ConfigError, ModelConfig, preset
+from dsv2.config import PRESETS, ConfigError, resolve_config
 from dsv2.infer.sampling import SamplingError, SamplingParams
 from dsv2.info import summarize
 from dsv2.tokenizer import TokenizerError
 from dsv2.weights import CheckpointError
-
-
-def _config_of(name_or_path: str) -> ModelConfig:
-    path = Path(name_or_path)
-    if path.is_dir():
-        return ModelConfig.from_json(path / "config.json")
-    if path.suffix == ".json" and path.is_file():
-        return ModelConfig.from_json(path)
-    if name_or_path in PRESETS:
-        return preset(name_or_path)
-    raise ConfigError(
-        f"{name_or_path!r} is not a preset ({', '.join(PRESETS)}), a checkpoint folder or a config.json"
-    )
 
 
 def _billions(n: int) -> str:
@@ -32,7 +19,7 @@ def _billions(n: int) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    config = _config_of(args.model)
+    config = resolve_config(args.model)
     s = summarize(config)
     if args.json:
         print(json.dumps({"model": args.model, **s}, indent=2))
@@ -146,10 +133,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     """Train the byte-level BPE and build the packed shards, as `dsv2 train` would, into a run folder."""
-    from dsv2.train.loop import TrainConfig, _model_config, prepare_data
+    from dsv2.train.loop import TrainConfig, prepare_data
 
     cfg = TrainConfig(model=args.model, data=args.data, out=args.out, max_documents=args.max_documents)
-    _, train_shards, val_shards = prepare_data(cfg, _model_config(args.model))
+    _, train_shards, val_shards = prepare_data(cfg, resolve_config(args.model))
     print(f"{args.out}: tokenizer.json and data/ with {train_shards.num_tokens:,} train and "
           f"{val_shards.num_tokens:,} validation tokens")
     return 0

@@ -354,3 +354,17 @@ def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return ModelConfig(**PRESETS[name])
+
+
+def resolve_config(name_or_path: str | os.PathLike) -> ModelConfig:
+    """The config of a checkpoint folder, a config.json file or a preset name."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return ModelConfig.from_json(path / "config.json")
+    if path.suffix == ".json" and path.is_file():
+        return ModelConfig.from_json(path)
+    if str(name_or_path) in PRESETS:
+        return preset(str(name_or_path))
+    raise ConfigError(
+        f"{str(name_or_path)!r} is not a preset ({', '.join(PRESETS)}), a checkpoint folder or a config.json"
+    )

@@ -218,9 +218,8 @@ def create_app(engine: LLMEngine, model_name: str, api_key: str | None = None) -
         async def events() -> AsyncIterator[str]:
             for first in opening():
                 yield sse(first)
-            async for ev in runner.stream(requests):
-                if ev.text_delta or ev.finish_reason is not None:
-                    yield sse(chunk(ev.index, ev.text_delta, ev.finish_reason))
+            async for ev in runner.stream(requests):  # one chunk per token, even one that adds no text yet
+                yield sse(chunk(ev.index, ev.text_delta, ev.finish_reason))
             if body.stream_options is not None and body.stream_options.include_usage:
                 last = chunk(0, "", None)
                 last["choices"] = []

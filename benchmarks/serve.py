@@ -1,0 +1,154 @@
+"""Serving under load: N concurrent streaming clients against `dsv2 serve`, vs the same requests one by one.
+
+Starts `dsv2 serve --model PRESET` in its own process, then for each concurrency level sends the same
+`--requests` completions (random-length prompts, `--max-tokens` tokens each, EOS ignored, streaming)
+from that many concurrent clients, and reports requests/s, output tokens/s, time to first token and
+inter-token latency (p50 / p99), errors (must be 0) and the peak cache blocks in use (scraped from
+/metrics while it runs). Concurrency 1 is the one-after-another baseline.
+
+    python benchmarks/serve.py [--model small] [--requests 64] [--concurrency 1 8 32 64] [--max-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import torch
+
+from dsv2.config import resolve_config
+
+
+async def one_request(http: httpx.AsyncClient, body: dict) -> dict:
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    async with http.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return {"error": f"{r.status_code} {(await r.aread())[:200]!r}"}
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                stamps.append(time.perf_counter())
+    if not stamps:
+        return {"error": "no tokens"}
+    return {"ttft": stamps[0] - t0, "itl": [b - a for a, b in zip(stamps, stamps[1:], strict=False)],
+            "tokens": len(stamps), "end": stamps[-1]}
+
+
+async def peak_blocks(http: httpx.AsyncClient, stop: asyncio.Event) -> int:
+    peak = 0
+    while not stop.is_set():
+        text = (await http.get("/metrics")).text
+        used = next(float(line.split()[1]) for line in text.splitlines() if line.startswith("dsv2_cache_blocks_used"))
+        peak = max(peak, int(used))
+        await asyncio.sleep(0.05)
+    return peak
+
+
+async def run_level(base: str, bodies: list[dict], concurrency: int) -> dict:
+    limits = httpx.Limits(max_connections=concurrency + 2)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as http:
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(peak_blocks(http, stop))
+        queue = list(bodies)
+        results: list[dict] = []
+
+        async def client() -> None:
+            while queue:
+                results.append(await one_request(http, queue.pop(0)))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+        stop.set()
+        peak = await watcher
+    ok = [r for r in results if "error" not in r]
+    ttft = sorted(r["ttft"] for r in ok)
+    itl = sorted(x for r in ok for x in r["itl"])
+
+    def pct(xs: list[float], q: float) -> float:
+        return 1000 * xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+    return {
+        "concurrency": concurrency, "requests": len(results), "errors": len(results) - len(ok),
+        "seconds": elapsed, "req_per_s": len(ok) / elapsed, "out_tok_per_s": sum(r["tokens"] for r in ok) / elapsed,
+        "ttft_p50_ms": pct(ttft, 0.5), "ttft_p99_ms": pct(ttft, 0.99), "itl_p50_ms": pct(itl, 0.5),
+        "itl_p99_ms": pct(itl, 0.99), "peak_blocks": peak,
+        "first_error": next((r["error"] for r in results if "error" in r), None),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="small")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--prompt-tokens", type=int, nargs=2, default=[16, 256], help="prompt length range")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", help="also write the rows to this file")
+    args = ap.parse_args()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "dsv2.cli", "serve", "--model", args.model, "--dtype", args.dtype, "--port", str(port),
+         "--served-model-name", "bench", "--max-running", str(max(args.concurrency)), "--log-level", "warning"],
+        env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                raise SystemExit("the server did not start")
+            time.sleep(0.5)
+        rng = random.Random(0)
+        vocab = min(resolve_config(args.model).vocab_size, 30000)
+        lengths = [rng.randint(*args.prompt_tokens) for _ in range(args.requests)]
+        bodies = [{"model": "bench", "prompt": [rng.randrange(10, vocab) for _ in range(n)],
+                   "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+                  for n in lengths]
+        asyncio.run(run_level(base, bodies[:2], 1))  # warm-up
+        rows = [asyncio.run(run_level(base, bodies, c)) for c in args.concurrency]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads; "
+          f"model {args.model} {args.dtype}; {args.requests} requests, prompts {args.prompt_tokens[0]}-"
+          f"{args.prompt_tokens[1]} tokens, {args.max_tokens} new tokens each, streaming")
+    print("| clients | req/s | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors | peak cache blocks |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['concurrency']} | {r['req_per_s']:.2f} | {r['out_tok_per_s']:.1f} | "
+              f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f} | "
+              f"{r['errors']} | {r['peak_blocks']} |")
+    for r in rows[1:]:
+        ratio = r["out_tok_per_s"] / max(rows[0]["out_tok_per_s"], 1e-9)
+        print(f"{r['concurrency']} clients: {ratio:.2f}x the output tokens/s of {rows[0]['concurrency']}")
+    if any(r["first_error"] for r in rows):
+        print("errors:", [r["first_error"] for r in rows if r["first_error"]])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
