@@ -6,6 +6,11 @@ The run folder holds everything: `tokenizer.json`, `data/` (packed token shards)
 line per step, plus validation lines), `checkpoints/step_*` (resumable) and, at the end, `model/` (an HF
 layout folder with the tokenizer: `dsv2 generate RUN/model`). A run resumed with `resume=True` continues
 from its latest checkpoint and produces the same per-step losses as one that was never interrupted.
+
+Under `torchrun --nproc-per-node N` the same code runs on N processes (`distributed.Distributed.from_env`):
+the model is parallelized by `parallel.parallelize` (expert parallel + FSDP2), each rank takes its 1/N of every
+global batch of `batch_size` sequences, the logged losses are means over ranks, and rank 0 alone writes the
+metrics, progress bar and final model. Checkpoints are collective (`checkpoint.save_checkpoint`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from dsv2.data.shards import Batches, TokenShards, build_shards
 from dsv2.model import Transformer
 from dsv2.model.moe import RoutingRecord
 from dsv2.tokenizer import TOKENIZER_FILE, Tokenizer, train_bpe
-from dsv2.train import balance, checkpoint, optim
+from dsv2.train import balance, checkpoint, optim, parallel
+from dsv2.train.distributed import Distributed
 from dsv2.weights import load_model, random_model, save_model
 
 SPECIAL_TOKENS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"]  # ids 0 and 1, as the presets expect
@@ -108,17 +114,18 @@ def _model_config(name: str) -> ModelConfig:
 
 # ------------------------------------------------------------------------------------------- step
 def routing_losses(
-    record: RoutingRecord, config: ModelConfig, alphas: tuple[float, float, float],
+    record: RoutingRecord, config: ModelConfig, alphas: tuple[float, float, float], world: int = 1,
 ) -> tuple[torch.Tensor, dict[str, float], list[dict[str, Any]]]:
-    """Sum of the balance losses over the MoE layers, their values, and per-layer statistics."""
+    """Sum of the balance losses over the MoE layers, their values, and per-layer statistics. With `world`
+    expert-parallel ranks the devices of the device and comm losses are those ranks."""
     a1, a2, a3 = alphas
-    n_devices = config.n_group if config.routing_method == "group_limited_greedy" else 1
+    n_devices, topk_devices = parallel.device_groups(config, world)
     total = torch.zeros((), device=record.scores[0].device) if record.scores else torch.zeros(())
     sums = {"expert": 0.0, "device": 0.0, "comm": 0.0}
     layers = []
     for i, (scores, indices) in enumerate(zip(record.scores, record.indices, strict=True)):
         losses, stats = balance.balance_losses(
-            scores, indices, n_devices=n_devices or 1, topk_devices=config.topk_group or 1,
+            scores, indices, n_devices=n_devices, topk_devices=topk_devices,
             alpha_expert=a1, alpha_device=a2, alpha_comm=a3,
         )
         layer = {"losses": {}, "max_over_min": float(stats["load_max_over_min"]), "load": stats["expert_load"].tolist()}
@@ -137,31 +144,62 @@ def routing_losses(
     return total, sums, layers
 
 
-def _dropper(cfg: TrainConfig, config: ModelConfig, batch: int):
-    if cfg.capacity_factor is None or config.routing_method != "group_limited_greedy":
+def _dropper(cfg: TrainConfig, config: ModelConfig, batch: int, dist: Distributed):
+    """Token dropping for one global batch of `batch` sequences, or None when off."""
+    if cfg.capacity_factor is None or (config.routing_method != "group_limited_greedy" and dist.world == 1):
         return None
-    protected = balance.protected_sequences(batch)  # drawn once per step, shared by every layer
+    n_devices, _ = parallel.device_groups(config, dist.world)
+    protected = balance.protected_sequences(batch)  # drawn once per step (the same on every rank), for every layer
 
     def drop(affinity: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        # a device's budget and ranking cover every slot sent to it, from all ranks: decide on the global batch
+        # (a few bytes per slot to gather), then keep this rank's part
         keep, _ = balance.drop_tokens(
-            affinity, indices, n_experts=config.n_routed_experts, n_devices=config.n_group,
+            dist.gather(affinity), dist.gather(indices), n_experts=config.n_routed_experts, n_devices=n_devices,
             capacity_factor=cfg.capacity_factor, protected=protected,
         )
-        return keep
+        return dist.shard(keep)
 
     return drop
 
 
-def evaluate(model: Transformer, shards: TokenShards, cfg: TrainConfig) -> float:
+def forward_losses(
+    model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig, config: ModelConfig,
+    alphas: tuple[float, float, float], dist: Distributed,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float], list[dict[str, Any]]]:
+    """LM loss and balance losses of one global batch [B,S] (this rank's part of it: its mean), their values and
+    per-layer statistics."""
+    record = RoutingRecord(drop=_dropper(cfg, config, inputs.shape[0], dist))
+    inputs, targets = dist.shard(inputs).to(dist.device), dist.shard(targets).to(dist.device)
+    with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        logits = model(inputs, routing=record)
+    lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    aux, sums, layer_stats = routing_losses(record, config, alphas, dist.world)
+    return lm_loss, aux, sums, layer_stats
+
+
+def evaluate(model: Transformer, shards: TokenShards, cfg: TrainConfig, dist: Distributed | None = None) -> float:
     """Mean next-token loss over the first `eval_batches` fixed validation batches (no dropping)."""
+    dist = dist or Distributed()
+    if dist.world > 1:
+        _forget_derived(model)
     model.eval()
     batches = Batches(shards, cfg.batch_size, cfg.seq_len, shuffle=False)
     total = 0.0
     with torch.no_grad():
         for inputs, targets in itertools.islice(batches, cfg.eval_batches):
-            total += F.cross_entropy(model(inputs).flatten(0, 1).float(), targets.flatten()).item()
+            logits = model(dist.shard(inputs).to(dist.device))
+            total += F.cross_entropy(logits.flatten(0, 1).float(), dist.shard(targets).to(dist.device).flatten()).item()
     model.train()
-    return total / cfg.eval_batches
+    return dist.mean(total / cfg.eval_batches)[0]
+
+
+def _forget_derived(model: Transformer) -> None:
+    """Drop the cached inference layouts of parameters (`layers.derived`, e.g. the fp32 router): FSDP2 gathers
+    each parameter into a fresh buffer per forward, which may reuse the address of an older one, so a cache
+    keyed by storage could outlive an optimizer step."""
+    for module in model.modules():
+        module.__dict__.pop("_derived", None)
 
 
 # ------------------------------------------------------------------------------------------- loop
@@ -174,39 +212,71 @@ def _truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def _check_batch_sizes(cfg: TrainConfig, world: int) -> None:
+    """Every global batch (the ramp's too) must split evenly over the ranks."""
+    sizes = {optim.batch_size_at(s, cfg.batch_size, cfg.batch_ramp_start, cfg.batch_ramp_steps)
+             for s in range(min(cfg.steps, max(cfg.batch_ramp_steps, 1)))} | {cfg.batch_size}
+    uneven = sorted(b for b in sizes if b % world)
+    if uneven:
+        raise ValueError(f"batch_size {uneven[0]} (batch_size={cfg.batch_size}, batch_ramp_start="
+                         f"{cfg.batch_ramp_start}) is not divisible by the {world} processes")
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) a training run; under torchrun, on every rank."""
+    dist = Distributed.from_env()
+    try:
+        return _train(cfg, dist)
+    finally:
+        dist.close()
+
+
+def _train(cfg: TrainConfig, dist: Distributed) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     config = _model_config(cfg.model)
+    # what would fail after minutes of data preparation fails now
+    parallel.check_placement(config, dist.world)
+    _check_batch_sizes(cfg, dist.world)
+    latest = checkpoint.latest_checkpoint(out) if cfg.resume else None
+    if latest is not None:
+        checkpoint.check_world_size(latest, dist.world)
+    if not dist.is_main:
+        dist.barrier()  # rank 0 trains the tokenizer and builds the shards; the others then read them
     tokenizer, train_shards, val_shards = prepare_data(cfg, config)
+    if dist.is_main:
+        dist.barrier()
     alphas = cfg.alphas(config)
 
     def make_optimizer(model: Transformer) -> torch.optim.Optimizer:
         return optim.build_optimizer(model, cfg.lr, cfg.weight_decay)
 
-    latest = checkpoint.latest_checkpoint(out) if cfg.resume else None
+    def prepare(model: Transformer) -> Transformer:
+        return parallel.parallelize(model, dist, activation_checkpointing=cfg.activation_checkpointing)
+
     if latest is not None:
-        model, optimizer, state = checkpoint.load_checkpoint(latest, make_optimizer)
+        model, optimizer, state = checkpoint.load_checkpoint(latest, make_optimizer, dist.device, prepare, dist)
         start = state["step"]
         loader = Batches(train_shards, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
         loader.load_state_dict(state["loader"])
-        _truncate_metrics(out / "metrics.jsonl", start)  # steps after the checkpoint are redone
+        if dist.is_main:
+            _truncate_metrics(out / "metrics.jsonl", start)  # steps after the checkpoint are redone
     else:
-        if cfg.resume:
+        if cfg.resume and dist.is_main:
             print(f"no checkpoint in {out}: starting from scratch")
-        model = (load_model(cfg.model) if Path(cfg.model).is_dir() else random_model(config, seed=cfg.seed)).train()
+        model = (load_model(cfg.model, device=dist.device) if Path(cfg.model).is_dir()
+                 else random_model(config, seed=cfg.seed, device=dist.device)).train()
+        model = prepare(model)
         optimizer, start = make_optimizer(model), 0
         loader = Batches(train_shards, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    if cfg.activation_checkpointing:
-        from dsv2.train.parallel import apply_activation_checkpointing
+        if dist.is_main:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+            (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
 
-        apply_activation_checkpointing(model)
-
-    metrics = open(out / "metrics.jsonl", "a")  # noqa: SIM115 - appended to for the whole run
-    bar = tqdm(total=cfg.steps, initial=start, desc="training", unit="step", disable=not cfg.progress)
+    metrics = open(out / "metrics.jsonl", "a") if dist.is_main else None  # noqa: SIM115 - open for the whole run
+    show = cfg.progress and dist.is_main
+    bar = tqdm(total=cfg.steps, initial=start, desc="training", unit="step", disable=not show)
     last: dict[str, Any] = {}
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
@@ -215,18 +285,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         loader.batch_size = optim.batch_size_at(step, cfg.batch_size, cfg.batch_ramp_start, cfg.batch_ramp_steps)
         lm_total, aux_total, layer_stats, sums = 0.0, 0.0, [], {}
         for _ in range(cfg.grad_accum):
-            inputs, targets = next(loader)
-            record = RoutingRecord(drop=_dropper(cfg, config, inputs.shape[0]))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = model(inputs, routing=record)
-            lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-            aux, sums, layer_stats = routing_losses(record, config, alphas)
+            inputs, targets = next(loader)  # the global batch; each rank trains on its part
+            lm_loss, aux, sums, layer_stats = forward_losses(model, inputs, targets, cfg, config, alphas, dist)
             ((lm_loss + aux) / cfg.grad_accum).backward()
             lm_total += lm_loss.item() / cfg.grad_accum
             aux_total += float(aux.detach()) / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        grad_norm = parallel.clip_grad_norm_(model, cfg.grad_clip, dist)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        # what is logged is the global batch's: means over ranks (per-layer statistics stay rank 0's part)
+        lm_total, aux_total, *balance_sums = dist.mean(lm_total, aux_total, *sums.values())
+        sums = dict(zip(sums, balance_sums, strict=True))
         if not math.isfinite(lm_total):
             raise FloatingPointError(f"step {step}: loss is {lm_total}; lower the learning rate ({cfg.lr})")
         dt = time.perf_counter() - t0
@@ -236,17 +305,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "balance": sums, "layers": layer_stats,
         }
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            last["val_loss"] = evaluate(model, val_shards, cfg)
-        metrics.write(json.dumps(last) + "\n")
-        metrics.flush()
+            last["val_loss"] = evaluate(model, val_shards, cfg, dist)
+        if metrics is not None:
+            metrics.write(json.dumps(last) + "\n")
+            metrics.flush()
         bar.set_postfix(loss=f"{lm_total:.3f}", lr=f"{lr:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
         bar.update()
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             checkpoint.save_checkpoint(out, step + 1, model, optimizer, {"loader": loader.state_dict()},
-                                       keep_last=cfg.keep_last)
+                                       keep_last=cfg.keep_last, dist=dist)
     bar.close()
-    metrics.close()
-    final = out / "model"
-    save_model(model, final, progress=False)
-    tokenizer.save(final)
+    full = parallel.full_model(model)  # collective: full weights on rank 0
+    if dist.is_main:
+        metrics.close()
+        final = out / "model"
+        save_model(full, final, progress=False)
+        tokenizer.save(final)
     return last

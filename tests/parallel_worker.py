@@ -1,0 +1,60 @@
+"""Run by tests/test_parallel.py under `torchrun --nproc-per-node 2`: one training step of a 2-group nano model
+(expert parallel over the 2 ranks, FSDP2 for the rest) on a fixed global batch.
+
+    torchrun --standalone --nproc-per-node 2 tests/parallel_worker.py CONFIG OUT
+
+Rank 0 writes OUT/step.pt (losses, gathered gradients, all-to-all counts, logits of the stepped model) and
+OUT/model (the stepped model, gathered, in the HF layout).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from dsv2.config import ModelConfig
+from dsv2.train import parallel
+from dsv2.train.distributed import Distributed
+from dsv2.train.loop import TrainConfig, forward_losses
+from dsv2.train.optim import build_optimizer
+from dsv2.weights import random_model, save_model
+
+SEED, BATCH, SEQ = 0, 4, 16
+CFG = TrainConfig(capacity_factor=1.0, alpha_expert=0.003, alpha_device=0.05, alpha_comm=0.02)
+
+
+def batch(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(0, config.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def main() -> None:
+    config_path, out = sys.argv[1], sys.argv[2]
+    config = ModelConfig.from_json(config_path)
+    dist = Distributed.from_env()
+    model = parallel.parallelize(random_model(config, seed=SEED).train(), dist)
+    optimizer = build_optimizer(model, 1e-3)
+    inputs, targets = batch(config)
+    torch.manual_seed(SEED)  # the protected-sequence draw of token dropping
+    lm, aux, _, _ = forward_losses(model, inputs, targets, CFG, config, CFG.alphas(config), dist)
+    (lm + aux).backward()
+    grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+    # (tokens, hidden states dispatched) per MoE layer, for every rank
+    counts = [[m.traffic.tokens, m.traffic.dispatched] for m in parallel.expert_layers(model)]
+    traffic = dist.gather(torch.tensor([counts]))
+    norm = parallel.clip_grad_norm_(model, 1.0, dist)
+    optimizer.step()
+    with torch.no_grad():
+        logits = model(inputs)
+    full = parallel.full_model(model)
+    losses = dist.mean(lm.item(), aux.item())
+    if dist.is_main:
+        torch.save({"lm": losses[0], "aux": losses[1], "grads": grads, "traffic": traffic, "norm": norm,
+                    "logits": logits}, f"{out}/step.pt")
+        save_model(full, f"{out}/model", progress=False)
+    dist.close()
+
+
+if __name__ == "__main__":
+    main()
