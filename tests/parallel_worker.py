@@ -29,6 +29,25 @@ def batch(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1], tokens[:, 1:]
 
 
+def lopsided_inputs(dim: int, per_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [8,d], weights and expert ids [8,2] where every slot is one of rank 0's experts."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(8, dim, generator=gen)
+    weights = torch.rand(8, 2, generator=gen)
+    return x, weights, torch.stack([torch.randperm(per_rank, generator=gen)[:2] for _ in range(8)])
+
+
+def one_rank_only(layer: parallel.ExpertParallel) -> dict[str, torch.Tensor]:
+    """Every slot of both ranks on rank 0's experts: rank 1 receives nothing, yet must join every all-to-all of
+    the backward too. The output and input gradients, for comparison with RoutedExperts on one process."""
+    x, weights, indices = lopsided_inputs(layer.w1.shape[-1], layer.per_rank)
+    x.requires_grad_(True)
+    weights.requires_grad_(True)
+    y = layer(x, weights, indices)
+    y.square().sum().backward()
+    return {"y": y.detach(), "x_grad": x.grad, "w_grad": weights.grad}
+
+
 def main() -> None:
     config_path, out = sys.argv[1], sys.argv[2]
     config = ModelConfig.from_json(config_path)
@@ -49,9 +68,10 @@ def main() -> None:
         logits = model(inputs)
     full = parallel.full_model(model)
     losses = dist.mean(lm.item(), aux.item())
+    lopsided = one_rank_only(parallel.expert_layers(model)[0])
     if dist.is_main:
         torch.save({"lm": losses[0], "aux": losses[1], "grads": grads, "traffic": traffic, "norm": norm,
-                    "logits": logits}, f"{out}/step.pt")
+                    "logits": logits, "lopsided": lopsided}, f"{out}/step.pt")
         save_model(full, f"{out}/model", progress=False)
     dist.close()
 

@@ -3,9 +3,12 @@ step, device-limited routing bounds the all-to-all, and a SIGKILLed 2-process ru
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ import torch
 
 import dsv2
 from dsv2.config import preset
+from dsv2.train import checkpoint, parallel
 from dsv2.train.distributed import Distributed
 from dsv2.train.loop import forward_losses
 from dsv2.train.optim import build_optimizer
@@ -27,17 +31,22 @@ def two_group_config(path: Path, topk_group: int = 1) -> Path:
     return path
 
 
-def torchrun(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+def torchrun(args: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(TORCHRUN + args, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+    done = subprocess.run(TORCHRUN + args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, "\n".join(line for line in done.stderr.splitlines() if "[rank" in line)[-4000:]
+
+
+def descendants(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [d for c in map(int, children) for d in (c, *descendants(c))]
 
 
 def test_two_ranks_match_one_process(tmp_path):
     import parallel_worker as worker
 
     config_path = two_group_config(tmp_path / "config.json")
-    done = torchrun([str(WORKER), str(config_path), str(tmp_path)])
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun([str(WORKER), str(config_path), str(tmp_path)])
     ranks = torch.load(tmp_path / "step.pt", weights_only=True)
 
     config = dsv2.ModelConfig.from_json(config_path)
@@ -66,3 +75,71 @@ def test_two_ranks_match_one_process(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(inputs), ranks["logits"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model.eval()(inputs), ranks["logits"], rtol=1e-4, atol=1e-5)
+
+    # a rank that no token reaches still completes forward and backward, with the single-process result
+    experts = loaded.layers[config.first_k_dense_replace].ffn.experts.train()
+    x, weights, indices = worker.lopsided_inputs(config.hidden_size, config.n_routed_experts // 2)
+    x.requires_grad_(True)
+    weights.requires_grad_(True)
+    y = experts(x, weights, indices)
+    y.square().sum().backward()
+    lopsided = ranks["lopsided"]
+    torch.testing.assert_close(lopsided["y"], y.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lopsided["x_grad"], x.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lopsided["w_grad"], weights.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_two_ranks_killed_and_resumed(tmp_path):
+    config = two_group_config(tmp_path / "config.json")
+    opts = ["-m", "dsv2.cli", "train", "--model", str(config), "--sample-tokens", "0", "--steps", "10",
+            "--batch-size", "4", "--seq-len", "32", "--max-documents", "120", "--tokenizer-documents", "40",
+            "--eval-every", "5", "--save-every", "1", "--warmup-steps", "3", "--capacity-factor", "1.0"]
+    ref, run = tmp_path / "ref", tmp_path / "killed"
+    torchrun(opts + ["--out", str(ref)])
+
+    run.mkdir()  # the same tokenizer and shards, without building them again
+    for name in ("tokenizer.json", "data"):
+        os.symlink(ref / name, run / name)
+    proc = subprocess.Popen(TORCHRUN + opts + ["--out", str(run)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        latest = checkpoint.latest_checkpoint(run)
+        if latest is not None and latest.name >= "step_0000004":
+            break
+        time.sleep(0.02)
+    for pid in [*descendants(proc.pid), proc.pid]:  # both ranks (torchrun starts them in sessions of their own)
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = checkpoint.latest_checkpoint(run)
+    assert killed_at is not None and killed_at.name < "step_0000010", killed_at
+    assert sorted(p.name for p in killed_at.iterdir()) == [
+        "config.json", "model.safetensors", "state.json", "trainer.rank0.pt", "trainer.rank1.pt"]
+
+    with pytest.raises(ValueError, match="world_size is 2 but this run has 1 process"):
+        from dsv2.train.loop import TrainConfig, train
+
+        train(TrainConfig(model=str(config), out=str(run), resume=True, steps=10, progress=False))
+    torchrun(opts + ["--out", str(run), "--resume"])
+
+    def losses(folder: Path) -> list[float]:
+        return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    assert len(losses(run)) == 10
+    assert losses(run) == pytest.approx(losses(ref), rel=0, abs=1e-6)
+    tokens = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(dsv2.load_model(run / "model", progress=False)(tokens),
+                                   dsv2.load_model(ref / "model", progress=False)(tokens), rtol=0, atol=1e-6)
+
+
+def test_placement_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="n_routed_experts=8 is not divisible by the expert-parallel size 3"):
+        parallel.check_placement(preset("nano"), 3)
+    with pytest.raises(ValueError, match="n_group=4.* run 4 processes, not 2"):
+        parallel.check_placement(preset("nano"), 2)
+    parallel.check_placement(preset("nano"), 4)
+    greedy = preset("nano").replace(topk_method="greedy", n_group=1, topk_group=1)
+    parallel.check_placement(greedy, 2)
+    assert parallel.device_groups(greedy, 2) == (2, 2) and parallel.device_groups(greedy) == (1, 1)
+    assert parallel.device_groups(preset("nano")) == (4, 2) == parallel.device_groups(preset("nano"), 4)

@@ -150,9 +150,14 @@ class ExpertParallel(nn.Module):
         slots_recv = _AllToAll.apply(slots, send, recv, self.group, self.traffic)
         w_recv, id_recv = slots_recv[:, :top_k], slots_recv[:, top_k:].long()
         row, slot = (id_recv >= 0).nonzero(as_tuple=True)
-        local = {name: getattr(self, name).to_local() for name in ("w1", "w2", "w3")}
-        ones = torch.ones(len(row), 1, device=x.device)
-        expert_out = torch.func.functional_call(self.compute, local, (x_recv[row], ones, id_recv[row, slot, None]))
+        if len(row):
+            local = {name: getattr(self, name).to_local() for name in ("w1", "w2", "w3")}
+            ones = torch.ones(len(row), 1, device=x.device)
+            expert_out = torch.func.functional_call(self.compute, local, (x_recv[row], ones, id_recv[row, slot, None]))
+        else:
+            # nothing reached this rank; still derive the (empty) output from x_recv, so that backward passes
+            # through the dispatch all-to-all here too: every rank must join every collective, or they deadlock
+            expert_out = x_recv[row]
         partial = torch.zeros(len(x_recv), x.shape[-1], device=x.device).index_add_(
             0, row, expert_out.float() * w_recv[row, slot, None]
         )
