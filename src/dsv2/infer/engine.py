@@ -80,7 +80,7 @@ class LLMEngine:
     def __init__(
         self, model: Transformer, tokenizer: Tokenizer | None = None, *, max_running: int = 32,
         cache_bytes: int | None = None, num_blocks: int | None = None, block_size: int = 16,
-        prefill_chunk: int = 256, max_prefill_tokens: int = 512,
+        prefill_chunk: int = 512, max_prefill_tokens: int = 1024,
     ):
         self.model = model.eval()
         self.config = model.config

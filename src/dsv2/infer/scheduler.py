@@ -81,8 +81,8 @@ class StepPlan:
 
 class Scheduler:
     def __init__(
-        self, num_blocks: int, block_size: int, max_running: int = 32, prefill_chunk: int = 256,
-        max_prefill_tokens: int = 512,
+        self, num_blocks: int, block_size: int, max_running: int = 32, prefill_chunk: int = 512,
+        max_prefill_tokens: int = 1024,
     ):
         for name, value in (("num_blocks", num_blocks), ("block_size", block_size), ("max_running", max_running),
                             ("prefill_chunk", prefill_chunk), ("max_prefill_tokens", max_prefill_tokens)):

@@ -127,9 +127,9 @@ class MLA(nn.Module):
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
         q = torch.cat([q_latent, q_pe], dim=-1).flatten(1, 2)  # [B,S·H,d_c + d_h^R]
         if history.device.type == "cpu" and history.dtype != torch.float32:
-            # On the CPU, half-precision GEMMs that reduce over the T cached tokens fall to a slow kernel
-            # (torch 2.13: 132 ms for 16 heads x 8K tokens in bf16 against 5 ms in fp32, upcast included),
-            # so attend in fp32: one upcast of the latents read, and more accurate too.
+            # On CPUs without native bf16 (AVX2) half-precision GEMMs that reduce over the T cached tokens
+            # are very slow (torch 2.13: 132 ms for 16 heads x 8K tokens in bf16 against 5 ms in fp32,
+            # upcast included), so attend in fp32: one upcast of the latents read, and more accurate too.
             q, history = q.float(), history.float()
         scores = torch.matmul(q, history.transpose(1, 2)) * self.softmax_scale  # [B,S·H,T]
         scores = scores.masked_fill(~mask.repeat_interleave(H, dim=1), float("-inf"))

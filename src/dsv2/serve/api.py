@@ -95,8 +95,8 @@ def create_app(engine: LLMEngine, model_name: str, api_key: str | None = None) -
 
     def sampling(body: SamplingFields, max_tokens: int | None, prompt_len: int, choice: int) -> SamplingParams:
         context = engine.config.max_position_embeddings
-        if max_tokens is None:
-            max_tokens = context - prompt_len
+        if max_tokens is None:  # as much as the context and the whole cache allow
+            max_tokens = min(context, engine.scheduler.capacity_tokens() + 1) - prompt_len
         elif prompt_len + max_tokens > context:
             raise APIError(400, f"this model's context is {context} tokens; the prompt has {prompt_len} and "
                                 f"max_tokens asks for {max_tokens} more", param="max_tokens",
