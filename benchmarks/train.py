@@ -6,6 +6,13 @@ fp32 or, with --bf16, under bf16 autocast for both. dsv2's step also computes th
 Each implementation runs in its own process.
 
     python benchmarks/train.py [--preset small] [--batch 4] [--seq 256] [--steps 3]
+
+With --nproc N, dsv2 on one process against dsv2 on N processes (torchrun, gloo on the CPU, expert parallel +
+FSDP2), the same global batch and the same total threads, on the preset with n_group = N expert groups (one per
+rank) and topk_group = M (--topk-group): tokens/s of each, and the hidden states the all-to-alls moved per step
+against device-limited routing's bound of M·T per layer (T tokens).
+
+    python benchmarks/train.py --nproc 2 [--topk-group 1]
 """
 
 from __future__ import annotations
@@ -60,6 +67,47 @@ step = sorted(times[1:])[len(times[1:]) // 2]
 print(json.dumps({"step_s": step, "tokens_per_s": batch * seq / step}))
 """
 
+# one rank of an N-process run (under torchrun): the training loop's own step (forward_losses, clip, AdamW)
+DIST_WORKER = r"""
+import json, sys, time, torch
+import dsv2
+from dsv2.train import balance, optim, parallel
+from dsv2.train.distributed import Distributed
+from dsv2.train.loop import TrainConfig, forward_losses
+path, batch, seq, steps, threads, bf16 = sys.argv[1], *map(int, sys.argv[2:7])
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+dist = Distributed.from_env()
+model = parallel.parallelize(dsv2.load_model(path, progress=False).train(), dist)
+opt = optim.build_optimizer(model, 1e-4)
+config = model.config
+cfg = TrainConfig(bf16=bool(bf16), alpha_expert=balance.ALPHA_EXPERT, alpha_device=balance.ALPHA_DEVICE,
+                  alpha_comm=balance.ALPHA_COMM)
+layers = parallel.expert_layers(model)
+times = []
+for i in range(steps + 1):
+    if i == 1:  # count the timed steps only
+        for layer in layers:
+            layer.traffic = parallel.Traffic()
+    x = torch.randint(0, config.vocab_size, (batch, seq + 1))  # the global batch: same seed on every rank
+    dist.barrier()
+    t = time.perf_counter()
+    lm, aux, _, _ = forward_losses(model, x[:, :-1], x[:, 1:], cfg, config, cfg.alphas(config), dist)
+    (lm + aux).backward()
+    parallel.clip_grad_norm_(model, 1.0, dist)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    times.append(time.perf_counter() - t)
+step = sorted(times[1:])[len(times[1:]) // 2]
+# summed over layers and ranks, per step
+tokens, dispatched, sent = (sum(dist.mean(*(getattr(l.traffic, f) for l in layers))) * dist.world / steps
+                            for f in ("tokens", "dispatched", "bytes_sent"))
+if dist.is_main:
+    print(json.dumps({"step_s": step, "tokens_per_s": batch * seq / step, "tokens": tokens,
+                      "dispatched": dispatched, "bytes_sent": sent}))
+dist.close()
+"""
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -69,7 +117,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up (median reported)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for both (weights and optimizer fp32)")
+    ap.add_argument("--nproc", type=int, help="compare dsv2 on 1 and on this many processes (no transformers)")
+    ap.add_argument("--topk-group", type=int, default=1, help="with --nproc: M, expert groups (ranks) per token")
     args = ap.parse_args()
+    if args.nproc:
+        compare_processes(args)
+        return
     import dsv2
 
     with tempfile.TemporaryDirectory() as d:
@@ -88,6 +141,41 @@ def main() -> None:
     for which, r in rows.items():
         print(f"{which:<13} {r['step_s']:7.2f} s/step  {r['tokens_per_s']:8.1f} tokens/s")
     print(f"dsv2 / transformers: {rows['dsv2']['tokens_per_s'] / rows['transformers']['tokens_per_s']:.2f}x")
+
+
+def compare_processes(args: argparse.Namespace) -> None:
+    import dsv2
+
+    config = dsv2.config.preset(args.preset).replace(n_group=args.nproc, topk_group=args.topk_group)
+    threads = max(1, args.threads // args.nproc)
+    with tempfile.TemporaryDirectory() as d:
+        dsv2.save_model(dsv2.weights.random_model(config, seed=0), d, progress=False)
+        worker = f"{d}/worker.py"
+        with open(worker, "w") as f:
+            f.write(DIST_WORKER)
+        sizes = [str(args.batch), str(args.seq), str(args.steps)]
+        flag = str(int(args.bf16))
+        one = subprocess.run([sys.executable, "-c", WORKER, "dsv2", d, *sizes, str(args.threads), flag],
+                             capture_output=True, text=True)
+        many = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                               str(args.nproc), worker, d, *sizes, str(threads), flag], capture_output=True, text=True)
+    for out in (one, many):
+        if out.returncode:
+            raise SystemExit(out.stderr[-3000:])
+    one, many = (json.loads(out.stdout.strip().splitlines()[-1]) for out in (one, many))
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    elt = 4  # the residual stream, hence the experts' input, stays fp32 (bf16 autocast only lowers the matmuls)
+    bound = args.topk_group * args.batch * args.seq * moe_layers  # M·T hidden states per layer, all layers
+    print(f"machine: {platform.machine()}, torch {torch.__version__}, {args.threads} threads in all; preset "
+          f"{args.preset} with n_group={args.nproc}, topk_group={args.topk_group}; batch {args.batch} x {args.seq} "
+          f"tokens, {'bf16 autocast' if args.bf16 else 'fp32'}, median of {args.steps} steps")
+    print(f"1 process        {one['step_s']:7.2f} s/step  {one['tokens_per_s']:8.1f} tokens/s")
+    print(f"{args.nproc} processes      {many['step_s']:7.2f} s/step  {many['tokens_per_s']:8.1f} tokens/s "
+          f"({many['tokens_per_s'] / one['tokens_per_s']:.2f}x)")
+    print(f"all-to-all per step ({moe_layers} MoE layers, all ranks): {many['dispatched']:.0f} hidden states "
+          f"dispatched = {many['dispatched'] * config.hidden_size * elt / 1e6:.2f} MB, bound M*T*hidden = "
+          f"{bound} = {bound * config.hidden_size * elt / 1e6:.2f} MB ({many['dispatched'] / bound:.2f} of it); "
+          f"{many['bytes_sent'] / 1e6:.2f} MB sent between ranks by all all-to-alls, forward and backward")
 
 
 if __name__ == "__main__":
