@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -120,8 +121,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if getattr(args, f, None) is not None}
     cfg = TrainConfig(**fields)
     last = train(cfg)
-    print(f"step {last['step']}: train loss {last['loss']:.3f}, val loss {last.get('val_loss', float('nan')):.3f}; "
-          f"model in {cfg.out}/model")
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports for everyone
+        return 0
+    if not last:  # resumed a run that had already reached --steps
+        print(f"{cfg.out} already holds {cfg.steps} steps; nothing to train (raise --steps to continue)")
+    else:
+        print(f"step {last['step']}: train loss {last['loss']:.3f}, val loss "
+              f"{last.get('val_loss', float('nan')):.3f}; model in {cfg.out}/model")
     if args.sample_tokens:
         from dsv2.infer.engine import LLM
 
