@@ -89,3 +89,17 @@ def hub_config(case: str) -> dict[str, Any]:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def wait_for_checkpoint(run_dir, step: int, timeout: float = 120.0) -> None:
+    """Poll until a training run folder holds a checkpoint of at least `step` (a run to be killed mid-way)."""
+    import time
+
+    from dsv2.train import checkpoint
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        latest = checkpoint.latest_checkpoint(run_dir)
+        if latest is not None and latest.name >= f"{checkpoint.PREFIX}{step:07d}":
+            return
+        time.sleep(0.02)

@@ -8,11 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import wait_for_checkpoint
 
 import dsv2
 from dsv2.config import preset
@@ -102,12 +102,7 @@ def test_two_ranks_killed_and_resumed(tmp_path):
         os.symlink(ref / name, run / name)
     proc = subprocess.Popen(TORCHRUN + opts + ["--out", str(run)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        latest = checkpoint.latest_checkpoint(run)
-        if latest is not None and latest.name >= "step_0000004":
-            break
-        time.sleep(0.02)
+    wait_for_checkpoint(run, 4)
     for pid in [*descendants(proc.pid), proc.pid]:  # both ranks (torchrun starts them in sessions of their own)
         os.kill(pid, signal.SIGKILL)
     proc.wait()

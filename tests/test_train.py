@@ -6,10 +6,10 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from conftest import wait_for_checkpoint
 
 import dsv2
 from dsv2.train import checkpoint, optim
@@ -42,12 +42,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     opts = ["--steps", "30", "--batch-size", "4", "--seq-len", "32", "--max-documents", "120",
             "--tokenizer-documents", "40", "--eval-every", "5", "--save-every", "1", "--warmup-steps", "3"]
     proc = subprocess.Popen(args + opts, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        latest = checkpoint.latest_checkpoint(run)
-        if latest is not None and latest.name >= "step_0000004":
-            break
-        time.sleep(0.02)
+    wait_for_checkpoint(run, 4)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = checkpoint.latest_checkpoint(run)
