@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dsv2.config import ModelConfig
+from dsv2.config import ModelConfig, resolve_config
 from dsv2.data.corpus import iter_documents
 from dsv2.data.shards import Batches, TokenShards, build_shards
 from dsv2.model import Transformer
@@ -101,15 +101,6 @@ def prepare_data(cfg: TrainConfig, config: ModelConfig) -> tuple[Tokenizer, Toke
     train = TokenShards(data_dir, "train", vocab_size=config.vocab_size)
     val = TokenShards(data_dir, "val", vocab_size=config.vocab_size)
     return tokenizer, train, val
-
-
-def _model_config(name: str) -> ModelConfig:
-    from dsv2.config import PRESETS, preset
-
-    if name in PRESETS:
-        return preset(name)
-    path = Path(name)
-    return ModelConfig.from_json(path / "config.json" if path.is_dir() else path)
 
 
 # ------------------------------------------------------------------------------------------- step
@@ -235,7 +226,7 @@ def _train(cfg: TrainConfig, dist: Distributed) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    config = _model_config(cfg.model)
+    config = resolve_config(cfg.model)
     # what would fail after minutes of data preparation fails now
     parallel.check_placement(config, dist.world)
     _check_batch_sizes(cfg, dist.world)
