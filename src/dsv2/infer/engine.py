@@ -129,12 +129,7 @@ class LLMEngine:
         eos_ids = set() if params.ignore_eos or eos is None else set(eos if isinstance(eos, list) else [eos])
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         seq = CacheSequence(request_id, list(ids), len(ids), min(params.max_tokens, context - len(ids)))
-        needed = self.scheduler.blocks_needed(len(ids) + seq.max_tokens - 1)
-        if needed > self.scheduler.allocator.num_blocks:
-            raise SamplingError(
-                f"{what}: {len(ids)} prompt tokens + max_tokens {seq.max_tokens} need {needed} cache blocks, more "
-                f"than the whole cache ({self.scheduler.allocator.num_blocks} blocks of {self.cache.block_size})"
-            )
+        self.scheduler.check_fits(seq, what)
         out = RequestOutput(index, ids, text="" if self.tokenizer else None, request_id=request_id)
         return Request(seq, out, params, params.generator(self.device), set(params.stop_token_ids) | eos_ids)
 

@@ -104,15 +104,18 @@ class Scheduler:
     def capacity_tokens(self) -> int:
         return self.allocator.num_blocks * self.block_size
 
-    def add(self, seq: Sequence) -> None:
-        """Queue a sequence; one that could never fit the whole pool is refused here, not deadlocked later."""
-        need = len(seq.tokens) + seq.max_tokens - seq.num_generated - 1  # cached tokens at its longest
-        if self.blocks_needed(need) > self.allocator.num_blocks:
+    def check_fits(self, seq: Sequence, what: str | None = None) -> None:
+        """Refuse a sequence that could never fit the whole pool, rather than deadlock on it later."""
+        need = self.blocks_needed(len(seq.tokens) + seq.max_tokens - seq.num_generated - 1)  # at its longest
+        if need > self.allocator.num_blocks:
             raise ValueError(
-                f"request {seq.request_id}: {len(seq.tokens)} prompt + {seq.max_tokens} new tokens need "
-                f"{self.blocks_needed(need)} cache blocks; the cache has {self.allocator.num_blocks} "
-                f"({self.capacity_tokens()} tokens)"
+                f"{what or 'request ' + seq.request_id}: {seq.prompt_len} prompt + {seq.max_tokens} new tokens need "
+                f"{need} cache blocks; the cache has {self.allocator.num_blocks} ({self.capacity_tokens()} tokens), "
+                "and no request can use more than the whole cache"
             )
+
+    def add(self, seq: Sequence) -> None:
+        self.check_fits(seq)
         seq.arrival, self._arrivals = self._arrivals, self._arrivals + 1
         self.waiting.append(seq)
 
