@@ -1,4 +1,4 @@
-"""Logit parity with transformers' DeepseekV2ForCausalLM (>= 5.17, eager attention) on random weights.
+"""Logit parity with transformers' DeepseekV2ForCausalLM (the dev extra's releases, eager attention), random weights.
 
 Both directions: their save_pretrained -> our load, and our save -> their from_pretrained. Sequences
 run far past `original_max_position_embeddings` so YaRN's frequency blend and the mscale² softmax
@@ -104,23 +104,38 @@ def test_bf16_as_accurate_as_reference(case, tmp_path):
     assert ours_err <= BF16_REL_TO_REFERENCE * their_err + BF16_SLACK
 
 
+# Block by block, the same arithmetic in another library release or kernel may round differently: a
+# GEMM that changes its blocking moves results by an ulp, and in the MoE an ulp in a router score can flip a
+# near-tie expert choice (reference-spec §13 #16), which moves that token's output by O(its size). So:
+# - norm and dense MLP: within two bf16 ulps of the reference (2 * 2^-8 of the largest value); measured
+#   bit-equal with transformers 5.24 on an AVX-512 BF16 CPU, 5 configs x 3 seeds (5.23: an earlier session);
+# - MoE: as accurate against our own fp32 block as transformers' bf16 block is, by the end-to-end rule; with
+#   transformers 5.24 ours/theirs mean error were 4.9e-3..6.4e-3 / 4.8e-3..5.3e-3 over 15 cases, the larger
+#   ones where a routing flip hit our side.
+BF16_ULP = 2.0**-8
+
+
 @pytest.mark.parametrize("case", ["v2_like", "lite_like"])
 def test_bf16_blocks_match_reference(case, tmp_path):
-    """Block by block on the same bf16 input: norms, dense MLP and the whole MoE (fp32 router, fp32 sum
-    over k) reproduce transformers bit for bit; attention differs only by the kernel (eager rounds the
-    scores to bf16 before the softmax, SDPA keeps them in fp32)."""
+    """Block by block on the same bf16 input: norms and the dense MLP agree with transformers to the last
+    bits, the MoE (fp32 router, fp32 sum over k) is as accurate as theirs, and attention differs only by
+    the kernel (eager rounds the scores to bf16 before the softmax, SDPA keeps them in fp32)."""
     cfg = hub_config(case)
     ours = dsv2.random_model(dsv2.ModelConfig.from_dict(cfg))
     randomize_(ours)
     dsv2.save_model(ours, tmp_path)
     ours = dsv2.load_model(tmp_path, dtype=torch.bfloat16, progress=False)
+    ours32 = dsv2.load_model(tmp_path, dtype=torch.float32, progress=False)
     theirs = hf_model_from(tmp_path, torch.bfloat16).model
     x = torch.randn(2, 64, cfg["hidden_size"]).to(torch.bfloat16)
     positions = torch.arange(64)[None]
     with torch.no_grad():
-        assert torch.equal(ours.layers[1].attn_norm(x), theirs.layers[1].input_layernorm(x))
-        assert torch.equal(ours.layers[0].ffn(x), theirs.layers[0].mlp(x))
-        assert torch.equal(ours.layers[1].ffn(x), theirs.layers[1].mlp(x))
+        assert rel_err(ours.layers[1].attn_norm(x), theirs.layers[1].input_layernorm(x)) <= 2 * BF16_ULP
+        assert rel_err(ours.layers[0].ffn(x), theirs.layers[0].mlp(x)) <= 2 * BF16_ULP
+        moe_truth = ours32.layers[1].ffn(x.float())
+        ours_err = mean_rel_err(ours.layers[1].ffn(x), moe_truth)
+        their_err = mean_rel_err(theirs.layers[1].mlp(x), moe_truth)
+        assert ours_err <= BF16_REL_TO_REFERENCE * their_err + BF16_SLACK / 2, (ours_err, their_err)
         causal = torch.full((64, 64), float("-inf")).triu(1)[None, None].to(torch.bfloat16)
         their_attn = theirs.layers[1].self_attn(
             x, position_embeddings=theirs.rotary_emb(x, positions), attention_mask=causal

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dsv2.atomic import write_text_atomic
+
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 # DeepSeek's own V2 remote code spells the greedy method "gready" (reference-spec §13 #12).
 TOPK_METHOD_ALIASES = {"gready": "greedy"}
@@ -280,13 +282,6 @@ def _rope_from_parameters(rp: Any) -> tuple[float, dict[str, Any] | None]:
     rest = {k: v for k, v in rp.items() if k not in ("rope_theta", "rope_type", "type")}
     kind = rp.get("rope_type", rp.get("type", "default"))
     return rp.get("rope_theta", 10000.0), (None if kind == "default" else {"type": kind, **rest})
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder and rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

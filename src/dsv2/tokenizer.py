@@ -14,6 +14,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from dsv2.atomic import atomic_path
 from dsv2.config import ModelConfig
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -55,7 +56,8 @@ class Tokenizer:
         return cls(hf, config.bos_token_id, _first(config.eos_token_id))
 
     def save(self, folder: str | os.PathLike) -> None:
-        self.hf.save(str(Path(folder) / TOKENIZER_FILE))
+        with atomic_path(Path(folder) / TOKENIZER_FILE) as tmp:
+            self.hf.save(str(tmp))
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = self.hf.encode(text, add_special_tokens=False).ids

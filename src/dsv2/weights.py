@@ -22,7 +22,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from dsv2.config import PRESETS, ConfigError, ModelConfig, preset, write_text_atomic
+from dsv2.atomic import atomic_path, write_text_atomic
+from dsv2.config import PRESETS, ConfigError, ModelConfig, preset
 from dsv2.model import Transformer
 
 CONFIG_FILE = "config.json"
@@ -290,9 +291,8 @@ def save_model(
             t = params[param] if expert is None else params[param][expert]
             tensors[name] = t.detach().to("cpu").contiguous().clone()
             weight_map[name] = file
-        tmp = folder / f".{file}.tmp"
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, folder / file)
+        with atomic_path(folder / file) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
     for stale in folder.glob("model*.safetensors"):
         if stale.name not in names:
             stale.unlink()

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dsv2.config import write_text_atomic
+from dsv2.atomic import write_bytes_atomic, write_text_atomic
 from dsv2.data.corpus import Corpus, DataError, Document
 
 if TYPE_CHECKING:  # the tokenizer module needs the optional `tokenizers` package; reading shards does not
@@ -93,9 +93,7 @@ class _ShardWriter:
         data, rest = stream[:n].tobytes(), stream[n:]
         self.pending, self.num_pending = ([rest] if len(rest) else []), len(rest)
         name = f"{self.split}_{len(self.shards):05d}.bin"
-        tmp = self.folder / f".{name}.tmp"  # a crash mid-write leaves a dot-file, never a short shard
-        tmp.write_bytes(data)
-        os.replace(tmp, self.folder / name)
+        write_bytes_atomic(self.folder / name, data)  # a crash mid-write leaves a dot-file, never a short shard
         self.shards.append({"file": name, "tokens": n, "sha256": hashlib.sha256(data).hexdigest()})
 
     def summary(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from dsv2.atomic import fsync_dir, fsync_file, write_text_atomic
 from dsv2.model import Transformer
 from dsv2.train import parallel
 from dsv2.train.distributed import Distributed
@@ -37,13 +38,8 @@ def _fsync_tree(folder: Path) -> None:
     """fsync the files directly in `folder`, then the folder itself (its entries)."""
     for path in folder.iterdir():
         if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_file(path)
+    fsync_dir(folder)
 
 
 def trainer_file(rank: int, world: int) -> str:
@@ -73,7 +69,7 @@ def save_checkpoint(
     torch.save(trainer, tmp / trainer_file(dist.rank, dist.world))
     if dist.is_main:
         save_model(full, tmp, progress=False)
-        (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": dist.world, **state}, indent=1))
+        write_text_atomic(tmp / "state.json", json.dumps({"step": step, "world_size": dist.world, **state}, indent=1))
     dist.barrier()  # every rank's file is written before rank 0 commits
     if dist.is_main:
         _fsync_tree(tmp)
