@@ -52,10 +52,13 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N,d] -> weights [N,K] fp32, expert ids [N,K], scores [N,E] fp32."""
-        # fp32 router like the reference; at inference the fp32 copy of a bf16 weight is made once
+        # fp32 router like the reference; at inference the fp32 copy of a bf16 weight is made once. Autocast
+        # is switched off here, or bf16 autocast would run this GEMM in bf16: routing decisions are made on
+        # differences between scores, which bf16's 8 bits of mantissa blur into ties (the reference routes in fp32)
         training = torch.is_grad_enabled() and self.weight.requires_grad
         weight = self.weight.float() if training else derived(self, "fp32", self.weight, torch.Tensor.float)
-        scores = F.linear(x.float(), weight).softmax(dim=-1)
+        with torch.autocast(x.device.type, enabled=False):
+            scores = F.linear(x.float(), weight).softmax(dim=-1)
         candidates = scores
         if self.method == "group_limited_greedy":
             # a group's score is the best expert score in it; keep the M best groups (Eq. 23's device limit)
