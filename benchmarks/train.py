@@ -10,7 +10,8 @@ Each implementation runs in its own process.
 With --nproc N, dsv2 on one process against dsv2 on N processes (torchrun, gloo on the CPU, expert parallel +
 FSDP2), the same global batch and the same total threads, on the preset with n_group = N expert groups (one per
 rank) and topk_group = M (--topk-group): tokens/s of each, and the hidden states the all-to-alls moved per step
-against device-limited routing's bound of M·T per layer (T tokens).
+against device-limited routing's bound of M·T per layer (T tokens); and the N-process run with token dropping at
+--capacity-factor against none: expert rows computed and bytes dispatched.
 
     python benchmarks/train.py --nproc 2 [--topk-group 1]
 """
@@ -34,16 +35,14 @@ torch.set_num_threads(threads)
 torch.manual_seed(0)
 if which == "dsv2":
     import dsv2
-    from dsv2.model.moe import RoutingRecord
-    from dsv2.train import balance, optim
-    from dsv2.train.loop import routing_losses
+    from dsv2.train import balance, optim, parallel
     model = dsv2.load_model(path, progress=False).train()
     opt = optim.build_optimizer(model, 1e-4)
     alphas = (balance.ALPHA_EXPERT, balance.ALPHA_DEVICE, balance.ALPHA_COMM)
+    n_devices, topk_devices = parallel.device_groups(model.config)
     def loss_of(x, y):
-        record = RoutingRecord()
-        logits = model(x, routing=record)
-        aux, _, _ = routing_losses(record, model.config, alphas)
+        logits, routings = model(x, return_routing=True)
+        aux, _, _ = balance.routing_losses(routings, alphas, n_devices, topk_devices)
         return F.cross_entropy(logits.flatten(0, 1), y.flatten()) + aux
 else:
     import transformers
@@ -67,22 +66,25 @@ step = sorted(times[1:])[len(times[1:]) // 2]
 print(json.dumps({"step_s": step, "tokens_per_s": batch * seq / step}))
 """
 
-# one rank of an N-process run (under torchrun): the training loop's own step (forward_losses, clip, AdamW)
+# one rank of an N-process run (under torchrun): the training core's own step (core.train_step), token dropping
+# at the capacity factor given (0 = off)
 DIST_WORKER = r"""
 import json, sys, time, torch
 import dsv2
-from dsv2.train import balance, optim, parallel
+from dsv2.train import balance, core, optim, parallel
 from dsv2.train.distributed import Distributed
-from dsv2.train.loop import TrainConfig, forward_losses
 path, batch, seq, steps, threads, bf16 = sys.argv[1], *map(int, sys.argv[2:7])
+capacity = float(sys.argv[7])
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 dist = Distributed.from_env()
 model = parallel.parallelize(dsv2.load_model(path, progress=False).train(), dist)
 opt = optim.build_optimizer(model, 1e-4)
 config = model.config
-cfg = TrainConfig(bf16=bool(bf16), alpha_expert=balance.ALPHA_EXPERT, alpha_device=balance.ALPHA_DEVICE,
-                  alpha_comm=balance.ALPHA_COMM)
+n_devices, topk_devices = parallel.device_groups(config, dist.world)
+dropping = balance.install_token_dropping(model, capacity, n_devices, dist) if capacity > 0 else None
+ctx = core.StepContext(core.next_token_loss, (balance.ALPHA_EXPERT, balance.ALPHA_DEVICE, balance.ALPHA_COMM),
+                       n_devices, topk_devices, bf16=bool(bf16), dropping=dropping, dist=dist)
 layers = parallel.expert_layers(model)
 times = []
 for i in range(steps + 1):
@@ -92,19 +94,15 @@ for i in range(steps + 1):
     x = torch.randint(0, config.vocab_size, (batch, seq + 1))  # the global batch: same seed on every rank
     dist.barrier()
     t = time.perf_counter()
-    lm, aux, _, _ = forward_losses(model, x[:, :-1], x[:, 1:], cfg, config, cfg.alphas(config), dist)
-    (lm + aux).backward()
-    parallel.clip_grad_norm_(model, 1.0, dist)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    core.train_step(model, core.Batch(x[:, :-1], x[:, 1:]), opt, 1e-4, ctx)
     times.append(time.perf_counter() - t)
 step = sorted(times[1:])[len(times[1:]) // 2]
 # summed over layers and ranks, per step
-tokens, dispatched, sent = (sum(dist.mean(*(getattr(l.traffic, f) for l in layers))) * dist.world / steps
-                            for f in ("tokens", "dispatched", "bytes_sent"))
+tokens, dispatched, sent, rows = (sum(dist.mean(*(getattr(l.traffic, f) for l in layers))) * dist.world / steps
+                                  for f in ("tokens", "dispatched", "bytes_sent", "expert_rows"))
 if dist.is_main:
     print(json.dumps({"step_s": step, "tokens_per_s": batch * seq / step, "tokens": tokens,
-                      "dispatched": dispatched, "bytes_sent": sent}))
+                      "dispatched": dispatched, "bytes_sent": sent, "expert_rows": rows}))
 dist.close()
 """
 
@@ -119,6 +117,8 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for both (weights and optimizer fp32)")
     ap.add_argument("--nproc", type=int, help="compare dsv2 on 1 and on this many processes (no transformers)")
     ap.add_argument("--topk-group", type=int, default=1, help="with --nproc: M, expert groups (ranks) per token")
+    ap.add_argument("--capacity-factor", type=float, default=1.0,
+                    help="with --nproc: token dropping's capacity, against no dropping")
     args = ap.parse_args()
     if args.nproc:
         compare_processes(args)
@@ -157,12 +157,15 @@ def compare_processes(args: argparse.Namespace) -> None:
         flag = str(int(args.bf16))
         one = subprocess.run([sys.executable, "-c", WORKER, "dsv2", d, *sizes, str(args.threads), flag],
                              capture_output=True, text=True)
-        many = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                               str(args.nproc), worker, d, *sizes, str(threads), flag], capture_output=True, text=True)
-    for out in (one, many):
+        many, dropping = (
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                            str(args.nproc), worker, d, *sizes, str(threads), flag, str(capacity)],
+                           capture_output=True, text=True)
+            for capacity in (0, args.capacity_factor))
+    for out in (one, many, dropping):
         if out.returncode:
             raise SystemExit(out.stderr[-3000:])
-    one, many = (json.loads(out.stdout.strip().splitlines()[-1]) for out in (one, many))
+    one, many, dropping = (json.loads(out.stdout.strip().splitlines()[-1]) for out in (one, many, dropping))
     moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
     elt = 4  # the residual stream, hence the experts' input, stays fp32 (bf16 autocast only lowers the matmuls)
     bound = args.topk_group * args.batch * args.seq * moe_layers  # M·T hidden states per layer, all layers
@@ -176,6 +179,13 @@ def compare_processes(args: argparse.Namespace) -> None:
           f"dispatched = {many['dispatched'] * config.hidden_size * elt / 1e6:.2f} MB, bound M*T*hidden = "
           f"{bound} = {bound * config.hidden_size * elt / 1e6:.2f} MB ({many['dispatched'] / bound:.2f} of it); "
           f"{many['bytes_sent'] / 1e6:.2f} MB sent between ranks by all all-to-alls, forward and backward")
+    # token dropping removes the slots over a device's budget before dispatch: fewer rows computed and sent
+    for name, r in (("no dropping", many), (f"capacity {args.capacity_factor}", dropping)):
+        print(f"{args.nproc} processes, {name:<13} {r['tokens_per_s']:8.1f} tokens/s, expert rows computed "
+              f"{r['expert_rows']:.0f}, hidden states dispatched {r['dispatched']:.0f}, "
+              f"{r['bytes_sent'] / 1e6:.2f} MB sent between ranks")
+    print(f"dropping saves {1 - dropping['expert_rows'] / many['expert_rows']:.1%} of expert rows and "
+          f"{1 - dropping['bytes_sent'] / many['bytes_sent']:.1%} of the bytes sent")
 
 
 if __name__ == "__main__":

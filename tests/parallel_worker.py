@@ -14,14 +14,21 @@ import sys
 import torch
 
 from dsv2.config import ModelConfig
-from dsv2.train import parallel
+from dsv2.model import Transformer
+from dsv2.train import balance, core, parallel
 from dsv2.train.distributed import Distributed
-from dsv2.train.loop import TrainConfig, forward_losses
 from dsv2.train.optim import build_optimizer
 from dsv2.weights import random_model, save_model
 
-SEED, BATCH, SEQ = 0, 4, 16
-CFG = TrainConfig(capacity_factor=1.0, alpha_expert=0.003, alpha_device=0.05, alpha_comm=0.02)
+SEED, BATCH, SEQ, CAPACITY = 0, 4, 16, 1.0
+
+
+def step_context(model: Transformer, dist: Distributed) -> core.StepContext:
+    """The training step's context with the paper's V2 coefficients and token dropping at capacity 1.0."""
+    n_devices, topk_devices = parallel.device_groups(model.config, dist.world)
+    dropping = balance.install_token_dropping(model, CAPACITY, n_devices, dist)
+    alphas = (balance.ALPHA_EXPERT, balance.ALPHA_DEVICE, balance.ALPHA_COMM)
+    return core.StepContext(core.next_token_loss, alphas, n_devices, topk_devices, dropping=dropping, dist=dist)
 
 
 def batch(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,22 +63,20 @@ def main() -> None:
     optimizer = build_optimizer(model, 1e-3)
     inputs, targets = batch(config)
     torch.manual_seed(SEED)  # the protected-sequence draw of token dropping
-    lm, aux, _, _ = forward_losses(model, inputs, targets, CFG, config, CFG.alphas(config), dist)
-    (lm + aux).backward()
+    result = core.backward(model, core.Batch(inputs, targets), step_context(model, dist))
     grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
-    # (tokens, hidden states dispatched) per MoE layer, for every rank
-    counts = [[m.traffic.tokens, m.traffic.dispatched] for m in parallel.expert_layers(model)]
+    # (tokens, hidden states dispatched, slots computed by experts) per MoE layer, for every rank
+    counts = [[m.traffic.tokens, m.traffic.dispatched, m.traffic.expert_rows] for m in parallel.expert_layers(model)]
     traffic = dist.gather(torch.tensor([counts]))
     norm = parallel.clip_grad_norm_(model, 1.0, dist)
     optimizer.step()
     with torch.no_grad():
-        logits = model(inputs)
+        logits = model.eval()(inputs)  # eval: no token dropping
     full = parallel.full_model(model)
-    losses = dist.mean(lm.item(), aux.item())
     lopsided = one_rank_only(parallel.expert_layers(model)[0])
     if dist.is_main:
-        torch.save({"lm": losses[0], "aux": losses[1], "grads": grads, "traffic": traffic, "norm": norm,
-                    "logits": logits, "lopsided": lopsided}, f"{out}/step.pt")
+        torch.save({"lm": result["loss"], "aux": result["balance_loss"], "grads": grads, "traffic": traffic,
+                    "norm": norm, "logits": logits, "lopsided": lopsided}, f"{out}/step.pt")
         save_model(full, f"{out}/model", progress=False)
     dist.close()
 

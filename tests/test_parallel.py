@@ -16,9 +16,8 @@ from conftest import wait_for_checkpoint
 
 import dsv2
 from dsv2.config import preset
-from dsv2.train import checkpoint, parallel
+from dsv2.train import checkpoint, core, parallel
 from dsv2.train.distributed import Distributed
-from dsv2.train.loop import forward_losses
 from dsv2.train.optim import build_optimizer
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -53,22 +52,33 @@ def test_two_ranks_match_one_process(tmp_path):
     model = dsv2.weights.random_model(config, seed=worker.SEED).train()
     optimizer = build_optimizer(model, 1e-3)
     inputs, targets = worker.batch(config)
+    ctx = worker.step_context(model, Distributed())
     torch.manual_seed(worker.SEED)
-    lm, aux, _, _ = forward_losses(model, inputs, targets, worker.CFG, config, worker.CFG.alphas(config), Distributed())
-    (lm + aux).backward()
-    assert ranks["lm"] == pytest.approx(lm.item(), rel=1e-6)
-    assert ranks["aux"] == pytest.approx(aux.item(), rel=1e-6)
+    result = core.backward(model, core.Batch(inputs, targets), ctx)
+    assert ranks["lm"] == pytest.approx(result["loss"], rel=1e-6)
+    assert ranks["aux"] == pytest.approx(result["balance_loss"], rel=1e-6)
     grads = {name: p.grad for name, p in model.named_parameters()}
     assert grads.keys() == ranks["grads"].keys()
     for name, grad in grads.items():
         torch.testing.assert_close(ranks["grads"][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+    # Token dropping removed slots before dispatch: with M = 1 of D = 2, a token's hidden state went to exactly
+    # one rank if any of its slots was kept and to none otherwise, and the experts computed exactly the kept
+    # slots; the same slots as one process keeps (the same protected draw, replayed here).
+    torch.manual_seed(worker.SEED)
+    ctx.dropping.new_batch(len(inputs))
+    with torch.no_grad():
+        _, routings = model(inputs, return_routing=True)
+    kept = torch.stack([r.kept for r in routings])  # [layer, B, S, K]
+    assert 0 < kept.float().mean() < 1  # capacity 1.0 dropped some, not all
+    traffic = ranks["traffic"]  # [rank, layer, (tokens, dispatched, expert rows)]
+    assert traffic.shape == (2, len(routings), 3)
+    assert (traffic[..., 0] == inputs.numel() // 2).all()
+    assert traffic[..., 1].sum(0).tolist() == kept.any(-1).flatten(1).sum(1).tolist()
+    assert traffic[..., 2].sum(0).tolist() == kept.flatten(1).sum(1).tolist()
+
     assert ranks["norm"] == pytest.approx(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item(), rel=1e-5)
     optimizer.step()
-
-    # M = 1 of D = 2: each token's hidden state went to exactly one rank, in every layer, from both ranks
-    traffic = ranks["traffic"]  # [rank, layer, (tokens, dispatched)]
-    assert traffic.shape == (2, config.num_hidden_layers - config.first_k_dense_replace, 2)
-    assert (traffic[..., 0] == inputs.numel() // 2).all() and (traffic[..., 1] == traffic[..., 0]).all()
 
     # the gathered model loads on one process and gives the 2-rank model's logits
     loaded = dsv2.load_model(tmp_path / "model", progress=False)
@@ -112,9 +122,9 @@ def test_two_ranks_killed_and_resumed(tmp_path):
         "config.json", "model.safetensors", "state.json", "trainer.rank0.pt", "trainer.rank1.pt"]
 
     with pytest.raises(ValueError, match="world_size is 2 but this run has 1 process"):
-        from dsv2.train.loop import TrainConfig, train
+        from dsv2.train.pretrain import PretrainConfig, train
 
-        train(TrainConfig(model=str(config), out=str(run), resume=True, steps=10, progress=False))
+        train(PretrainConfig(model=str(config), out=str(run), resume=True, steps=10, progress=False))
     torchrun(opts + ["--out", str(run), "--resume"])
 
     def losses(folder: Path) -> list[float]:

@@ -13,7 +13,8 @@ from conftest import wait_for_checkpoint
 
 import dsv2
 from dsv2.train import checkpoint, optim
-from dsv2.train.loop import TrainConfig, train
+from dsv2.train.pretrain import PretrainConfig as TrainConfig
+from dsv2.train.pretrain import train
 
 TINY = dict(steps=30, batch_size=4, seq_len=32, max_documents=120, tokenizer_documents=40, eval_every=5,
             eval_batches=2, save_every=1, warmup_steps=3, progress=False)
@@ -31,7 +32,8 @@ def test_loss_falls_and_model_generates(tmp_path):
     # measured here: 6.96 at step 1 (ln 1024 = 6.93: uniform), validation 5.52 after 80 steps (~8 s)
     assert first > 6.5 and last["val_loss"] < 5.8, (first, last)
     llm = dsv2.LLM(tmp_path / "model", dtype="float32")
-    assert llm.generate("def ", dsv2.SamplingParams(max_tokens=8, temperature=0))[0].text is not None
+    out = llm.generate("def ", dsv2.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 8 and out.text == llm.tokenizer.decode(out.token_ids) and out.text.strip()
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
@@ -65,10 +67,13 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path):
 
 
 def test_schedule_matches_paper():
-    lrs = [optim.lr_at(s, 100, 1.0, 10) for s in range(100)]
+    schedule = optim.Schedule(steps=100, peak_lr=1.0, warmup_steps=10, batch_size=16, seq_len=8)
+    lrs = [schedule.lr_at(s) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0 and lrs[59] == 1.0
     assert lrs[60] == pytest.approx(0.316) and lrs[89] == pytest.approx(0.316) and lrs[90] == pytest.approx(0.316**2)
-    assert [optim.batch_size_at(s, 16, 4, 10) for s in (0, 5, 10, 50)] == [4, 10, 16, 16]
+    ramp = optim.Schedule(steps=100, peak_lr=1.0, warmup_steps=10, batch_size=16, seq_len=8, ramp_start=4,
+                          ramp_steps=10)
+    assert [ramp.batch_size_at(s) for s in (0, 5, 10, 50)] == [4, 10, 16, 16]
 
 
 def test_device_losses_need_device_groups(tmp_path):

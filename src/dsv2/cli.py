@@ -116,10 +116,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dsv2.train.loop import TrainConfig, train
+    from dsv2.train.pretrain import PretrainConfig, train
 
-    fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if getattr(args, f, None) is not None}
-    cfg = TrainConfig(**fields)
+    fields = {f: getattr(args, f) for f in PretrainConfig.__dataclass_fields__ if getattr(args, f, None) is not None}
+    cfg = PretrainConfig(**fields, config_overrides=_overrides(args.set or []))
     last = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports for everyone
         return 0
@@ -137,11 +137,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overrides(pairs: list[str]) -> dict:
+    """`--set FIELD=JSON` pairs -> config overrides (a bare word that is not JSON is taken as a string)."""
+    overrides = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--set {pair!r}: expected FIELD=VALUE, e.g. max_position_embeddings=4096")
+        try:
+            overrides[name] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[name] = value
+    return overrides
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     """Train the byte-level BPE and build the packed shards, as `dsv2 train` would, into a run folder."""
-    from dsv2.train.loop import TrainConfig, prepare_data
+    from dsv2.train.pretrain import PretrainConfig, prepare_data
 
-    cfg = TrainConfig(model=args.model, data=args.data, out=args.out, max_documents=args.max_documents)
+    cfg = PretrainConfig(model=args.model, data=args.data, out=args.out, max_documents=args.max_documents)
     _, train_shards, val_shards = prepare_data(cfg, resolve_config(args.model))
     print(f"{args.out}: tokenizer.json and data/ with {train_shards.num_tokens:,} train and "
           f"{val_shards.num_tokens:,} validation tokens")
@@ -164,7 +178,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from dsv2.data.shards import TokenShards
     from dsv2.train import checkpoint
-    from dsv2.train.loop import TrainConfig, evaluate
+    from dsv2.train.core import evaluate
+    from dsv2.train.pretrain import PackedText
     from dsv2.weights import load_model
 
     run = Path(args.target)
@@ -172,8 +187,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = Path(args.data) if args.data else run / "data"
     model = load_model(model_dir, dtype=torch.float32, progress=False)
     shards = TokenShards(data, "val", vocab_size=model.config.vocab_size)
-    cfg = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, eval_batches=args.batches)
-    loss = evaluate(model, shards, cfg)
+    source = PackedText(shards, args.seq_len, shuffle=False)
+    loss = evaluate(model, (source.next_batch(args.batch_size) for _ in range(args.batches)))
     print(f"{model_dir}: validation loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f} "
           f"({args.batches} x {args.batch_size} x {args.seq_len} tokens of {data})")
     return 0
@@ -245,7 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=int)
     tr.add_argument("--batch-size", dest="batch_size", type=int)
     tr.add_argument("--seq-len", dest="seq_len", type=int)
-    tr.add_argument("--grad-accum", dest="grad_accum", type=int)
+    tr.add_argument("--grad-accum", dest="grad_accum", type=int, help="micro-batches per step (divides --batch-size)")
+    tr.add_argument("--batch-ramp-start", dest="batch_ramp_start", type=int,
+                    help="ramp the batch size linearly from this many sequences to --batch-size")
+    tr.add_argument("--batch-ramp-steps", dest="batch_ramp_steps", type=int, help="steps the ramp takes")
     tr.add_argument("--lr", type=float)
     tr.add_argument("--warmup-steps", dest="warmup_steps", type=int)
     tr.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
@@ -259,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--eval-every", dest="eval_every", type=int)
     tr.add_argument("--save-every", dest="save_every", type=int)
     tr.add_argument("--seed", type=int)
+    tr.add_argument("--set", action="append", metavar="FIELD=JSON",
+                    help="override a config field of --model first, e.g. max_position_embeddings=8192 (repeatable)")
     tr.add_argument("--resume", action="store_true", default=None, help="continue from the latest checkpoint")
     tr.add_argument("--sample-tokens", dest="sample_tokens", type=int, default=48)
     tr.add_argument("--sample-prompt", dest="sample_prompt", default="def ")

@@ -15,8 +15,8 @@ proportional to N·K and experts nobody chose are never read. `loop_experts` is 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,15 +27,13 @@ from dsv2.model.layers import MLP, derived
 
 
 @dataclass
-class RoutingRecord:
-    """Passed to a training forward: every MoE layer appends its router scores [B,S,E] and choices [B,S,K]
-    (what the balance losses need) and, if `drop` is set, applies the keep-mask it returns for
-    (affinities [B,S,K], choices [B,S,K]) — device-level token dropping — to its routing weights."""
+class Routing:
+    """What one MoE layer's router decided for a batch [B,S]: returned by the forward as a value, for the
+    balance losses (`dsv2.train.balance`) and the training metrics."""
 
-    scores: list[torch.Tensor] = field(default_factory=list)
-    indices: list[torch.Tensor] = field(default_factory=list)
-    kept: list[torch.Tensor] = field(default_factory=list)
-    drop: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    scores: torch.Tensor  # [B,S,E] fp32 softmax over all experts (carries the router's gradient)
+    indices: torch.Tensor  # [B,S,K] chosen experts, before any token dropping
+    kept: torch.Tensor | None = None  # [B,S,K] bool: slots that reached their expert (None: all of them)
 
 
 class Gate(nn.Module):
@@ -97,36 +95,42 @@ class RoutedExperts(nn.Module):
         return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Grouped: x [N,d], weights/indices [N,K] -> Σ_k w·FFN_idx(x) [N,d].
+        """Grouped: x [N,d], weights/indices [N,K] -> Σ_k w·FFN_idx(x) [N,d]. A slot whose expert id is -1
+        (dropped by token dropping) is computed by no expert and contributes nothing.
 
         Each (token, k) slot is sorted by expert id, each chosen expert runs once on its contiguous slab,
         then the slots go back in place and are summed over k in fp32 (the reference's reduction order).
         """
         n_tokens, top_k = indices.shape
+        n_experts = self.w1.shape[0]
         if n_tokens == 0:
             return torch.zeros_like(x)
-        slot_expert = indices.flatten()
+        live = indices.flatten() >= 0
+        slot_expert = torch.where(live, indices.flatten(), n_experts)  # dropped slots sort last, bucket E
         order = slot_expert.argsort(stable=True)
-        counts = torch.bincount(slot_expert, minlength=self.w1.shape[0])
+        counts = torch.bincount(slot_expert, minlength=n_experts + 1)
         x_sorted = x[order // top_k]
         if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(F, "grouped_mm"):
-            out_sorted = self._grouped_mm(x_sorted, counts)
+            out_sorted = self._grouped_mm(x_sorted, counts[:n_experts])
         else:
             w1, w2, w3 = self.per_expert()
             slabs = x_sorted.split(counts.tolist())
-            outs = [self.expert(slab, w1[e], w2[e], w3[e]) for e, slab in enumerate(slabs) if len(slab)]
-            out_sorted = torch.cat(outs)
+            outs = [self.expert(slab, w1[e], w2[e], w3[e]) for e, slab in enumerate(slabs[:n_experts]) if len(slab)]
+            out_sorted = torch.cat([*outs, x_sorted.new_zeros(len(slabs[n_experts]), x.shape[-1])])
         out = torch.empty_like(out_sorted).index_copy(0, order, out_sorted)  # back to slot order
         combined = (out.view(n_tokens, top_k, -1).float() * weights.unsqueeze(-1)).sum(dim=1)
         return combined.to(x.dtype)
 
     def _grouped_mm(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """GPU: the same per-expert GEMMs as one grouped GEMM per projection, without a host sync.
-        Groups with no rows are skipped by the kernel, so unchosen experts are still never read."""
+        Groups with no rows are skipped by the kernel, so unchosen experts are still never read; the rows of
+        dropped slots, sorted after every group, are left to no group and zeroed."""
         offsets = counts.cumsum(0).to(torch.int32)
         gate = F.grouped_mm(x_sorted, self.w1.transpose(1, 2), offs=offsets)
         up = F.grouped_mm(x_sorted, self.w3.transpose(1, 2), offs=offsets)
-        return F.grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offsets)
+        out = F.grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offsets)
+        unassigned = torch.arange(len(x_sorted), device=x_sorted.device) >= offsets[-1]
+        return out.masked_fill(unassigned.unsqueeze(-1), 0.0)
 
     def loop_experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Slow twin of `forward`: visit every expert, gather its tokens, accumulate in fp32."""
@@ -150,17 +154,21 @@ class MoE(nn.Module):
         self.shared_experts = (
             MLP(config.hidden_size, config.moe_intermediate_size * n_shared) if n_shared else None
         )
+        self.capacity: nn.Module | None = None
 
-    def forward(self, x: torch.Tensor, routing: RoutingRecord | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        """x [B,S,d] -> (output [B,S,d], this layer's routing).
+
+        `capacity`, None in the model, is where training plumbing installs device-level token dropping
+        (`dsv2.train.balance.install_token_dropping`): given the chosen slots' affinities and experts [B,S,K],
+        it returns which slots to keep, and the dropped ones are removed before any expert runs."""
         flat = x.flatten(0, -2)
         weights, indices, scores = self.gate(flat)
-        if routing is not None:
-            per_token = (*x.shape[:-1], -1)
-            routing.scores.append(scores.view(per_token))
-            routing.indices.append(indices.view(per_token))
-            if routing.drop is not None:
-                keep = routing.drop(weights.detach().view(per_token), indices.view(per_token))
-                routing.kept.append(keep)
-                weights = weights * keep.reshape(weights.shape)  # a dropped slot contributes nothing
+        per_token = (*x.shape[:-1], -1)
+        routing = Routing(scores.view(per_token), indices.view(per_token))
+        if self.capacity is not None:
+            affinity = scores.detach().gather(1, indices)  # the paper ranks by s_{i,t}, not the scaled weight
+            routing.kept = self.capacity(affinity.view(per_token), routing.indices)
+            indices = indices.masked_fill(~routing.kept.view_as(indices), -1)
         y = self.experts(flat, weights, indices).view_as(x)
-        return y if self.shared_experts is None else y + self.shared_experts(x)
+        return (y if self.shared_experts is None else y + self.shared_experts(x)), routing

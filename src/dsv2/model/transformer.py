@@ -10,7 +10,7 @@ from torch import nn
 from dsv2.config import ModelConfig
 from dsv2.model.layers import MLP, RMSNorm
 from dsv2.model.mla import MLA, LayerCache
-from dsv2.model.moe import MoE, RoutingRecord
+from dsv2.model.moe import MoE, Routing
 from dsv2.model.rope import RotaryEmbedding
 
 
@@ -37,10 +37,14 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None,
                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                routing: RoutingRecord | None = None) -> torch.Tensor:
+                ) -> tuple[torch.Tensor, Routing | None]:
+        """-> (h after the block, the MoE layer's routing or None for a dense layer)."""
         h = h + self.attn(self.attn_norm(h), cos, sin, cache, positions, mask)
         x = self.ffn_norm(h)
-        return h + (self.ffn(x, routing) if isinstance(self.ffn, MoE) else self.ffn(x))
+        if isinstance(self.ffn, MoE):
+            y, routing = self.ffn(x)
+            return h + y, routing
+        return h + self.ffn(x), None
 
 
 class Transformer(nn.Module):
@@ -55,8 +59,8 @@ class Transformer(nn.Module):
 
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: Cache | None = None,
-        logits_index: torch.Tensor | None = None, routing: RoutingRecord | None = None,
-    ) -> torch.Tensor:
+        logits_index: torch.Tensor | None = None, return_routing: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[Routing]]:
         """tokens [B,S] -> logits [B,S,vocab] in the model dtype.
 
         positions: [B,S] or [S]; default 0..S-1, or each slot's next positions when a cache is given.
@@ -65,8 +69,8 @@ class Transformer(nn.Module):
             advances `cache.lengths`.
         logits_index: [B] index along S of the one position per row whose logits to return ([B,vocab]);
             prefill needs only the last prompt token's, and the full [B,S,vocab] can be large.
-        routing: training only; every MoE layer records its routing into it (and applies its token
-            dropping), for the balance losses of `dsv2.train.balance`.
+        return_routing: also return each MoE layer's `Routing` (router scores and choices, and which
+            slots token dropping kept), in layer order: what `dsv2.train.balance` computes its losses from.
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
@@ -84,11 +88,15 @@ class Transformer(nn.Module):
                 mask = torch.arange(span, device=tokens.device) <= positions.unsqueeze(-1)  # [B,S,T]
             # else: every row starts at 0, so plain causal masking (None) is exact and needs no [S,S] mask
         h = self.embed(tokens)
+        routings = []
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, None if cache is None else cache.layer(i), positions, mask, routing)
+            h, routing = layer(h, cos, sin, None if cache is None else cache.layer(i), positions, mask)
+            if routing is not None:
+                routings.append(routing)
         if logits_index is not None:
             h = h[torch.arange(B, device=h.device), logits_index]
-        return self.head(self.norm(h))
+        logits = self.head(self.norm(h))
+        return (logits, routings) if return_routing else logits
 
     @torch.no_grad()
     def init_weights(self, std: float | None = None) -> None:

@@ -1,4 +1,6 @@
-"""Training-only pieces of DeepSeek-V2: the balance losses and device-level token dropping (paper §2.2.3-2.2.4).
+"""Training: one core (`core.py`: step and loop) that every stage runs on (`pretrain.py`), the balance losses
+and token dropping (`balance.py`), schedules (`optim.py`), checkpoints, and the parallelism plumbing.
 
-Everything here is a pure function of the router's outputs; the model code never imports it.
+The model code never imports any of it: routing comes out of the forward as values, and token dropping and
+expert parallelism are applied to a built model from here.
 """

@@ -12,14 +12,22 @@ E_d = {d·E/D, ..., (d+1)·E/D - 1}, the same grouping the Gate's device-limited
 The f terms count discrete choices, so gradient reaches the router only through P (the softmax), as in the
 paper. Each f is normalised so that perfectly balanced routing (for the comm loss: every token sent to exactly
 M devices, each receiving M·T/D) gives Σ f·P = 1, i.e. each loss equals its α.
-Everything here is a pure function with no module state; the only randomness is the draw of protected
-sequences, from the generator passed in (torch's global CPU generator if none).
+The losses and the dropping rule are pure functions; `TokenDropping` applies the rule to a model as plumbing
+(removing dropped slots before the experts run). The only randomness is the draw of protected sequences, from
+the generator passed in (torch's global CPU generator if none).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from dsv2.config import ModelConfig
+from dsv2.model import Transformer
+from dsv2.model.moe import MoE, Routing
+from dsv2.train.distributed import Distributed
 
 # V2's coefficients (paper §3.1.2); V2-Lite uses only the expert-level loss with α1 = 0.001 (appendix B.1)
 ALPHA_EXPERT, ALPHA_DEVICE, ALPHA_COMM = 0.003, 0.05, 0.02
@@ -149,7 +157,8 @@ def drop_tokens(
     """Device-level token dropping (§2.2.4): keep-mask [B,S,K] bool and the dropped fraction (fp32 scalar).
 
     affinity: [B,S,K] the routing score of each selected slot; the paper ranks by the affinity s_{i,t}, so pass
-              the raw scores gathered at `indices` (V2's Gate weights are s × a constant: same order).
+              the raw scores gathered at `indices`, as MoE does (with norm_topk_prob the weights are renormalised
+              per token, which changes the order across tokens).
     indices:  [B,S,K] selected experts; expert i lives on device i // (n_experts / n_devices).
     capacity_factor: each device's budget is ceil(factor · real slots / D) slots, i.e. 1.0 = its average load
               (the paper's setting). None, or training=False, drops nothing ("not drop any tokens for evaluation").
@@ -160,7 +169,8 @@ def drop_tokens(
     mask:     optional [B,S], True for real tokens. Padding slots take no budget and are dropped in training
               (their output is never used); they are not counted in the dropped fraction.
 
-    Multiply the keep-mask into the routing weights. Ties in affinity go to the earlier slot (b, s, k order).
+    Dropped slots are then computed by no expert (`TokenDropping`). Ties in affinity go to the earlier slot
+    (b, s, k order).
     The dropped fraction is dropped real slots / real slots, protected ones included in the denominator.
     """
     if affinity.shape != indices.shape or indices.dim() != 3:
@@ -206,3 +216,93 @@ def drop_tokens(
     keep = safe | (candidate & (rank < allowance[bucket]))
     dropped = (real & ~keep).sum().float() / n_real.clamp(min=1).float()
     return keep.view_as(indices), dropped
+
+
+# ------------------------------------------------------------------------------ applied to a model
+def default_alphas(config: ModelConfig, expert: float | None = None, device: float | None = None,
+                   comm: float | None = None) -> tuple[float, float, float]:
+    """(α1, α2, α3): the paper's V2 values when routing is device-limited, else only the expert-level loss with
+    the config's `aux_loss_alpha` (DeepSeek-V2-Lite's recipe); a given value replaces its default."""
+    limited = config.routing_method == "group_limited_greedy" and (config.n_group or 1) > 1
+    defaults = (ALPHA_EXPERT, ALPHA_DEVICE, ALPHA_COMM) if limited else (config.aux_loss_alpha, 0.0, 0.0)
+    return tuple(d if c is None else c for c, d in zip((expert, device, comm), defaults, strict=True))
+
+
+def routing_losses(
+    routings: list[Routing], alphas: tuple[float, float, float], n_devices: int, topk_devices: int,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float], list[dict[str, Any]]]:
+    """The balance losses summed over MoE layers (what backward sees), their per-level sums as numbers, and
+    per-layer statistics for the metrics: losses, expert load, max/min load ratio, dropped fraction."""
+    total = torch.zeros((), device=routings[0].scores.device) if routings else torch.zeros(())
+    sums = {"expert": 0.0, "device": 0.0, "comm": 0.0}
+    layers = []
+    for routing in routings:
+        losses, stats = balance_losses(
+            routing.scores, routing.indices, n_devices=n_devices, topk_devices=topk_devices,
+            alpha_expert=alphas[0], alpha_device=alphas[1], alpha_comm=alphas[2], mask=mask,
+        )
+        layer: dict[str, Any] = {"losses": {}, "max_over_min": float(stats["load_max_over_min"]),
+                                 "load": stats["expert_load"].tolist()}
+        for name, alpha in zip(("expert", "device", "comm"), alphas, strict=True):
+            if alpha > 0 and not losses[name].requires_grad:
+                raise RuntimeError(
+                    f"alpha_{name}={alpha} is set but the {name}-level balance loss cannot reach the router's "
+                    f"gradient in this model ({n_devices} device group(s)): unset it"
+                )
+            layer["losses"][name] = float(losses[name].detach())
+            sums[name] += layer["losses"][name]
+        if routing.kept is not None:
+            layer["dropped"] = float(1 - routing.kept.float().mean())
+        total = total + losses["total"]
+        layers.append(layer)
+    return total, sums, layers
+
+
+class TokenDropping(nn.Module):
+    """Device-level token dropping (§2.2.4) as plumbing: one instance is installed as every MoE layer's
+    `capacity` (`install_token_dropping`), and the layer removes the slots it does not keep before its
+    experts run, so the budget bounds expert compute and, with expert parallelism, what is dispatched.
+
+    `new_batch(global_batch)` draws one forward's protected sequences once (the same for every layer, from torch's
+    RNG, which checkpoints restore). With W expert-parallel ranks a device's budget and ranking cover every slot
+    sent to it from any rank, so each layer gathers the global batch's choices (a few bytes per slot), decides
+    as one process would, and keeps its own part. Evaluation (`model.eval()`) drops nothing.
+    """
+
+    def __init__(self, n_experts: int, n_devices: int, capacity_factor: float, dist: Distributed):
+        super().__init__()
+        if capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
+        self.n_experts, self.n_devices, self.capacity_factor, self.dist = n_experts, n_devices, capacity_factor, dist
+        self.protected: Tensor | None = None
+        self.token_mask: Tensor | None = None
+
+    def new_batch(self, global_batch: int, token_mask: Tensor | None = None) -> None:
+        self.protected = protected_sequences(global_batch)
+        self.token_mask = token_mask
+
+    def forward(self, affinity: Tensor, indices: Tensor) -> Tensor:
+        """[B,S,K] affinities and experts of this rank's part of the batch -> keep-mask [B,S,K] bool."""
+        if not self.training:
+            return torch.ones_like(indices, dtype=torch.bool)
+        if self.protected is None:
+            raise RuntimeError("TokenDropping.new_batch(global_batch) must be called before each training forward")
+        dist = self.dist
+        mask = None if self.token_mask is None else self.token_mask.to(indices.device)
+        keep, _ = drop_tokens(
+            dist.gather(affinity), dist.gather(indices), n_experts=self.n_experts, n_devices=self.n_devices,
+            capacity_factor=self.capacity_factor, protected=self.protected, mask=mask,
+        )
+        return dist.shard(keep)
+
+
+def install_token_dropping(model: Transformer, capacity_factor: float, n_devices: int,
+                           dist: Distributed | None = None) -> TokenDropping:
+    """Make every MoE layer of `model` drop over-capacity slots in training; returns the one instance, whose
+    `new_batch` the training step calls before each forward."""
+    dropping = TokenDropping(model.config.n_routed_experts, n_devices, capacity_factor, dist or Distributed())
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.capacity = dropping
+    return dropping

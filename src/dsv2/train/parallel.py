@@ -8,8 +8,8 @@ FSDP2 and activation checkpointing, and the pieces that undo them (full weights,
     norm and head;
   * activation checkpointing per block, if asked (before FSDP, as FSDP2 expects).
 Every parameter is then a DTensor sharded over the same mesh, so one fused AdamW steps them all and the ranks
-hold disjoint pieces of every gradient. The model's code and the loop's call `model(tokens, routing=record)`
-are unchanged.
+hold disjoint pieces of every gradient. The model's code and the training step's call
+`model(tokens, return_routing=True)` are unchanged.
 
 Device-limited routing (paper §2.2.2) needs the Gate's D = n_group groups to *be* the EP ranks: group g is
 experts [g·E/D, (g+1)·E/D), the experts rank g holds when W = D, so a token's M = topk_group groups are the M
@@ -69,6 +69,7 @@ class Traffic:
 
     tokens: int = 0  # tokens routed from this rank
     dispatched: int = 0  # hidden states sent, one per (token, destination rank), this rank included
+    expert_rows: int = 0  # (received row, slot) pairs this rank's experts computed
     bytes_sent: int = 0  # bytes sent to other ranks by every all-to-all, forward and backward
 
 
@@ -102,7 +103,7 @@ class ExpertParallel(nn.Module):
     own tokens:
       1. dispatch: a token's hidden state goes once to each rank holding one of its chosen experts (at most M
          ranks under device-limited routing), with the weight and local expert id of each of its K slots that
-         lives there (id -1 for the others);
+         lives there (id -1 for the others); a slot dropped by token dropping (id -1 already) goes nowhere;
       2. each rank runs its experts on what it received, with RoutedExperts' own code on the local weights, and
          sums each received row's slots, weighted, in fp32;
       3. combine: those partial sums go back along the reverse route and are added up per token.
@@ -132,8 +133,10 @@ class ExpertParallel(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         n_tokens, top_k = indices.shape
-        dest = indices // self.per_rank  # [N,K] the rank holding each slot's expert
-        goes_to = torch.zeros(n_tokens, self.world, dtype=torch.bool, device=x.device).scatter_(1, dest, True)
+        # [N,K] the rank holding each slot's expert; dropped slots (-1) to column W, which is never sent
+        dest = torch.where(indices >= 0, indices // self.per_rank, self.world)
+        goes_to = torch.zeros(n_tokens, self.world + 1, dtype=torch.bool, device=x.device).scatter_(1, dest, True)
+        goes_to = goes_to[:, : self.world]
         rank_of_row, token_of_row = goes_to.t().nonzero(as_tuple=True)  # rows grouped by destination rank
         here = dest[token_of_row] == rank_of_row.unsqueeze(1)  # [R,K] the row's slots held by its destination
         local_id = torch.where(here, indices[token_of_row] % self.per_rank, -1)
@@ -150,6 +153,7 @@ class ExpertParallel(nn.Module):
         slots_recv = _AllToAll.apply(slots, send, recv, self.group, self.traffic)
         w_recv, id_recv = slots_recv[:, :top_k], slots_recv[:, top_k:].long()
         row, slot = (id_recv >= 0).nonzero(as_tuple=True)
+        self.traffic.expert_rows += len(row)
         if len(row):
             local = {name: getattr(self, name).to_local() for name in ("w1", "w2", "w3")}
             ones = torch.ones(len(row), 1, device=x.device)
@@ -192,10 +196,10 @@ def parallelize(model: Transformer, dist: Distributed, activation_checkpointing:
 
 
 def _tensor_modules(block: nn.Module) -> list[nn.Module]:
-    """The block's submodules holding its dense parameters whose forward takes only tensors. FSDP2's forward
-    hooks rebuild dataclass arguments that hold grad-requiring tensors, so Block and MoE, which are passed the
-    RoutingRecord after earlier layers filled it, are not units themselves: the record must stay the loop's
-    object. (The root, Transformer, receives it still empty, which FSDP2 leaves as it is.)"""
+    """The block's submodules holding its dense parameters, whose outputs are plain tensors. Block and MoE
+    return a `Routing` dataclass, which FSDP2's output hooks do not look into: the router scores in it reach
+    the backward (through the balance losses) without passing a hook that would gather the Gate's weight
+    first. So the Gate, whose outputs are tensors, is in a unit of its own instead of the whole block."""
     modules = []
     for child in block.children():
         if isinstance(child, MoE):
@@ -208,8 +212,8 @@ def _tensor_modules(block: nn.Module) -> list[nn.Module]:
 def apply_activation_checkpointing(model: Transformer) -> None:
     """Recompute each block's activations in backward instead of storing them (memory for compute).
 
-    Recomputation replays the block exactly, including a bound token-dropping function, so the routing
-    record may receive a second, identical entry per layer during backward; it is read before backward.
+    Recomputation replays the block exactly, token dropping included (its protected sequences are fixed for
+    the step, so the same slots are dropped); the routing the replay returns is discarded.
     """
     for i, block in enumerate(model.layers):
         model.layers[i] = checkpoint_wrapper(block)
