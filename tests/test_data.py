@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
+import string
 from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
@@ -14,7 +16,16 @@ import pytest
 import torch
 
 from dsv2.data.corpus import STDLIB_EXCLUDED_DIRS, Corpus, DataError, Document, iter_documents, list_files
-from dsv2.data.shards import MANIFEST_FILE, SPLITS, Batches, TokenShards, build_shards, is_validation, token_dtype
+from dsv2.data.dedup import EXACT, NEAR, Deduplicator, Duplicate, shingles
+from dsv2.data.shards import (
+    MANIFEST_FILE,
+    SPLITS,
+    Batches,
+    TokenShards,
+    build_shards,
+    is_validation,
+    token_dtype,
+)
 from dsv2.tokenizer import Tokenizer, train_bpe
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
@@ -278,3 +289,117 @@ def test_validation_batches_are_a_fixed_sequence(built):
     assert all(torch.equal(next(loader)[1], next(again)[1]) for _ in range(loader.num_windows))
     with pytest.raises(DataError, match="fewer than one window"):
         Batches(val, 1, val.num_tokens)
+
+
+# ------------------------------------------------------------------------------------------- dedup
+def random_words(seed: int, n: int = 200) -> list[str]:
+    """`n` words drawn from a fixed 400-word made-up vocabulary: two draws share almost no word 5-gram."""
+    rng = random.Random(seed)
+    vocabulary = ["".join(random.Random(i).choices(string.ascii_lowercase, k=3 + i % 6)) for i in range(400)]
+    return rng.choices(vocabulary, k=n)
+
+
+def edited(words: list[str], every: int) -> list[str]:
+    """`words` with every `every`-th word (from the 10th on) replaced by a word the vocabulary lacks."""
+    return [f"EDIT{i}" if i >= 10 and (i - 10) % every == 0 else w for i, w in enumerate(words)]
+
+
+def jaccard(a: str, b: str) -> float:
+    x, y = shingles(a.split()), shingles(b.split())
+    return len(x & y) / len(x | y)
+
+
+BASE = [" ".join(random_words(seed)) for seed in range(8)]
+# Corpus order: the originals come first, so they are the occurrences kept.
+DUP_DOCS = [Document(f"d/{i}.txt", text) for i, text in enumerate(BASE)] + [
+    Document("d/copy_of_2.txt", BASE[2]),  # exact
+    Document("d/rewrapped_5.txt", "\n  " + "\n".join(BASE[5].split()) + "\n"),  # exact once whitespace is normalised
+    Document("d/two_words_changed_3.txt", " ".join(edited(BASE[3].split(), every=95))),  # near at 0.8
+    Document("d/copy_of_near_3.txt", " ".join(edited(BASE[3].split(), every=95))),  # exact copy of a dropped one
+    Document("d/tenth_changed_7.txt", " ".join(edited(BASE[7].split(), every=19))),  # near only at 0.5
+]
+DROPPED_AT_08 = [
+    Duplicate("d/copy_of_2.txt", EXACT, "d/2.txt"),
+    Duplicate("d/rewrapped_5.txt", EXACT, "d/5.txt"),
+    Duplicate("d/two_words_changed_3.txt", NEAR, "d/3.txt"),
+    Duplicate("d/copy_of_near_3.txt", EXACT, "d/two_words_changed_3.txt"),
+]
+
+
+def test_planted_duplicates_are_what_the_tests_say():
+    by_id = {d.id: d.text for d in DUP_DOCS}
+    assert 0.88 < jaccard(BASE[3], by_id["d/two_words_changed_3.txt"]) < 0.92
+    assert 0.55 < jaccard(BASE[7], by_id["d/tenth_changed_7.txt"]) < 0.65
+    assert max(jaccard(a, b) for i, a in enumerate(BASE) for b in BASE[:i]) < 0.05
+
+
+def test_dedup_drops_exact_then_near_duplicates_keeping_the_first():
+    dedup = Deduplicator()
+    kept = list(dedup.filter(DUP_DOCS))
+    assert dedup.duplicates == DROPPED_AT_08
+    assert [d.id for d in kept] == [d.id for d in DUP_DOCS if d.id not in {x.id for x in DROPPED_AT_08}]
+    assert dedup.summary() == {
+        "documents_in": len(DUP_DOCS), "exact_duplicates": 3, "near_duplicates": 1, "near_duplicate_threshold": 0.8,
+        "method": dedup.method,
+    }
+    looser = Deduplicator(near_duplicate_threshold=0.5)
+    list(looser.filter(DUP_DOCS))
+    assert looser.duplicates == [*DROPPED_AT_08, Duplicate("d/tenth_changed_7.txt", NEAR, "d/7.txt")]
+    strict = Deduplicator(near_duplicate_threshold=0.99)
+    list(strict.filter(DUP_DOCS))
+    assert (strict.exact_duplicates, strict.near_duplicates) == (3, 0)
+
+
+GOLDEN_SIGNATURE = [1773678457, 507677952, 2485074829, 1523906857]
+
+
+def test_dedup_signatures_are_fixed():
+    """The same shingles give the same signature in every run, process and machine (a fixed seed and scheme):
+    these values were computed once and must not change, or rebuilt corpora would silently differ."""
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog"]
+    signature = Deduplicator()._signature(shingles(words))
+    assert signature.hashvalues[:4].tolist() == GOLDEN_SIGNATURE
+    assert len(signature.hashvalues) == 256
+
+
+def test_dedup_options_are_checked():
+    for bad in (0, 1, 1.5, -0.1, True):
+        with pytest.raises(ValueError, match="near_duplicate_threshold must be in"):
+            Deduplicator(bad)
+    with pytest.raises(ValueError, match="near_duplicate_threshold 0.999 is too high for LSH with 256 permutations"):
+        Deduplicator(0.999)
+    short = Deduplicator()
+    assert short.check(Document("a", "one two")) is None and short.check(Document("b", "one  two\n")).kind == EXACT
+
+
+def test_shards_record_dedup_and_are_deterministic(tmp_path: Path, tok: Tokenizer):
+    def build(name: str, **kwargs) -> dict:
+        return build_shards(DUP_DOCS, tok, tmp_path / name, shard_tokens=256, val_fraction=VAL_FRACTION,
+                            progress=False, **kwargs)
+
+    first, second = build("a", dedup=Deduplicator()), build("b", dedup=Deduplicator())
+    assert first["dedup"] == {**Deduplicator().summary(), "documents_in": len(DUP_DOCS), "exact_duplicates": 3,
+                              "near_duplicates": 1}
+    assert first["documents"] == len(DUP_DOCS) - 4 and first == second
+    for split in SPLITS:
+        for entry in first["splits"][split]["shards"]:
+            assert (tmp_path / "a" / entry["file"]).read_bytes() == (tmp_path / "b" / entry["file"]).read_bytes()
+    kept = [d for d in DUP_DOCS if d.id not in {x.id for x in DROPPED_AT_08}]
+    assert TokenShards(tmp_path / "a", "train").read(0, TokenShards(tmp_path / "a", "train").num_tokens).tolist() == (
+        [t for d in kept if not is_validation(d.id, VAL_FRACTION) for t in tok.encode(d.text) + [EOS]])
+
+    looser = build("c", dedup=Deduplicator(0.5))
+    assert looser["dedup"]["near_duplicates"] == 2 and looser["dedup"]["near_duplicate_threshold"] == 0.5
+    off = build("d")
+    assert off["dedup"] is None and off["documents"] == len(DUP_DOCS)
+    used = Deduplicator()
+    used.check(DUP_DOCS[0])
+    with pytest.raises(ValueError, match="fresh Deduplicator"):
+        build("e", dedup=used)
+
+
+def test_manifests_without_dedup_still_load(built):
+    folder, _ = built
+    _edit_manifest(lambda m: m.pop("dedup"))(folder)
+    assert TokenShards(folder, "train", verify=True).num_tokens > 0
+
