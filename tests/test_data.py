@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 import string
@@ -15,9 +16,13 @@ import numpy as np
 import pytest
 import torch
 
+from dsv2.cli import main
+from dsv2.config import resolve_config
 from dsv2.data.corpus import STDLIB_EXCLUDED_DIRS, Corpus, DataError, Document, iter_documents, list_files
 from dsv2.data.dedup import EXACT, NEAR, Deduplicator, Duplicate, shingles
+from dsv2.data.prepare import STAGING_DIR, prepare_run_data
 from dsv2.data.shards import (
+    DEFAULT_VAL_FRACTION,
     MANIFEST_FILE,
     SPLITS,
     Batches,
@@ -26,7 +31,7 @@ from dsv2.data.shards import (
     is_validation,
     token_dtype,
 )
-from dsv2.tokenizer import Tokenizer, train_bpe
+from dsv2.tokenizer import TOKENIZER_FILE, Tokenizer, train_bpe
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
 # 40 short documents of different lengths and word orders; ids as a folder corpus would give them.
@@ -403,3 +408,125 @@ def test_manifests_without_dedup_still_load(built):
     _edit_manifest(lambda m: m.pop("dedup"))(folder)
     assert TokenShards(folder, "train", verify=True).num_tokens > 0
 
+
+# ------------------------------------------------------------------------------------------- prepare
+CONFIG = resolve_config("nano").replace(vocab_size=300)
+
+
+def write_folder(folder: Path, texts: dict[str, str | bytes]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        (folder / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    return folder
+
+
+def folder_state(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+@pytest.fixture
+def text_folder(tmp_path: Path) -> Path:
+    """A source with the planted duplicates, one file per document (names sort in DUP_DOCS order)."""
+    return write_folder(tmp_path / "texts", {f"{i:02d}.txt": d.text for i, d in enumerate(DUP_DOCS)})
+
+
+def test_prepare_builds_dedups_and_reuses(tmp_path: Path, text_folder: Path):
+    run = tmp_path / "runs" / "a"
+    tokenizer, train, val = prepare_run_data(run, text_folder, CONFIG, progress=False)
+    assert folder_state(run) == ["data", *[f"data/{f}" for f in sorted(os.listdir(run / "data"))], TOKENIZER_FILE]
+    m = train.manifest
+    assert m["dedup"]["exact_duplicates"] == 3 and m["dedup"]["near_duplicates"] == 1
+    assert train.num_documents + val.num_documents == m["documents"] == len(DUP_DOCS) - 4
+    assert m["source"].startswith(f"folder {text_folder}") and tokenizer.hf.get_vocab_size() == 300
+    assert not (run / STAGING_DIR).exists()
+
+    stamps = {p: p.stat().st_mtime_ns for p in (run / TOKENIZER_FILE, run / "data" / MANIFEST_FILE)}
+    again = prepare_run_data(run, tmp_path / "nowhere-needed", CONFIG, dedup=False, progress=False)  # reused
+    assert again[1].manifest == m and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+    (run / TOKENIZER_FILE).unlink()  # shards are one tokenizer's ids: a new tokenizer rebuilds them
+    _, train, _ = prepare_run_data(run, text_folder, CONFIG, dedup=False, progress=False)
+    assert train.manifest["dedup"] is None and train.manifest["documents"] == len(DUP_DOCS)
+    (run / "data" / MANIFEST_FILE).unlink()
+    with pytest.raises(DataError, match=rf"{TOKENIZER_FILE}: 300 ids, but the model's vocab_size is 1024"):
+        prepare_run_data(run, text_folder, resolve_config("nano"), progress=False)
+    assert (run / TOKENIZER_FILE).is_file() and not (run / STAGING_DIR).exists()
+
+
+def _val_only_name() -> str:
+    return next(f"a{i}.txt" for i in range(10_000) if is_validation(f"a{i}.txt", DEFAULT_VAL_FRACTION))
+
+
+BAD_SOURCES = {  # name -> (files of the source folder, or a JSONL's bytes; the start of the message)
+    "empty folder": ({}, "folder {src} holds no files matching *.txt *.md *.rst *.py"),
+    "binary files": ({"a.txt": b"\xff\xfe\x00", "b.py": b"caf\xe9", "c.md": b"\x80"},
+                     "folder {src} holds no UTF-8 text files matching *.txt *.md *.rst *.py "
+                     "(3 files skipped: not UTF-8)"),
+    "no matching files": ({"table.csv": "a,b\n", "notes.doc": "x"},
+                          "folder {src} holds no files matching *.txt *.md *.rst *.py"),
+    "blank and binary": ({"a.txt": " \n", "b.txt": b"\xff"},
+                         "(2 files skipped: 1 empty, 1 not UTF-8)"),
+    "jsonl without the field": (b'{"body": "some text"}\n', "{src}:1: no field 'text'"),
+    "jsonl of blank texts": (b'{"text": " "}\n\n{"text": ""}\n',
+                             "JSONL file {src} holds no records with a non-blank string field 'text' "
+                             "(2 lines skipped: empty)"),
+    "too little text": ({"a.txt": "tiny"}, "tokens from 1 document, but the model's vocab_size is 300"),
+    "only validation left": ({_val_only_name(): BASE[0], "b.txt": BASE[0], "c.txt": "\t" + BASE[0]},
+                             "1 document left of 3 read (2 exact and 0 near duplicates dropped), and none of "
+                             "them is in the train split"),
+}
+
+
+def _bad_source(tmp_path: Path, case: str) -> tuple[Path, str]:
+    content, message = BAD_SOURCES[case]
+    if isinstance(content, bytes):
+        src = tmp_path / "src.jsonl"
+        src.write_bytes(content)
+    else:
+        src = write_folder(tmp_path / "src", content)
+    return src, message.format(src=src)
+
+
+@pytest.mark.parametrize("case", list(BAD_SOURCES))
+@pytest.mark.parametrize("run_exists", [False, True])
+def test_prepare_checks_the_source_and_leaves_nothing_behind(tmp_path: Path, case: str, run_exists: bool):
+    src, message = _bad_source(tmp_path, case)
+    run = tmp_path / "runs" / "r"
+    if run_exists:
+        write_folder(run, {"notes.txt": "mine"})
+    with pytest.raises(DataError, match=re.escape(message)):
+        prepare_run_data(run, src, CONFIG, progress=False)
+    if run_exists:
+        assert folder_state(run) == ["notes.txt"]
+    else:
+        assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("case", ["binary files", "jsonl without the field", "only validation left"])
+def test_data_command_reports_a_bad_source(tmp_path: Path, case: str, capsys):
+    src, message = _bad_source(tmp_path, case)
+    config = tmp_path / "config.json"
+    CONFIG.to_json(config)
+    run = tmp_path / "run"
+    assert main(["data", "--data", str(src), "--out", str(run), "--model", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "dsv2: error: " in err and message in err
+    assert not run.exists()
+
+
+def test_data_command_prepares_with_dedup_options(tmp_path: Path, text_folder: Path, capsys):
+    config = tmp_path / "config.json"
+    CONFIG.to_json(config)
+    args = ["data", "--data", str(text_folder), "--model", str(config)]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'a'}: tokenizer.json and data/ with" in out
+    assert "duplicates dropped: 3 exact, 1 near (Jaccard >= 0.8) of 13 documents read" in out
+    assert main([*args, "--out", str(tmp_path / "b"), "--near-dup-threshold", "0.5"]) == 0
+    assert "duplicates dropped: 3 exact, 2 near (Jaccard >= 0.5)" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "c"), "--no-dedup"]) == 0
+    assert "built without deduplication" in capsys.readouterr().out
+    assert TokenShards(tmp_path / "c" / "data").manifest["documents"] == len(DUP_DOCS)
+    assert main([*args, "--out", str(tmp_path / "d"), "--near-dup-threshold", "2"]) == 2
+    assert "near_duplicate_threshold must be in (0, 1), got 2.0" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
