@@ -16,7 +16,6 @@ from conftest import wait_for_checkpoint
 import dsv2
 from dsv2.config import ConfigError
 from dsv2.model.moe import RoutedExperts
-from dsv2.tokenizer import Tokenizer
 from dsv2.train import balance, checkpoint, core, optim
 from dsv2.train.pretrain import PretrainConfig, train
 
@@ -122,9 +121,10 @@ def test_sigkill_resume_with_token_dropping(tmp_path):
 
 
 def test_stage_from_a_model_folder_with_overrides(tmp_path):
-    base = tmp_path / "base"
-    dsv2.save_model(dsv2.load_model("nano", seed=1), base, progress=False)
-    Tokenizer.byte_level(dsv2.config.preset("nano")).save(base)
+    first = PretrainConfig(out=str(tmp_path / "first"), steps=1, batch_size=2, seq_len=32, max_documents=120,
+                           tokenizer_documents=40, progress=False)
+    train(first)
+    base = tmp_path / "first" / "model"  # a trained model folder with its own BPE tokenizer
     yarn = {"type": "yarn", "factor": 16.0, "original_max_position_embeddings": 512, "beta_fast": 32,
             "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}  # nano: factor 4, 2048 positions
     overrides = {"max_position_embeddings": 8192, "rope_scaling": yarn}
@@ -140,6 +140,8 @@ def test_stage_from_a_model_folder_with_overrides(tmp_path):
     assert not torch.equal(model.rope.inv_freq, start.rope.inv_freq)  # YaRN's blended frequencies
     train(cfg)
     saved = dsv2.config.ModelConfig.from_json(tmp_path / "run" / "model" / "config.json")
+    # the stage kept the model's tokenizer rather than training another
+    assert (tmp_path / "run" / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
     assert saved.max_position_embeddings == 8192 and saved.rope_scaling["factor"] == 16.0
     with pytest.raises(ConfigError, match="'rope_scale' is not a ModelConfig field"):
         core.model_config(PretrainConfig(model=str(base), config_overrides={"rope_scale": 2}))
@@ -155,3 +157,25 @@ def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="steps: must be an integer >= 1"):
         train(PretrainConfig(steps=0, out=str(tmp_path / "never")))
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("kind", ["empty folder", "binary files", "jsonl without text"])
+def test_train_refuses_bad_data_before_writing(tmp_path, capsys, kind):
+    from dsv2.cli import main
+
+    data = tmp_path / "data"
+    if kind == "jsonl without text":
+        data = tmp_path / "rows.jsonl"
+        data.write_text('{"body": "no text field"}\n')
+        expected = r"rows.jsonl:1: no field 'text'"
+    else:
+        data.mkdir()
+        if kind == "binary files":
+            for i in range(3):
+                (data / f"blob{i}.txt").write_bytes(bytes(range(128, 256)) * 4)
+        expected = str(data)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--steps", "2", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "dsv2: error:" in err, err
+    assert not run.exists()  # nothing half-written left behind

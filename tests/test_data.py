@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import random
 import re
+import string
 from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
@@ -13,9 +16,22 @@ import numpy as np
 import pytest
 import torch
 
+from dsv2.cli import main
+from dsv2.config import resolve_config
 from dsv2.data.corpus import STDLIB_EXCLUDED_DIRS, Corpus, DataError, Document, iter_documents, list_files
-from dsv2.data.shards import MANIFEST_FILE, SPLITS, Batches, TokenShards, build_shards, is_validation, token_dtype
-from dsv2.tokenizer import Tokenizer, train_bpe
+from dsv2.data.dedup import EXACT, NEAR, Deduplicator, Duplicate, shingles
+from dsv2.data.prepare import STAGING_DIR, prepare_run_data
+from dsv2.data.shards import (
+    DEFAULT_VAL_FRACTION,
+    MANIFEST_FILE,
+    SPLITS,
+    Batches,
+    TokenShards,
+    build_shards,
+    is_validation,
+    token_dtype,
+)
+from dsv2.tokenizer import TOKENIZER_FILE, Tokenizer, train_bpe
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
 # 40 short documents of different lengths and word orders; ids as a folder corpus would give them.
@@ -278,3 +294,239 @@ def test_validation_batches_are_a_fixed_sequence(built):
     assert all(torch.equal(next(loader)[1], next(again)[1]) for _ in range(loader.num_windows))
     with pytest.raises(DataError, match="fewer than one window"):
         Batches(val, 1, val.num_tokens)
+
+
+# ------------------------------------------------------------------------------------------- dedup
+def random_words(seed: int, n: int = 200) -> list[str]:
+    """`n` words drawn from a fixed 400-word made-up vocabulary: two draws share almost no word 5-gram."""
+    rng = random.Random(seed)
+    vocabulary = ["".join(random.Random(i).choices(string.ascii_lowercase, k=3 + i % 6)) for i in range(400)]
+    return rng.choices(vocabulary, k=n)
+
+
+def edited(words: list[str], every: int) -> list[str]:
+    """`words` with every `every`-th word (from the 10th on) replaced by a word the vocabulary lacks."""
+    return [f"EDIT{i}" if i >= 10 and (i - 10) % every == 0 else w for i, w in enumerate(words)]
+
+
+def jaccard(a: str, b: str) -> float:
+    x, y = shingles(a.split()), shingles(b.split())
+    return len(x & y) / len(x | y)
+
+
+BASE = [" ".join(random_words(seed)) for seed in range(8)]
+# Corpus order: the originals come first, so they are the occurrences kept.
+DUP_DOCS = [Document(f"d/{i}.txt", text) for i, text in enumerate(BASE)] + [
+    Document("d/copy_of_2.txt", BASE[2]),  # exact
+    Document("d/rewrapped_5.txt", "\n  " + "\n".join(BASE[5].split()) + "\n"),  # exact once whitespace is normalised
+    Document("d/two_words_changed_3.txt", " ".join(edited(BASE[3].split(), every=95))),  # near at 0.8
+    Document("d/copy_of_near_3.txt", " ".join(edited(BASE[3].split(), every=95))),  # exact copy of a dropped one
+    Document("d/tenth_changed_7.txt", " ".join(edited(BASE[7].split(), every=19))),  # near only at 0.5
+]
+DROPPED_AT_08 = [
+    Duplicate("d/copy_of_2.txt", EXACT, "d/2.txt"),
+    Duplicate("d/rewrapped_5.txt", EXACT, "d/5.txt"),
+    Duplicate("d/two_words_changed_3.txt", NEAR, "d/3.txt"),
+    Duplicate("d/copy_of_near_3.txt", EXACT, "d/two_words_changed_3.txt"),
+]
+
+
+def test_planted_duplicates_are_what_the_tests_say():
+    by_id = {d.id: d.text for d in DUP_DOCS}
+    assert 0.88 < jaccard(BASE[3], by_id["d/two_words_changed_3.txt"]) < 0.92
+    assert 0.55 < jaccard(BASE[7], by_id["d/tenth_changed_7.txt"]) < 0.65
+    assert max(jaccard(a, b) for i, a in enumerate(BASE) for b in BASE[:i]) < 0.05
+
+
+def test_dedup_drops_exact_then_near_duplicates_keeping_the_first():
+    dedup = Deduplicator()
+    kept = list(dedup.filter(DUP_DOCS))
+    assert dedup.duplicates == DROPPED_AT_08
+    assert [d.id for d in kept] == [d.id for d in DUP_DOCS if d.id not in {x.id for x in DROPPED_AT_08}]
+    assert dedup.summary() == {
+        "documents_in": len(DUP_DOCS), "exact_duplicates": 3, "near_duplicates": 1, "near_duplicate_threshold": 0.8,
+        "method": dedup.method,
+    }
+    looser = Deduplicator(near_duplicate_threshold=0.5)
+    list(looser.filter(DUP_DOCS))
+    assert looser.duplicates == [*DROPPED_AT_08, Duplicate("d/tenth_changed_7.txt", NEAR, "d/7.txt")]
+    strict = Deduplicator(near_duplicate_threshold=0.99)
+    list(strict.filter(DUP_DOCS))
+    assert (strict.exact_duplicates, strict.near_duplicates) == (3, 0)
+
+
+GOLDEN_SIGNATURE = [1773678457, 507677952, 2485074829, 1523906857]
+
+
+def test_dedup_signatures_are_fixed():
+    """The same shingles give the same signature in every run, process and machine (a fixed seed and scheme):
+    these values were computed once and must not change, or rebuilt corpora would silently differ."""
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog"]
+    signature = Deduplicator()._signature(shingles(words))
+    assert signature.hashvalues[:4].tolist() == GOLDEN_SIGNATURE
+    assert len(signature.hashvalues) == 256
+
+
+def test_dedup_options_are_checked():
+    for bad in (0, 1, 1.5, -0.1, True):
+        with pytest.raises(ValueError, match="near_duplicate_threshold must be in"):
+            Deduplicator(bad)
+    with pytest.raises(ValueError, match="near_duplicate_threshold 0.999 is too high for LSH with 256 permutations"):
+        Deduplicator(0.999)
+    short = Deduplicator()
+    assert short.check(Document("a", "one two")) is None and short.check(Document("b", "one  two\n")).kind == EXACT
+
+
+def test_shards_record_dedup_and_are_deterministic(tmp_path: Path, tok: Tokenizer):
+    def build(name: str, **kwargs) -> dict:
+        return build_shards(DUP_DOCS, tok, tmp_path / name, shard_tokens=256, val_fraction=VAL_FRACTION,
+                            progress=False, **kwargs)
+
+    first, second = build("a", dedup=Deduplicator()), build("b", dedup=Deduplicator())
+    assert first["dedup"] == {**Deduplicator().summary(), "documents_in": len(DUP_DOCS), "exact_duplicates": 3,
+                              "near_duplicates": 1}
+    assert first["documents"] == len(DUP_DOCS) - 4 and first == second
+    for split in SPLITS:
+        for entry in first["splits"][split]["shards"]:
+            assert (tmp_path / "a" / entry["file"]).read_bytes() == (tmp_path / "b" / entry["file"]).read_bytes()
+    kept = [d for d in DUP_DOCS if d.id not in {x.id for x in DROPPED_AT_08}]
+    assert TokenShards(tmp_path / "a", "train").read(0, TokenShards(tmp_path / "a", "train").num_tokens).tolist() == (
+        [t for d in kept if not is_validation(d.id, VAL_FRACTION) for t in tok.encode(d.text) + [EOS]])
+
+    looser = build("c", dedup=Deduplicator(0.5))
+    assert looser["dedup"]["near_duplicates"] == 2 and looser["dedup"]["near_duplicate_threshold"] == 0.5
+    off = build("d")
+    assert off["dedup"] is None and off["documents"] == len(DUP_DOCS)
+    used = Deduplicator()
+    used.check(DUP_DOCS[0])
+    with pytest.raises(ValueError, match="fresh Deduplicator"):
+        build("e", dedup=used)
+
+
+def test_manifests_without_dedup_still_load(built):
+    folder, _ = built
+    _edit_manifest(lambda m: m.pop("dedup"))(folder)
+    assert TokenShards(folder, "train", verify=True).num_tokens > 0
+
+
+# ------------------------------------------------------------------------------------------- prepare
+CONFIG = resolve_config("nano").replace(vocab_size=300)
+
+
+def write_folder(folder: Path, texts: dict[str, str | bytes]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        (folder / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    return folder
+
+
+def folder_state(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+@pytest.fixture
+def text_folder(tmp_path: Path) -> Path:
+    """A source with the planted duplicates, one file per document (names sort in DUP_DOCS order)."""
+    return write_folder(tmp_path / "texts", {f"{i:02d}.txt": d.text for i, d in enumerate(DUP_DOCS)})
+
+
+def test_prepare_builds_dedups_and_reuses(tmp_path: Path, text_folder: Path):
+    run = tmp_path / "runs" / "a"
+    tokenizer, train, val = prepare_run_data(run, text_folder, CONFIG, progress=False)
+    assert folder_state(run) == ["data", *[f"data/{f}" for f in sorted(os.listdir(run / "data"))], TOKENIZER_FILE]
+    m = train.manifest
+    assert m["dedup"]["exact_duplicates"] == 3 and m["dedup"]["near_duplicates"] == 1
+    assert train.num_documents + val.num_documents == m["documents"] == len(DUP_DOCS) - 4
+    assert m["source"].startswith(f"folder {text_folder}") and tokenizer.hf.get_vocab_size() == 300
+    assert not (run / STAGING_DIR).exists()
+
+    stamps = {p: p.stat().st_mtime_ns for p in (run / TOKENIZER_FILE, run / "data" / MANIFEST_FILE)}
+    again = prepare_run_data(run, tmp_path / "nowhere-needed", CONFIG, dedup=False, progress=False)  # reused
+    assert again[1].manifest == m and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+    (run / TOKENIZER_FILE).unlink()  # shards are one tokenizer's ids: a new tokenizer rebuilds them
+    _, train, _ = prepare_run_data(run, text_folder, CONFIG, dedup=False, progress=False)
+    assert train.manifest["dedup"] is None and train.manifest["documents"] == len(DUP_DOCS)
+    (run / "data" / MANIFEST_FILE).unlink()
+    with pytest.raises(DataError, match=rf"{TOKENIZER_FILE}: 300 ids, but the model's vocab_size is 1024"):
+        prepare_run_data(run, text_folder, resolve_config("nano"), progress=False)
+    assert (run / TOKENIZER_FILE).is_file() and not (run / STAGING_DIR).exists()
+
+
+def _val_only_name() -> str:
+    return next(f"a{i}.txt" for i in range(10_000) if is_validation(f"a{i}.txt", DEFAULT_VAL_FRACTION))
+
+
+BAD_SOURCES = {  # name -> (files of the source folder, or a JSONL's bytes; the start of the message)
+    "empty folder": ({}, "folder {src} holds no files matching *.txt *.md *.rst *.py"),
+    "binary files": ({"a.txt": b"\xff\xfe\x00", "b.py": b"caf\xe9", "c.md": b"\x80"},
+                     "folder {src} holds no UTF-8 text files matching *.txt *.md *.rst *.py "
+                     "(3 files skipped: not UTF-8)"),
+    "no matching files": ({"table.csv": "a,b\n", "notes.doc": "x"},
+                          "folder {src} holds no files matching *.txt *.md *.rst *.py"),
+    "blank and binary": ({"a.txt": " \n", "b.txt": b"\xff"},
+                         "(2 files skipped: 1 empty, 1 not UTF-8)"),
+    "jsonl without the field": (b'{"body": "some text"}\n', "{src}:1: no field 'text'"),
+    "jsonl of blank texts": (b'{"text": " "}\n\n{"text": ""}\n',
+                             "JSONL file {src} holds no records with a non-blank string field 'text' "
+                             "(2 lines skipped: empty)"),
+    "too little text": ({"a.txt": "tiny"}, "tokens from 1 document, but the model's vocab_size is 300"),
+    "only validation left": ({_val_only_name(): BASE[0], "b.txt": BASE[0], "c.txt": "\t" + BASE[0]},
+                             "1 document left of 3 read (2 exact and 0 near duplicates dropped), and none of "
+                             "them is in the train split"),
+}
+
+
+def _bad_source(tmp_path: Path, case: str) -> tuple[Path, str]:
+    content, message = BAD_SOURCES[case]
+    if isinstance(content, bytes):
+        src = tmp_path / "src.jsonl"
+        src.write_bytes(content)
+    else:
+        src = write_folder(tmp_path / "src", content)
+    return src, message.format(src=src)
+
+
+@pytest.mark.parametrize("case", list(BAD_SOURCES))
+@pytest.mark.parametrize("run_exists", [False, True])
+def test_prepare_checks_the_source_and_leaves_nothing_behind(tmp_path: Path, case: str, run_exists: bool):
+    src, message = _bad_source(tmp_path, case)
+    run = tmp_path / "runs" / "r"
+    if run_exists:
+        write_folder(run, {"notes.txt": "mine"})
+    with pytest.raises(DataError, match=re.escape(message)):
+        prepare_run_data(run, src, CONFIG, progress=False)
+    if run_exists:
+        assert folder_state(run) == ["notes.txt"]
+    else:
+        assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("case", ["binary files", "jsonl without the field", "only validation left"])
+def test_data_command_reports_a_bad_source(tmp_path: Path, case: str, capsys):
+    src, message = _bad_source(tmp_path, case)
+    config = tmp_path / "config.json"
+    CONFIG.to_json(config)
+    run = tmp_path / "run"
+    assert main(["data", "--data", str(src), "--out", str(run), "--model", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "dsv2: error: " in err and message in err
+    assert not run.exists()
+
+
+def test_data_command_prepares_with_dedup_options(tmp_path: Path, text_folder: Path, capsys):
+    config = tmp_path / "config.json"
+    CONFIG.to_json(config)
+    args = ["data", "--data", str(text_folder), "--model", str(config)]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'a'}: tokenizer.json and data/ with" in out
+    assert "duplicates dropped: 3 exact, 1 near (Jaccard >= 0.8) of 13 documents read" in out
+    assert main([*args, "--out", str(tmp_path / "b"), "--near-dup-threshold", "0.5"]) == 0
+    assert "duplicates dropped: 3 exact, 2 near (Jaccard >= 0.5)" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "c"), "--no-dedup"]) == 0
+    assert "built without deduplication" in capsys.readouterr().out
+    assert TokenShards(tmp_path / "c" / "data").manifest["documents"] == len(DUP_DOCS)
+    assert main([*args, "--out", str(tmp_path / "d"), "--near-dup-threshold", "2"]) == 2
+    assert "near_duplicate_threshold must be in (0, 1), got 2.0" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -29,8 +29,9 @@ def test_loss_falls_and_model_generates(tmp_path):
                       tokenizer_documents=120, eval_every=80, eval_batches=4, save_every=80, progress=False)
     last = train(cfg)
     first = losses(tmp_path)[0]
-    # measured here: 6.96 at step 1 (ln 1024 = 6.93: uniform), validation 5.52 after 80 steps (~8 s)
-    assert first > 6.5 and last["val_loss"] < 5.8, (first, last)
+    # measured (AVX-512 machine, deduplicated corpus): 6.97 at step 1 (ln 1024 = 6.93: uniform), validation
+    # 5.88 after 80 steps (5.52 in an earlier session, before deduplication changed the documents)
+    assert first > 6.5 and last["val_loss"] < 6.1, (first, last)
     llm = dsv2.LLM(tmp_path / "model", dtype="float32")
     out = llm.generate("def ", dsv2.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
     assert len(out.token_ids) == 8 and out.text == llm.tokenizer.decode(out.token_ids) and out.text.strip()
@@ -92,7 +93,9 @@ def test_token_dropping_run_plot_and_eval(tmp_path):
     train(TrainConfig(out=str(tmp_path), capacity_factor=1.0, **{**TINY, "steps": 6}))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     dropped = [layer["dropped"] for row in rows for layer in row["layers"]]
-    assert all(0 <= d < 0.5 for d in dropped) and any(d > 0 for d in dropped)
+    # with D = 4 devices at capacity 1.0 a device keeps at least its average load once any is over it, so at most
+    # 1 - 1/D of the slots are dropped (0.74 seen where early routing collapsed onto one device)
+    assert all(0 <= d <= 0.75 for d in dropped) and any(d > 0 for d in dropped)
     assert set(rows[-1]["layers"][0]["losses"]) == {"expert", "device", "comm"}
     paths = plot_run(tmp_path)
     assert sorted(p.name for p in paths) == ["expert_load.png", "loss.png", "lr.png"]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from dsv2.config import PRESETS, ConfigError, resolve_config
+from dsv2.data.dedup import DEFAULT_THRESHOLD
 from dsv2.infer.sampling import SamplingError, SamplingParams
 from dsv2.info import summarize
 from dsv2.tokenizer import TokenizerError
@@ -152,13 +153,23 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    """Train the byte-level BPE and build the packed shards, as `dsv2 train` would, into a run folder."""
-    from dsv2.train.pretrain import PretrainConfig, prepare_data
+    """Train the byte-level BPE and build the deduplicated shards, as `dsv2 train` would, into a run folder."""
+    from dsv2.data.prepare import prepare_run_data
 
-    cfg = PretrainConfig(model=args.model, data=args.data, out=args.out, max_documents=args.max_documents)
-    _, train_shards, val_shards = prepare_data(cfg, resolve_config(args.model))
-    print(f"{args.out}: tokenizer.json and data/ with {train_shards.num_tokens:,} train and "
-          f"{val_shards.num_tokens:,} validation tokens")
+    _, train, val = prepare_run_data(
+        args.out, args.data, resolve_config(args.model), max_documents=args.max_documents, dedup=args.dedup,
+        near_duplicate_threshold=args.near_dup_threshold,
+    )
+    m = train.manifest
+    print(f"{args.out}: tokenizer.json and data/ with {train.num_tokens:,} train tokens ({train.num_documents:,} "
+          f"documents) and {val.num_tokens:,} validation tokens ({val.num_documents:,} documents)")
+    if skipped := m.get("skipped"):
+        print("  files skipped: " + ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())))
+    if (d := m.get("dedup")) is not None:
+        print(f"  duplicates dropped: {d['exact_duplicates']} exact, {d['near_duplicates']} near (Jaccard >= "
+              f"{d['near_duplicate_threshold']}) of {d['documents_in']:,} documents read")
+    else:
+        print("  duplicates: kept (built without deduplication)")
     return 0
 
 
@@ -274,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--capacity-factor", dest="capacity_factor", type=float, help="token dropping (paper: 1.0)")
     tr.add_argument("--max-documents", dest="max_documents", type=int, help="documents to tokenise")
     tr.add_argument("--tokenizer-documents", dest="tokenizer_documents", type=int, help="documents to train BPE on")
+    tr.add_argument("--no-dedup", dest="dedup", action="store_false", default=None,
+                    help="keep exact and near-duplicate documents")
+    tr.add_argument("--near-dup-threshold", dest="near_dup_threshold", type=float,
+                    help=f"MinHash Jaccard from which a document is a near duplicate (default {DEFAULT_THRESHOLD})")
     tr.add_argument("--eval-every", dest="eval_every", type=int)
     tr.add_argument("--save-every", dest="save_every", type=int)
     tr.add_argument("--seed", type=int)
@@ -288,7 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data", help="folder of text files or a JSONL file (default: Python's standard library)")
     data.add_argument("--out", default="runs/nano", help="run folder to fill (tokenizer.json, data/)")
     data.add_argument("--model", default="nano", help="preset or config whose vocab_size the tokenizer gets")
-    data.add_argument("--max-documents", dest="max_documents", type=int, default=None)
+    data.add_argument("--max-documents", dest="max_documents", type=int, default=None,
+                      help="documents of the source to read (default: all)")
+    data.add_argument("--no-dedup", dest="dedup", action="store_false",
+                      help="keep exact and near-duplicate documents (default: drop them, first occurrence kept)")
+    data.add_argument("--near-dup-threshold", dest="near_dup_threshold", type=float, default=DEFAULT_THRESHOLD,
+                      help=f"estimated Jaccard similarity of word 5-grams above which a document is a near "
+                           f"duplicate (default {DEFAULT_THRESHOLD})")
     data.set_defaults(func=cmd_data)
 
     plot = sub.add_parser("plot", help="PNG plots of a training run: loss, lr, expert load")

@@ -2,8 +2,9 @@
 
 A shard folder holds
 
-    manifest.json         written last: format version, vocab size, dtype, the source, and per split its
-                          shards (file, token count, sha256) and document and token totals
+    manifest.json         written last: format version, vocab size, dtype, the source, what was dropped
+                          (skipped files, duplicates: `dedup`, null when off), and per split its shards
+                          (file, token count, sha256) and document and token totals
     train_00000.bin ...   flat little-endian token ids, uint16 when the vocabulary fits (<= 65536 ids)
     val_00000.bin ...     and uint32 otherwise; no header, so numpy.memmap reads them in place
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -39,9 +41,12 @@ from tqdm import tqdm
 from dsv2.atomic import write_bytes_atomic, write_text_atomic
 from dsv2.data.corpus import Corpus, DataError, Document
 
-if TYPE_CHECKING:  # the tokenizer module needs the optional `tokenizers` package; reading shards does not
+if TYPE_CHECKING:  # writing needs `tokenizers` and `datasketch` (and scipy with it); reading shards does not
+    from dsv2.data.dedup import Deduplicator
     from dsv2.tokenizer import Tokenizer
 
+# The `dedup` field was added within version 1: it is optional, nothing reads it back, so manifests
+# written before it load unchanged.
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 DEFAULT_SHARD_TOKENS = 2**22  # 8 MiB of uint16 per file
@@ -103,11 +108,13 @@ class _ShardWriter:
 def build_shards(
     documents: Iterable[Document], tokenizer: Tokenizer, folder: str | os.PathLike, *,
     shard_tokens: int = DEFAULT_SHARD_TOKENS, val_fraction: float = DEFAULT_VAL_FRACTION, source: str | None = None,
-    progress: bool = True,
+    max_documents: int | None = None, dedup: Deduplicator | None = None, progress: bool = True,
 ) -> dict[str, Any]:
     """Tokenize `documents` into train and val shards under `folder`; returns the manifest it wrote.
 
-    `source` describes where the documents came from (default: a `Corpus`'s own description). A build
+    Only the first `max_documents` documents are read (None: all). A `dedup` (a fresh `Deduplicator`) drops
+    the duplicates among them before they are tokenized, and its counts go into the manifest's `dedup`
+    field. `source` describes where the documents came from (default: a `Corpus`'s own description). A build
     replaces whatever an earlier one left in `folder`: the old manifest goes first, so a build that stops
     halfway leaves a folder that refuses to load rather than one mixing two builds, and shards the new
     manifest does not list are deleted once it is written.
@@ -118,6 +125,8 @@ def build_shards(
         raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
     if tokenizer.eos_id is None:
         raise ValueError("the tokenizer has no EOS id, which packed documents need as their separator")
+    if dedup is not None and dedup.documents_in:
+        raise ValueError("dedup has already seen documents; give each build a fresh Deduplicator")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     manifest_path = folder / MANIFEST_FILE
@@ -126,12 +135,16 @@ def build_shards(
     vocab_size = tokenizer.hf.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab_size)
     writers = {split: _ShardWriter(folder, split, DTYPES[dtype], shard_tokens) for split in SPLITS}
-    bar = tqdm(documents, desc="tokenizing", unit="doc", disable=not progress)
+    stream = documents if max_documents is None else itertools.islice(documents, max_documents)
+    if dedup is not None:
+        stream = dedup.filter(stream)
+    bar = tqdm(stream, desc="tokenizing", unit="doc", disable=not progress)
     for i, doc in enumerate(bar):
         ids = [*tokenizer.encode(doc.text, add_bos=True), tokenizer.eos_id]
         writers["val" if is_validation(doc.id, val_fraction) else "train"].add(ids)
         if progress and i % 128 == 0:
-            bar.set_postfix_str(f"{sum(w.tokens for w in writers.values()):,} tokens", refresh=False)
+            dropped = "" if dedup is None else f", {len(dedup.duplicates)} duplicates dropped"
+            bar.set_postfix_str(f"{sum(w.tokens for w in writers.values()):,} tokens{dropped}", refresh=False)
     bar.close()
     for w in writers.values():
         w.close()
@@ -142,6 +155,7 @@ def build_shards(
         "format_version": FORMAT_VERSION,
         "source": source,
         "skipped": dict(documents.skipped) if isinstance(documents, Corpus) else {},
+        "dedup": None if dedup is None else dedup.summary(),
         "vocab_size": vocab_size,
         "bos_id": tokenizer.bos_id,
         "eos_id": tokenizer.eos_id,

@@ -4,8 +4,9 @@
 
 The run folder holds everything: `tokenizer.json`, `data/` (packed token shards), `metrics.jsonl` (one line per
 step, with validation lines), `checkpoints/step_*` (resumable) and, at the end, `model/` (a Hugging Face layout
-folder with the tokenizer: `dsv2 generate RUN/model`). Under `torchrun` rank 0 prepares the data and the others
-wait for it; everything else is `core.run`.
+folder with the tokenizer: `dsv2 generate RUN/model`). The data is prepared by `data.prepare.prepare_run_data`
+(checked before anything is written, deduplicated; a model folder's own tokenizer is kept); under `torchrun`
+rank 0 prepares it and the others wait. Everything else is `core.run`.
 """
 
 from __future__ import annotations
@@ -16,22 +17,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dsv2.atomic import atomic_path
-from dsv2.config import ModelConfig
-from dsv2.data.corpus import iter_documents
-from dsv2.data.shards import Batches, TokenShards, build_shards
-from dsv2.tokenizer import TOKENIZER_FILE, Tokenizer, train_bpe
+from dsv2.data.dedup import DEFAULT_THRESHOLD
+from dsv2.data.prepare import DEFAULT_MAX_DOCUMENTS, DEFAULT_TOKENIZER_DOCUMENTS, prepare_run_data
+from dsv2.data.shards import Batches, TokenShards
+from dsv2.tokenizer import TOKENIZER_FILE
 from dsv2.train import core
 from dsv2.train.distributed import Distributed
-
-SPECIAL_TOKENS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"]  # ids 0 and 1, as the presets expect
 
 
 @dataclass
 class PretrainConfig(core.TrainConfig):
     data: str | None = None  # text folder or JSONL; None = the running Python's standard library
-    max_documents: int | None = 3000  # documents of the corpus to tokenise (None = all)
-    tokenizer_documents: int = 1000
+    max_documents: int | None = DEFAULT_MAX_DOCUMENTS  # documents of the corpus to tokenise (None = all)
+    tokenizer_documents: int = DEFAULT_TOKENIZER_DOCUMENTS
+    dedup: bool = True  # drop exact and near-duplicate documents (data/dedup.py)
+    near_dup_threshold: float = DEFAULT_THRESHOLD
 
 
 class PackedText:
@@ -52,32 +52,17 @@ class PackedText:
         self.batches.load_state_dict(state)
 
 
-def prepare_data(cfg: PretrainConfig, config: ModelConfig) -> tuple[Tokenizer, TokenShards, TokenShards]:
-    """Train the byte-level BPE and build the shards once per run folder; reuse them afterwards."""
-    out = Path(cfg.out)
-    tok_path, data_dir = out / TOKENIZER_FILE, out / "data"
-    if not tok_path.is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        docs = (d.text for d in itertools.islice(iter_documents(cfg.data), cfg.tokenizer_documents))
-        hf = train_bpe(docs, vocab_size=config.vocab_size, special_tokens=SPECIAL_TOKENS)
-        with atomic_path(tok_path) as tmp:
-            hf.save(str(tmp))
-    tokenizer = Tokenizer.from_folder(out, config)
-    if not (data_dir / "manifest.json").is_file():
-        docs = itertools.islice(iter_documents(cfg.data), cfg.max_documents)
-        build_shards(docs, tokenizer, data_dir, progress=cfg.progress, source=str(cfg.data or "python stdlib"))
-    train = TokenShards(data_dir, "train", vocab_size=config.vocab_size)
-    val = TokenShards(data_dir, "val", vocab_size=config.vocab_size)
-    return tokenizer, train, val
-
-
 def stage(cfg: PretrainConfig, dist: Distributed) -> core.Stage:
     """Validate, prepare the data (rank 0; the others wait and read it), and describe the stage."""
     cfg.validate(dist.world)
     config = core.model_config(cfg)
     if not dist.is_main:
         dist.barrier()
-    tokenizer, train_shards, val_shards = prepare_data(cfg, config)
+    tokenizer, train_shards, val_shards = prepare_run_data(
+        cfg.out, cfg.data, config, max_documents=cfg.max_documents, tokenizer_documents=cfg.tokenizer_documents,
+        dedup=cfg.dedup, near_duplicate_threshold=cfg.near_dup_threshold, progress=cfg.progress and dist.is_main,
+        tokenizer_from=cfg.model if (Path(cfg.model) / TOKENIZER_FILE).is_file() else None,
+    )
     if dist.is_main:
         dist.barrier()
 
