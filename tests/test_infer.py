@@ -1,5 +1,6 @@
-"""Inference: absorbed vs naive MLA, cached vs uncached decoding, the engine vs the plain loop and
-transformers' generate, batching, seeds, sampling filters and input validation."""
+"""Inference: absorbed vs naive MLA, cached vs uncached decoding, prepared vs unprepared model, the engine
+vs the plain loop and transformers' generate, batching, seeds, stop strings while streaming, sampling
+filters and input validation."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from test_hf_parity import randomize_
 import dsv2
 from dsv2 import LLM, SamplingError, SamplingParams
 from dsv2.infer.cache import LatentCache
+from dsv2.infer.engine import LLMEngine, releasable
 from dsv2.infer.generate import generate
 from dsv2.infer.sampling import filter_logits, sample
 from dsv2.model.mla import MLA
+from dsv2.model.moe import MoE
 from dsv2.tokenizer import Tokenizer
 
 
@@ -71,6 +74,100 @@ def test_cached_decoding_equals_full_forward(case):
         cache.advance(stop - start)
     assert rel_err(torch.cat(chunks, 1), full) <= 1e-5
     assert cache.bytes_in_use() == 2 * 120 * model.config.num_hidden_layers * model.config.kv_cache_dim * 4
+
+
+def cached_logits(model, x: torch.Tensor) -> torch.Tensor:
+    """Logits of x [B,S] through a latent cache: a 70-token prefill chunk (naive path), then a 3-token
+    chunk and single-token decode steps (absorbed path)."""
+    cache = LatentCache(model.config, x.shape[0], x.shape[1], dtype=model.embed.weight.dtype)
+    chunks = []
+    for start, stop in [(0, 70), (70, 73), *((t, t + 1) for t in range(73, x.shape[1]))]:
+        chunks.append(model(x[:, start:stop], cache=cache))
+        cache.advance(stop - start)
+    return torch.cat(chunks, 1)
+
+
+@pytest.mark.parametrize(("case", "dtype"), [*((c, torch.float32) for c in sorted(CASES)),
+                                             ("v2_like", torch.bfloat16)])
+@torch.no_grad()
+def test_prepared_model_equals_unprepared_and_keeps_no_state(case, dtype):
+    model = random_model(case, dtype)
+    x = torch.randint(0, model.config.vocab_size, (2, 80))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    unprepared = cached_logits(model, x)
+    model.prepare_for_inference()
+    model.prepare_for_inference()  # twice is harmless: it replaces the copies
+    assert torch.equal(cached_logits(model, x), unprepared)  # the same layouts, made once instead of per call
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(v, state[k]) for k, v in after.items())
+    assert not list(model.buffers())
+    attn, gate = model.layers[0].attn, model.layers[-1].ffn.gate
+    assert attn.absorbed_weights() is attn.prepared_absorbed and gate.prepared_weight.dtype == torch.float32
+    owned = {id(p) for p in model.parameters()}
+    assert all(id(t) not in owned for t in [*attn.prepared_absorbed, gate.prepared_weight])
+
+
+def test_prepared_copies_follow_new_weights_only_when_prepared_again():
+    torch.manual_seed(0)
+    model = random_model("v2_like")
+    engine = LLMEngine(model, max_running=4)  # prepares the model
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+    def engine_tokens() -> list[list[int]]:
+        requests = [engine.make_request(p, params) for p in PROMPTS]
+        for r in requests:
+            engine.add_request(r)
+        while engine.has_unfinished():
+            engine.step()
+        return [r.out.token_ids for r in requests]
+
+    before = engine_tokens()
+    randomize_(model)  # new weights, in place: the prepared copies are now stale
+    attn = model.layers[0].attn
+    assert not torch.equal(attn.prepared_absorbed[0], attn.split_wkv_b()[0])
+    model.prepare_for_inference()
+    after = engine_tokens()
+    assert after != before
+    assert after == [generate(model, p, params) for p in PROMPTS]
+
+
+def test_differentiating_forward_never_uses_prepared_copies():
+    """A forward that records gradients (training) computes every layout from the weights themselves:
+    stale prepared copies change nothing, and the gradients reach wkv_b and the router."""
+    model = random_model("v2_like")
+    model.prepare_for_inference()
+    # new weights, so the prepared copies are stale (in new storage: an fp32 router's copy is its weight)
+    for block in model.layers:
+        block.attn.wkv_b.weight.data = 2 * block.attn.wkv_b.weight.data
+        if isinstance(block.ffn, MoE):
+            block.ffn.gate.weight.data = -block.ffn.gate.weight.data
+    cfg, attn = model.config, model.layers[0].attn
+    positions = torch.arange(5, 8)[None]  # 3 queries at positions 5..7 over 8 cached latents
+    cos, sin = model.rope(positions)
+    q_nope, q_pe = attn.queries(torch.randn(1, 3, cfg.hidden_size), cos, sin)
+    history, mask = torch.randn(1, 8, cfg.kv_cache_dim), torch.arange(8) <= positions.unsqueeze(-1)
+    absorbed = attn.absorbed(q_nope, q_pe, history, mask)
+    naive = attn.naive(q_nope, q_pe, *history.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], -1), mask)
+    assert rel_err(absorbed, naive) <= 1e-5
+    absorbed.sum().backward()
+    assert attn.wkv_b.weight.grad.abs().sum() > 0
+
+    tokens = torch.randint(0, cfg.vocab_size, (2, 12))
+    fresh = random_model("v2_like")
+    fresh.load_state_dict(model.state_dict())  # the same weights, never prepared
+    logits = model(tokens)
+    assert torch.equal(logits, fresh(tokens))
+    logits.sum().backward()
+    assert model.layers[-1].ffn.gate.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # while inference reads the stale router copies
+        assert not torch.equal(model(tokens), fresh(tokens))
+
+
+def test_rope_forward_rewrites_no_attribute():
+    model = random_model("v2_like")
+    inv_freq = model.rope.inv_freq
+    model.rope(torch.arange(4, device="meta"))  # another device: forward moves a copy, not the attribute
+    assert model.rope.inv_freq is inv_freq and inv_freq.dtype == torch.float32
 
 
 def test_cache_bytes_formula():
@@ -137,13 +234,56 @@ def test_stream_matches_generate_and_stops(llm):
     assert stopped.finish_reason == "stop"
 
 
-def test_stop_string_cuts_text():
-    llm = LLM("nano", dtype="float32")
+def test_stop_string_cuts_text(nano):
+    llm = nano
     full = llm.generate("hello", SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
     assert len(full.text) > 3
     needle = full.text[2:4]
     out = llm.generate("hello", SamplingParams(max_tokens=20, temperature=0, stop=needle, ignore_eos=True))[0]
     assert out.finish_reason == "stop" and out.text == full.text[: full.text.find(needle)]
+
+
+def test_releasable_holds_back_what_could_start_a_stop_string():
+    assert releasable("abcB", ["BB"]) == 3  # "B" may become "BB"
+    assert releasable("abcB", ["BB", "cBx"]) == 2  # the longest candidate wins
+    assert releasable("abcab", ["abd"]) == 3 and releasable("abc", ["zz"]) == 3
+    assert releasable("ab\ufffd", ["x"]) == 2  # a partial UTF-8 character
+    assert releasable("aB\ufffd", ["Bé"]) == 1  # the partial character may complete the stop string
+    assert releasable("aB", []) == 2 and releasable("", ["x"]) == 0
+
+
+@pytest.fixture(scope="module")
+def nano():
+    return LLM("nano", dtype="float32")
+
+
+def test_streamed_text_equals_final_text_with_stop_strings(nano):
+    """Many prompts x stop strings in one batch: the deltas add up to the final text, which is cut at the
+    first stop string. Stops are pieces of the unstopped text (every token is one byte, so a stop of two
+    or more characters straddles tokens), or such pieces with a character that never follows, which
+    match partly and must then be released."""
+    params = dict(max_tokens=24, temperature=0, ignore_eos=True)
+    prompts = ["hello", "def f(x):", "The quick", "1 2 3", "import os"]
+    full = {p: o.text for p, o in zip(prompts, nano.generate(prompts, SamplingParams(**params)), strict=True)}
+    cases = []
+    for p, text in full.items():
+        pieces = {text[i : i + n] for i in range(0, len(text), 3) for n in (1, 2, 3)} - {""}
+        pieces = sorted(s for s in pieces if "\ufffd" not in s)
+        cases += [(p, [s]) for s in pieces] + [(p, [s + "\x07"]) for s in pieces[:4]] + [(p, pieces[-2:])]
+    engine = LLMEngine(nano.model, nano.tokenizer, max_running=len(cases))
+    requests = [engine.make_request(p, SamplingParams(**params, stop=stop)) for p, stop in cases]
+    streamed = {r.request_id: "" for r in requests}
+    for r in requests:
+        engine.add_request(r)
+    while engine.has_unfinished():
+        for event in engine.step():
+            streamed[event.request_id] += event.text_delta
+    assert {r.out.finish_reason for r in requests} == {"stop", "length"}
+    for (p, stop), r in zip(cases, requests, strict=True):
+        cuts = [full[p].find(s) for s in stop if s in full[p]]
+        assert r.out.text == full[p][: min(cuts)] if cuts else full[p], (p, stop)
+        assert r.out.finish_reason == ("stop" if cuts else "length")
+        assert streamed[r.request_id] == r.out.text, (p, stop)
 
 
 def test_stats_report_latent_cache_bytes(llm):

@@ -12,7 +12,7 @@ from test_infer import PROMPTS, random_model
 
 from dsv2 import SamplingParams
 from dsv2.infer.cache import LatentCache, PagedLatentCache
-from dsv2.infer.engine import LLMEngine
+from dsv2.infer.engine import ContextLengthError, LLMEngine
 from dsv2.infer.generate import generate
 from dsv2.infer.scheduler import Scheduler, Sequence
 
@@ -131,10 +131,10 @@ def test_engine_under_pressure_matches_plain_loop_and_frees_every_block(model):
     engine = LLMEngine(model, num_blocks=12, block_size=8, prefill_chunk=16, max_prefill_tokens=24)
     requests = [engine.make_request(p, params) for p in prompts]
     drain(engine, requests)
-    assert engine.counters["preemptions"] > 0
+    assert engine.stats().totals["preemptions"] > 0
     for prompt, r in zip(prompts, requests, strict=True):
         assert r.out.token_ids == generate(model, prompt, params)
-    assert engine.scheduler.allocator.num_free == 12
+    assert engine.stats().blocks_used == 0 and engine.stats().blocks_total == 12
 
 
 def test_greedy_alone_equals_among_others(model):
@@ -162,12 +162,58 @@ def test_abort_frees_blocks_at_once(model):
         engine.add_request(r)
     for _ in range(3):
         engine.step()
-    assert engine.cache_usage()["blocks_used"] > 0
+    assert engine.stats().blocks_used > 0
     for r in reqs[:2]:
-        assert engine.abort(r.seq.request_id).finish_reason == "abort"
+        assert engine.abort(r.request_id).finish_reason == "abort"
     while engine.has_unfinished():
         engine.step()
-    assert engine.scheduler.allocator.num_free == 20
+    assert engine.stats().blocks_used == 0
     assert all(len(r.out.token_ids) == 30 for r in reqs[2:])
     with pytest.raises(ValueError, match="more than the whole cache"):
         engine.make_request(list(range(70)), SamplingParams(max_tokens=20))
+
+
+# ------------------------------------------------------------------------- the engine's rules and figures
+def test_context_rule_refuses_naming_the_parameter(model):
+    engine = LLMEngine(model, num_blocks=64, block_size=16)
+    context = model.config.max_position_embeddings
+    engine.check_context(10, context - 10)  # exactly fills the context
+    for prompt_len, max_tokens, param in [(context, 1, "prompt"), (10, context - 9, "max_tokens")]:
+        with pytest.raises(ContextLengthError, match="prompt: .*context") as e:
+            engine.check_context(prompt_len, max_tokens)
+        assert e.value.param == param
+    with pytest.raises(ContextLengthError, match="prompts\\[2\\]: .*max_tokens asks for") as e:
+        engine.make_request([5] * 10, SamplingParams(max_tokens=context), what="prompts[2]")  # no silent clamp
+    assert e.value.param == "max_tokens"
+
+
+def test_default_max_tokens_fills_context_or_cache(model):
+    context = model.config.max_position_embeddings
+    roomy = LLMEngine(model, num_blocks=64, block_size=16)  # 1024 cached tokens > context
+    assert roomy.default_max_tokens(10) == context - 10
+    assert roomy.default_max_tokens(context) == 1  # no room: the checks refuse the prompt, not SamplingParams
+    small = LLMEngine(model, num_blocks=4, block_size=8)  # 32 cached tokens: 33 in all, the last never cached
+    assert small.default_max_tokens(10) == 23
+    small.make_request([5] * 10, SamplingParams(max_tokens=small.default_max_tokens(10)))  # fits exactly
+    with pytest.raises(ValueError, match="more than the whole cache"):
+        small.make_request([5] * 10, SamplingParams(max_tokens=24))
+
+
+def test_stats_count_requests_blocks_and_tokens(model):
+    engine = LLMEngine(model, max_running=2, num_blocks=32, block_size=4)
+    first = engine.stats()
+    assert (first.running, first.waiting, first.blocks_used, first.blocks_total) == (0, 0, 0, 32)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    for p in PROMPTS[:3]:  # 3, 41 and 1 tokens
+        engine.add_request(engine.make_request(p, params))
+    engine.step()
+    s = engine.stats()
+    assert (s.running, s.waiting) == (2, 1)
+    assert s.cached_tokens == 3 + 41 and s.blocks_used == 1 + 11 == s.step_blocks_used
+    assert s.totals["prefill_tokens"] == 44 and s.totals["decode_tokens"] == 0 and s.totals["steps"] == 1
+    while engine.has_unfinished():
+        engine.step()
+    s = engine.stats()
+    assert (s.running, s.waiting, s.blocks_used, s.cached_tokens) == (0, 0, 0, 0)
+    assert s.totals["prefill_tokens"] == 45 and s.totals["decode_tokens"] == 3 * 2
+    assert s.cache_bytes_allocated == 32 * 4 * s.cache_bytes_per_token

@@ -8,7 +8,10 @@
 (one scheduler plan: one batched decode forward for every sequence in decode, then the planned prefill
 chunks, then sampling), `abort`. Requests join the running batch at the next step and leave it the step
 they finish, giving their cache blocks back. The cache holds only latents (`PagedLatentCache`);
-decode goes through the absorbed MLA path.
+decode goes through the absorbed MLA path, on the layouts `Transformer.prepare_for_inference` made.
+
+It is also all a server needs to know of the engine: the rules a request must meet (`check_context`,
+`default_max_tokens`, the cache capacity inside `make_request`) and its figures (`stats`) live here.
 """
 
 from __future__ import annotations
@@ -66,7 +69,46 @@ class Request:
     params: SamplingParams
     generator: torch.Generator
     stop_ids: set[int]
-    text_sent: int = 0
+    text_sent: int = 0  # characters of out.text streamed so far
+
+    @property
+    def request_id(self) -> str:
+        return self.seq.request_id
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """`LLMEngine.stats`: the requests and the cache now, and totals since the engine started."""
+
+    running: int  # admitted requests, prefilling or decoding
+    waiting: int  # queued requests, preempted ones included
+    blocks_total: int
+    blocks_used: int
+    cached_tokens: int  # latent entries in the cache
+    step_blocks_used: int  # blocks used and tokens cached at the end of the last step's forwards, before
+    step_cached_tokens: int  # its finished requests gave their blocks back: what peaks are taken over
+    cache_bytes_per_token: int
+    cache_bytes_allocated: int
+    totals: dict[str, float]  # prefill_tokens, decode_tokens, prefill_s, decode_s, preemptions, steps
+
+
+class ContextLengthError(SamplingError):
+    """A prompt, or a prompt plus max_tokens, that does not fit the model's context. `param` says which
+    parameter to change: "prompt" or "max_tokens"."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def releasable(text: str, stop: Sequence[str]) -> int:
+    """How much of an unfinished request's decoded `text` can be streamed now: all but a trailing partial
+    UTF-8 character (U+FFFD until its last byte arrives) and the longest suffix that is the start of a
+    stop string. That suffix is sent once the text grows past it, or cut away with what follows if it
+    grows into the stop string; so no stop string ever starts in text already sent."""
+    stable = text[:-1] if text.endswith("\ufffd") else text
+    held = max((k for s in stop for k in range(1, min(len(s), len(stable) + 1)) if stable.endswith(s[:k])), default=0)
+    return len(stable) - held
 
 
 class LLMEngine:
@@ -74,7 +116,8 @@ class LLMEngine:
 
     cache_bytes: memory for the latent cache (default 1 GiB, at most what `max_running` full-context
     sequences can use); or give `num_blocks` directly. `prefill_chunk` / `max_prefill_tokens`: see
-    `infer/scheduler.py`.
+    `infer/scheduler.py`. The model is prepared for inference here; whoever changes its weights
+    afterwards must call `model.prepare_for_inference()` again.
     """
 
     def __init__(
@@ -83,6 +126,7 @@ class LLMEngine:
         prefill_chunk: int = 512, max_prefill_tokens: int = 1024,
     ):
         self.model = model.eval()
+        model.prepare_for_inference()
         self.config = model.config
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -97,9 +141,9 @@ class LLMEngine:
         self.scheduler = Scheduler(num_blocks, block_size, max_running, prefill_chunk, max_prefill_tokens)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
-        self.counters = {"prefill_tokens": 0, "decode_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0,
-                         "preemptions": 0, "steps": 0}
-        self.usage = self.cache_usage()
+        self._totals = {"prefill_tokens": 0, "decode_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0,
+                        "preemptions": 0, "steps": 0}
+        self._step_usage = (0, 0)  # (blocks used, tokens cached) before the last step's finished requests left
 
     # ---------------------------------------------------------------------------------------- requests
     def make_request(
@@ -120,24 +164,39 @@ class LLMEngine:
         vocab = self.config.vocab_size
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
             raise ValueError(f"{what}: token ids must be integers in [0, {vocab})")
-        context = self.config.max_position_embeddings
-        if len(ids) >= context:
-            raise SamplingError(
-                f"{what}: {len(ids)} tokens leave no room in the context of {context} (max_position_embeddings)"
-            )
+        self.check_context(len(ids), params.max_tokens, what)
         eos = self.config.eos_token_id
         eos_ids = set() if params.ignore_eos or eos is None else set(eos if isinstance(eos, list) else [eos])
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        seq = CacheSequence(request_id, list(ids), len(ids), min(params.max_tokens, context - len(ids)))
+        seq = CacheSequence(request_id, list(ids), len(ids), params.max_tokens)
         self.scheduler.check_fits(seq, what)
         out = RequestOutput(index, ids, text="" if self.tokenizer else None, request_id=request_id)
         return Request(seq, out, params, params.generator(self.device), set(params.stop_token_ids) | eos_ids)
 
+    def check_context(self, prompt_len: int, max_tokens: int, what: str = "prompt") -> None:
+        """The context-length rule: the prompt and its max_tokens new tokens must fit the model's context.
+        Raises `ContextLengthError` naming `what` and the parameter to change. Thread-safe."""
+        context = self.config.max_position_embeddings
+        if prompt_len >= context:
+            raise ContextLengthError(f"{what}: {prompt_len} tokens leave no room in this model's context of "
+                                     f"{context} tokens (max_position_embeddings)", param="prompt")
+        if prompt_len + max_tokens > context:
+            raise ContextLengthError(f"{what}: this model's context is {context} tokens (max_position_embeddings); "
+                                     f"the prompt has {prompt_len} and max_tokens asks for {max_tokens} more",
+                                     param="max_tokens")
+
+    def default_max_tokens(self, prompt_len: int) -> int:
+        """max_tokens for a request that gives none: as many as the context and the whole cache leave
+        (the last token is never cached, hence + 1); at least 1, so that a prompt with no room left is
+        refused by `check_context` or the capacity check, naming the prompt. Thread-safe."""
+        room = min(self.config.max_position_embeddings, self.scheduler.capacity_tokens() + 1) - prompt_len
+        return max(1, room)
+
     def add_request(self, request: Request) -> None:
-        if request.seq.request_id in self.requests:
-            raise ValueError(f"request id {request.seq.request_id!r} is already running")
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already running")
         self.scheduler.add(request.seq)
-        self.requests[request.seq.request_id] = request
+        self.requests[request.request_id] = request
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Cancel a request: its cache blocks are free at once. Unknown or finished ids are ignored."""
@@ -161,7 +220,7 @@ class LLMEngine:
     def step(self) -> list[StreamEvent]:
         """Run one scheduler plan; the events of the tokens it produced (finished requests have left)."""
         plan = self.scheduler.schedule()
-        self.counters["preemptions"] += len(plan.preempted)
+        self._totals["preemptions"] += len(plan.preempted)
         sampled: list[tuple[str, list[Request], torch.Tensor, float]] = []  # (counter, requests, logits, seconds)
         if plan.decode:
             t = time.perf_counter()
@@ -172,7 +231,7 @@ class LLMEngine:
             for s in seqs:
                 self.scheduler.computed(s, 1)
             sampled.append(("decode", [self.requests[s.request_id] for s in seqs], logits, time.perf_counter() - t))
-            self.counters["decode_tokens"] += len(seqs)
+            self._totals["decode_tokens"] += len(seqs)
         for seq, n in plan.prefill:
             t = time.perf_counter()
             start = seq.num_computed
@@ -180,18 +239,18 @@ class LLMEngine:
             tokens = torch.tensor([seq.tokens[start : start + n]], device=self.device)
             logits = self.model(tokens, cache=view, logits_index=torch.tensor([n - 1], device=self.device))
             self.scheduler.computed(seq, n)
-            self.counters["prefill_tokens"] += n
+            self._totals["prefill_tokens"] += n
             if seq.num_computed == len(seq.tokens):  # all cached: the last token's logits give the next token
                 sampled.append(("prefill", [self.requests[seq.request_id]], logits, time.perf_counter() - t))
             else:
-                self.counters["prefill_s"] += time.perf_counter() - t
-        self.usage = self.cache_usage()  # before finished requests give their blocks back
+                self._totals["prefill_s"] += time.perf_counter() - t
+        self._step_usage = (self.cache.num_blocks - self.scheduler.allocator.num_free, self._cached_tokens())
         events: list[StreamEvent] = []
         for phase, requests, logits, seconds in sampled:
             t = time.perf_counter()
             events += self._emit(requests, logits)  # sampling reads the logits: the device work is done
-            self.counters[f"{phase}_s"] += seconds + time.perf_counter() - t
-        self.counters["steps"] += 1
+            self._totals[f"{phase}_s"] += seconds + time.perf_counter() - t
+        self._totals["steps"] += 1
         return events
 
     def _emit(self, requests: list[Request], logits: torch.Tensor) -> list[StreamEvent]:
@@ -210,14 +269,13 @@ class LLMEngine:
                 out.finish_reason = "length"
             delta = ""
             if self.tokenizer is not None:
-                out.text = self.tokenizer.decode(out.token_ids)
-                for s in r.params.stop or ():
-                    cut = out.text.find(s, max(0, r.text_sent - len(s)))
-                    if cut >= 0:
-                        out.text, out.finish_reason = out.text[:cut], "stop"
-                # hold back a trailing partial UTF-8 character until it completes
-                ready = len(out.text) if out.finished or not out.text.endswith("\ufffd") else len(out.text) - 1
-                delta, r.text_sent = out.text[r.text_sent : ready], max(r.text_sent, ready)
+                text, stop = self.tokenizer.decode(out.token_ids), r.params.stop or ()
+                # what could start a stop string is never sent (`releasable`), so a match starts in the rest
+                cuts = [at for s in stop if (at := text.find(s, r.text_sent)) >= 0]
+                if cuts:
+                    text, out.finish_reason = text[: min(cuts)], "stop"
+                ready = len(text) if out.finished else releasable(text, stop)
+                out.text, delta, r.text_sent = text, text[r.text_sent : ready], max(r.text_sent, ready)
             if out.finished:
                 self.scheduler.finish(seq)
                 del self.requests[seq.request_id]
@@ -225,12 +283,20 @@ class LLMEngine:
         return events
 
     # ------------------------------------------------------------------------------------------- stats
-    def cache_usage(self) -> dict[str, int]:
-        """Blocks in use and latent entries cached right now."""
-        free = self.scheduler.allocator.num_free
-        cached = sum(r.seq.num_computed for r in self.requests.values())
-        return {"blocks_total": self.cache.num_blocks, "blocks_used": self.cache.num_blocks - free,
-                "cached_tokens": cached}
+    def stats(self) -> EngineStats:
+        """Requests, cache use and totals. Thread-safe: it only reads counts, so a server may call it
+        while the engine thread steps."""
+        step_blocks, step_tokens = self._step_usage
+        return EngineStats(
+            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+            blocks_total=self.cache.num_blocks, blocks_used=self.cache.num_blocks - self.scheduler.allocator.num_free,
+            cached_tokens=self._cached_tokens(), step_blocks_used=step_blocks, step_cached_tokens=step_tokens,
+            cache_bytes_per_token=self.cache.bytes_per_token(), cache_bytes_allocated=self.cache.bytes_allocated(),
+            totals=dict(self._totals),
+        )
+
+    def _cached_tokens(self) -> int:
+        return sum(s.num_computed for s in list(self.scheduler.running))  # waiting sequences have none cached
 
 
 class LLM:
@@ -282,7 +348,7 @@ class LLM:
 
     def _run(self, requests: list[Request]) -> Iterator[StreamEvent]:
         engine = self.engine
-        before = dict(engine.counters)
+        before = engine.stats().totals
         t0 = time.perf_counter()
         peak_tokens = peak_blocks = 0
         for r in requests:
@@ -290,20 +356,22 @@ class LLM:
         try:
             while any(not r.out.finished for r in requests):
                 events = engine.step()
-                peak_tokens = max(peak_tokens, engine.usage["cached_tokens"])
-                peak_blocks = max(peak_blocks, engine.usage["blocks_used"])
+                now = engine.stats()
+                peak_tokens = max(peak_tokens, now.step_cached_tokens)
+                peak_blocks = max(peak_blocks, now.step_blocks_used)
                 yield from events
         finally:  # a consumer that stops early (or an error) must not leave requests holding blocks
             for r in requests:
-                engine.abort(r.seq.request_id)
-        done = {k: engine.counters[k] - before[k] for k in before}
+                engine.abort(r.request_id)
+        after = engine.stats()
+        done = {k: after.totals[k] - before[k] for k in before}
         self._stats = {
             **done,
             "total_s": time.perf_counter() - t0,
             "prefill_tok_per_s": done["prefill_tokens"] / max(done["prefill_s"], 1e-9),
             "decode_tok_per_s": done["decode_tokens"] / max(done["decode_s"], 1e-9),
-            "kv_cache_bytes_per_token": engine.cache.bytes_per_token(),
-            "kv_cache_peak_bytes_in_use": peak_tokens * engine.cache.bytes_per_token(),
+            "kv_cache_bytes_per_token": after.cache_bytes_per_token,
+            "kv_cache_peak_bytes_in_use": peak_tokens * after.cache_bytes_per_token,
             "kv_cache_peak_blocks": peak_blocks,
-            "kv_cache_bytes_allocated": engine.cache.bytes_allocated(),
+            "kv_cache_bytes_allocated": after.cache_bytes_allocated,
         }

@@ -1,27 +1,16 @@
-"""Stateless building blocks: RMSNorm, the SwiGLU MLP used by dense layers and shared experts, and the
-cache for weights derived from parameters."""
+"""Stateless building blocks: RMSNorm and the SwiGLU MLP used by dense layers and shared experts."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-T = TypeVar("T")
 
-
-def derived(module: nn.Module, name: str, source: torch.Tensor, build: Callable[[torch.Tensor], T]) -> T:
-    """`build(source)` computed once and kept on `module`; rebuilt when `source` changes (new storage,
-    dtype or device, or an in-place update such as an optimizer step). For inference-only layouts of a
-    parameter (absorbed MLA matrices, an fp32 router): never differentiated through."""
-    key = (source.data_ptr(), source._version, source.dtype, source.device)
-    store = module.__dict__.setdefault("_derived", {})
-    if name not in store or store[name][0] != key:
-        store[name] = (key, build(source.detach()))
-    return store[name][1]
+def differentiating(weight: torch.Tensor) -> bool:
+    """Whether this forward records gradients for `weight`. If so, a layout derived from it must be
+    computed from the parameter itself, never taken from a copy made by `prepare_for_inference`."""
+    return torch.is_grad_enabled() and weight.requires_grad
 
 
 class RMSNorm(nn.Module):

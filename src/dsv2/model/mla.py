@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv2.config import ModelConfig
-from dsv2.model.layers import RMSNorm, derived
+from dsv2.model.layers import RMSNorm, differentiating
 from dsv2.model.rope import apply_rope
 
 
@@ -58,6 +58,9 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(c.kv_lora_rank, eps=1e-6)
         self.wkv_b = nn.Linear(c.kv_lora_rank, self.n_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
         self.wo = nn.Linear(self.n_heads * c.v_head_dim, c.hidden_size, bias=False)
+        # W_UK, W_UV kept by `prepare_for_inference`: a plain attribute, so never a parameter, a buffer or
+        # part of the state dict; a copy of wkv_b as it was then, so stale once wkv_b changes
+        self.prepared_absorbed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B,S,d] -> q^C [B,S,H,d_h], rotated q^R [B,S,H,d_h^R]."""
@@ -139,14 +142,22 @@ class MLA(nn.Module):
         return self.wo(o.flatten(2))
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK [H,d_h,d_c] and W_UV [H,d_v,d_c], split out of wkv_b once into contiguous tensors
-        (as strided views the CPU batched matmuls run 3-30x slower)."""
+        """W_UK, W_UV: the copies `prepare_for_inference` made, unless there are none or this forward
+        differentiates through wkv_b; then split out of it now (one copy of wkv_b per call)."""
+        if self.prepared_absorbed is not None and not differentiating(self.wkv_b.weight):
+            return self.prepared_absorbed
+        return self.split_wkv_b()
 
-        def split(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            w_ukv = w.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
-            return w_ukv[:, : self.nope_dim].contiguous(), w_ukv[:, self.nope_dim :].contiguous()
+    def split_wkv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H,d_h,d_c] and W_UV [H,d_v,d_c] out of wkv_b, as contiguous tensors (as strided views of
+        wkv_b the CPU batched matmuls of `absorbed` run 3-30x slower)."""
+        w_ukv = self.wkv_b.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        return w_ukv[:, : self.nope_dim].contiguous(), w_ukv[:, self.nope_dim :].contiguous()
 
-        return derived(self, "absorbed", self.wkv_b.weight, split)
+    @torch.no_grad()
+    def prepare_for_inference(self) -> None:
+        """Split wkv_b once for every later absorbed step (see `Transformer.prepare_for_inference`)."""
+        self.prepared_absorbed = self.split_wkv_b()
 
     def absorbed_is_cheaper(self, n_queries: int) -> bool:
         """Per (query, key, head) absorbed attention costs 2·d_c + d_h^R multiply-adds against naive's

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv2.config import ModelConfig
-from dsv2.model.layers import MLP, derived
+from dsv2.model.layers import MLP, differentiating
 
 
 @dataclass
@@ -47,14 +47,20 @@ class Gate(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.scale = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        self.prepared_weight: torch.Tensor | None = None  # fp32 copy by `prepare_for_inference`; not state
+
+    @torch.no_grad()
+    def prepare_for_inference(self) -> None:
+        """Make the fp32 copy of the weight once (see `Transformer.prepare_for_inference`)."""
+        self.prepared_weight = self.weight.detach().float()  # detached: a Parameter would be registered as one
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N,d] -> weights [N,K] fp32, expert ids [N,K], scores [N,E] fp32."""
-        # fp32 router like the reference; at inference the fp32 copy of a bf16 weight is made once. Autocast
+        # fp32 router like the reference; a prepared model made the fp32 copy of a bf16 weight once. Autocast
         # is switched off here, or bf16 autocast would run this GEMM in bf16: routing decisions are made on
         # differences between scores, which bf16's 8 bits of mantissa blur into ties (the reference routes in fp32)
-        training = torch.is_grad_enabled() and self.weight.requires_grad
-        weight = self.weight.float() if training else derived(self, "fp32", self.weight, torch.Tensor.float)
+        prepared = self.prepared_weight is not None and not differentiating(self.weight)
+        weight = self.prepared_weight if prepared else self.weight.float()
         with torch.autocast(x.device.type, enabled=False):
             scores = F.linear(x.float(), weight).softmax(dim=-1)
         candidates = scores

@@ -71,13 +71,16 @@ class RotaryEmbedding(nn.Module):
         self.config = config
         self.magnitude = cos_sin_magnitude(config)
         # A plain attribute, not a buffer: it must stay fp32 (model.to(bfloat16) casts buffers) and real
-        # (a model built on the meta device has no buffer data).
+        # (a model built on the meta device has no buffer data). So `model.to(device)` leaves it on the CPU:
+        # forward moves a copy to the positions' device (d_h^R/2 floats, once per model forward, not per
+        # layer), and `prepare_for_inference` moves it once, for inference steps to copy nothing.
         self.inv_freq = inv_frequencies(config)
 
+    def prepare_for_inference(self, device: torch.device) -> None:
+        self.inv_freq = self.inv_freq.to(device)
+
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.inv_freq.device != positions.device:
-            self.inv_freq = self.inv_freq.to(positions.device)
-        angles = positions.float()[..., None] * self.inv_freq
+        angles = positions.float()[..., None] * self.inv_freq.to(positions.device)
         return angles.cos() * self.magnitude, angles.sin() * self.magnitude
 
 

@@ -9,7 +9,9 @@
 Every error is answered with OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 for a
 malformed or invalid request (naming the parameter), 401 for a missing or wrong API key, 404 for an
 unknown model. A request is fully validated (and tokenised) before it reaches the engine, so a bad one
-changes nothing there.
+changes nothing there. The rules a request must meet beyond the protocol's (context length, default
+max_tokens, cache capacity) are the engine's own (`LLMEngine.check_context`, `default_max_tokens`,
+`make_request`); this module only maps their errors to HTTP.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 
-from dsv2.infer.engine import LLMEngine
+from dsv2.infer.engine import ContextLengthError, LLMEngine
 from dsv2.infer.engine import Request as EngineRequest
 from dsv2.infer.sampling import SamplingError, SamplingParams
 from dsv2.serve.async_engine import AsyncEngine
@@ -93,18 +95,11 @@ def create_app(engine: LLMEngine, model_name: str, api_key: str | None = None) -
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
 
-    def sampling(body: SamplingFields, max_tokens: int | None, prompt_len: int, choice: int) -> SamplingParams:
-        context = engine.config.max_position_embeddings
-        if max_tokens is None:  # as much as the context and the whole cache allow
-            max_tokens = min(context, engine.scheduler.capacity_tokens() + 1) - prompt_len
-        elif prompt_len + max_tokens > context:
-            raise APIError(400, f"this model's context is {context} tokens; the prompt has {prompt_len} and "
-                                f"max_tokens asks for {max_tokens} more", param="max_tokens",
-                           code="context_length_exceeded")
+    def sampling(body: SamplingFields, max_tokens: int, choice: int) -> SamplingParams:
         seed = None if body.seed is None else body.seed + choice  # n > 1 with a seed: distinct, reproducible
         try:
             return SamplingParams(
-                max_tokens=max(1, max_tokens), temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                 min_p=body.min_p, repetition_penalty=body.repetition_penalty, stop=body.stop, seed=seed,
                 ignore_eos=body.ignore_eos,
             )
@@ -113,24 +108,25 @@ def create_app(engine: LLMEngine, model_name: str, api_key: str | None = None) -
 
     def requests_for(prompts: list[str | list[int]], body: SamplingFields, max_tokens: int | None,
                      kind: str) -> tuple[list[EngineRequest], list[int]]:
-        """n requests per prompt, choice index = prompt · n + j (OpenAI's order); prompt lengths."""
+        """n requests per prompt, choice index = prompt · n + j (OpenAI's order); prompt lengths.
+        max_tokens None: the engine's default for each prompt."""
         base = new_id(kind)
+        param = "prompt" if kind == "cmpl" else "messages"
         out, lengths = [], []
         for p, prompt in enumerate(prompts):
             if isinstance(prompt, str) and engine.tokenizer is None:
                 raise APIError(400, "this model has no tokenizer: send prompts as token ids", param="prompt")
             ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            context, param = engine.config.max_position_embeddings, "prompt" if kind == "cmpl" else "messages"
-            if len(ids) >= context:
-                raise APIError(400, f"{param}: {len(ids)} tokens leave no room in this model's context of {context}",
-                               param=param, code="context_length_exceeded")
             lengths.append(len(ids))
             for j in range(body.n):
                 index = p * body.n + j
-                params = sampling(body, max_tokens, len(ids), j)
+                params = sampling(body, engine.default_max_tokens(len(ids)) if max_tokens is None else max_tokens, j)
                 try:
                     out.append(engine.make_request(ids, params, request_id=f"{base}-{index}", index=index,
-                                                   what=f"prompt[{p}]" if len(prompts) > 1 else "prompt"))
+                                                   what=f"{param}[{p}]" if len(prompts) > 1 else param))
+                except ContextLengthError as e:
+                    raise APIError(400, str(e), param=param if e.param == "prompt" else e.param,
+                                   code="context_length_exceeded") from None
                 except (SamplingError, ValueError) as e:
                     raise APIError(400, str(e), param=param) from None
         return out, lengths
@@ -165,7 +161,7 @@ def create_app(engine: LLMEngine, model_name: str, api_key: str | None = None) -
         if not prompts:
             raise APIError(400, "prompt: expected at least one prompt", param="prompt")
         requests, lengths = requests_for(prompts, body, body.max_tokens or 16, "cmpl")
-        rid, created = requests[0].seq.request_id.rsplit("-", 1)[0], now()
+        rid, created = requests[0].request_id.rsplit("-", 1)[0], now()
 
         def chunk(index: int, text: str, finish: str | None) -> dict[str, Any]:
             return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
@@ -190,7 +186,7 @@ def create_app(engine: LLMEngine, model_name: str, api_key: str | None = None) -
         except TokenizerError as e:
             raise APIError(400, str(e), param="messages") from None
         requests, lengths = requests_for([ids], body, body.max_completion_tokens or body.max_tokens, "chatcmpl")
-        rid, created = requests[0].seq.request_id.rsplit("-", 1)[0], now()
+        rid, created = requests[0].request_id.rsplit("-", 1)[0], now()
 
         def chunk(index: int, text: str, finish: str | None) -> dict[str, Any]:
             delta = {"content": text} if text or finish is None else {}

@@ -1,6 +1,7 @@
 """The engine on its own thread, for asyncio callers (the HTTP server).
 
-One thread owns the `LLMEngine` and is the only one to touch it after construction: it takes commands
+One thread owns the `LLMEngine` and is the only one to change it after construction (others only call
+its thread-safe `make_request`, `check_context`, `default_max_tokens` and `stats`): it takes commands
 (add requests, abort) from a thread-safe queue between steps, runs `step()` while any request is
 unfinished, and hands every event to the asyncio loop of the caller that submitted the request. So
 requests arriving at any time join the running batch at the next step (continuous batching), and a
@@ -52,7 +53,7 @@ class AsyncEngine:
             if not loop.is_closed():  # the caller may be gone; its requests are being aborted
                 loop.call_soon_threadsafe(events.put_nowait, item)
 
-        running = {r.seq.request_id for r in requests}
+        running = {r.request_id for r in requests}
         self._commands.put(("add", requests, sink))
         self._wake.set()
         try:
@@ -84,9 +85,9 @@ class AsyncEngine:
             except ValueError as e:  # validated already; a duplicate id is the only way here
                 sink(e)
                 continue
-            self._sinks[request.seq.request_id] = sink
+            self._sinks[request.request_id] = sink
             self.totals["requests"] += 1
-            self.totals["prompt_tokens"] += request.seq.prompt_len
+            self.totals["prompt_tokens"] += len(request.out.prompt_token_ids)
 
     def _loop(self) -> None:
         while not self._stopping:
@@ -125,11 +126,11 @@ class AsyncEngine:
         return sum(n for _, n in list(self._recent)) / RATE_WINDOW_S
 
     def snapshot(self) -> dict[str, float]:
-        scheduler = self.engine.scheduler
-        blocks = scheduler.allocator.num_blocks
+        """The figures /metrics serves: the engine's `stats` and the request and token totals kept here."""
+        s = self.engine.stats()
         return {
-            "requests_running": len(scheduler.running), "requests_waiting": len(scheduler.waiting),
-            "cache_blocks_total": blocks, "cache_blocks_used": blocks - scheduler.allocator.num_free,
-            "preemptions_total": self.engine.counters["preemptions"], "tokens_per_second": self.tokens_per_second(),
+            "requests_running": s.running, "requests_waiting": s.waiting,
+            "cache_blocks_total": s.blocks_total, "cache_blocks_used": s.blocks_used,
+            "preemptions_total": s.totals["preemptions"], "tokens_per_second": self.tokens_per_second(),
             **{f"{k}_total": v for k, v in self.totals.items()},
         }
