@@ -1,12 +1,29 @@
-"""Shared fixtures: tiny hub-format configs covering the architecture's switches."""
+"""Shared fixtures and helpers: tiny hub-format configs covering the architecture's switches, random models,
+and `require` for the reference libraries."""
 
 from __future__ import annotations
 
 import copy
+import importlib
+import importlib.metadata
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+import dsv2
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pytest itself depends on tomli before 3.11
+    import tomli as tomllib
 
 BASE: dict[str, Any] = {
     "model_type": "deepseek_v2",
@@ -103,3 +120,52 @@ def wait_for_checkpoint(run_dir, step: int, timeout: float = 120.0) -> None:
         if latest is not None and latest.name >= f"{checkpoint.PREFIX}{step:07d}":
             return
         time.sleep(0.02)
+
+
+def randomize_(model: torch.nn.Module, std: float = 0.1) -> None:
+    """Weights large enough that attention is far from uniform, and norm weights that are not all ones."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, std)
+
+
+def random_model(case: str = "v2_like", dtype: torch.dtype = torch.float32) -> dsv2.Transformer:
+    """A model of one of the CASES with `randomize_`d weights (attention and routing far from uniform), in eval mode."""
+    model = dsv2.random_model(dsv2.ModelConfig.from_dict(hub_config(case)), dtype=dtype)
+    randomize_(model)
+    return model.eval()
+
+
+# mixed lengths (3, 41, 1 and 12 tokens), for engines with fewer slots than prompts
+PROMPTS = [[5, 17, 99], list(range(30, 71)), [200], list(range(100, 112))]
+
+
+def _dev_extra() -> dict[str, Requirement]:
+    """pyproject.toml's `dev` extra by distribution name: the reference libraries and the releases pinned for them."""
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    requirements = (Requirement(r) for r in pyproject["project"]["optional-dependencies"]["dev"])
+    return {canonicalize_name(r.name): r for r in requirements}
+
+
+def require(module: str) -> ModuleType:
+    """Import a library the tests check against (transformers, the openai client, uvicorn), at a release inside the
+    range pyproject.toml's dev extra gives it.
+
+    Missing or outside that range, the tests that need it are skipped on a developer's machine but fail under CI
+    (the CI environment variable set): there a skip would report a reference check as passed that never ran."""
+    try:
+        lib = importlib.import_module(module)
+    except ImportError as e:
+        problem = f"{module} is not installed ({e}); install the dev extra: pip install -e '.[dev]'"
+    else:
+        pinned = _dev_extra()[canonicalize_name(module)]  # every library required here is pinned there
+        installed = Version(importlib.metadata.version(module))
+        if pinned.specifier.contains(installed, prereleases=True):
+            return lib
+        problem = f"{module} {installed} is outside the dev extra's {pinned}, the releases the tests were run against"
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"CI: {problem}", pytrace=False)
+    pytest.skip(problem, allow_module_level=True)

@@ -91,26 +91,41 @@ def random_routing(batch=2, seq=16, n_experts=8, top_k=2, requires_grad=True):
     return logits, scores, weights, indices
 
 
+def hand_gradient(name, indices, n_experts, n_devices, topk_devices, alpha):
+    """dL/ds_{b,t,i} of one balance loss, counted token by token. Each loss is α/B Σ_b Σ_x f_{b,x} P_{b,x}
+    with f a constant count and P a sum of (1/T) Σ_t s_{b,t,i} over the experts i of x (an expert, or a
+    device's experts), so dL/ds_{b,t,i} = α f_{b,x(i)} / (T·B) for the x that expert i belongs to."""
+    batch, seq, top_k = indices.shape
+    per_device = n_experts // n_devices
+    f = torch.zeros(batch, n_experts)  # f_{b,x(i)}, written per expert i
+    for b in range(batch):
+        chosen = [set(indices[b, t].tolist()) for t in range(seq)]
+        expert_f = [n_experts / (top_k * seq) * sum(i in c for c in chosen) for i in range(n_experts)]  # Eq. 24
+        for i in range(n_experts):
+            d = i // per_device
+            on_d = range(d * per_device, (d + 1) * per_device)
+            if name == "expert":
+                f[b, i] = expert_f[i]
+            elif name == "device":  # Eq. 27: the mean f of the device's experts
+                f[b, i] = sum(expert_f[j] for j in on_d) / per_device
+            else:  # Eq. 30: D/(M·T) × the tokens with at least one expert on the device
+                f[b, i] = n_devices / (topk_devices * seq) * sum(any(j in c for j in on_d) for c in chosen)
+    return (alpha * f / (seq * batch)).unsqueeze(1).expand(batch, seq, n_experts)
+
+
 @pytest.mark.parametrize("name", ["expert", "device", "comm"])
-def test_each_loss_sends_gradient_to_router_logits(name):
-    logits, scores, _, indices = random_routing()
-    losses, _ = balance_losses(scores, indices, n_devices=4, topk_devices=2)
+def test_each_loss_gradient_equals_hand_computation(name):
+    """The gradient reaches the router's logits through P only, with the value the formula gives."""
+    logits, scores, _, indices = random_routing(batch=3, seq=5)
+    scores.retain_grad()
+    alphas = {"alpha_expert": 0.5, "alpha_device": 0.25, "alpha_comm": 0.125}
+    losses, _ = balance_losses(scores, indices, n_devices=4, topk_devices=2, **alphas)
     losses[name].backward()
-    assert logits.grad is not None and torch.isfinite(logits.grad).all()
-    assert logits.grad.abs().sum() > 0
-
-
-def test_gradient_flows_only_through_p():
-    # L = α/B Σ_b Σ_i f_{b,i} P_{b,i} with P_{b,i} = (1/T) Σ_t s_{b,t,i} and f constant,
-    # so dL/ds_{b,t,i} = α f_{b,i} / (T B) exactly
-    _, scores, _, indices = random_routing(batch=3, seq=5)
-    scores = scores.detach().requires_grad_()
-    losses, _ = balance_losses(scores, indices, alpha_expert=0.5)
-    losses["expert"].backward()
-    counts = torch.zeros(3, 8).scatter_add_(1, indices.flatten(1), torch.ones(3, 5 * 2))
-    f = counts * 8 / (2 * 5)
-    expected = (0.5 * f / (5 * 3)).unsqueeze(1).expand(3, 5, 8)
+    expected = hand_gradient(name, indices, 8, 4, 2, alphas[f"alpha_{name}"])
     torch.testing.assert_close(scores.grad, expected)
+    # through the softmax: dL/du_j = s_j (g_j - Σ_i s_i g_i)
+    s = scores.detach()
+    torch.testing.assert_close(logits.grad, s * (expected - (s * expected).sum(-1, keepdim=True)))
 
 
 # token dropping: E=4, D=2 (experts {0,1} on device 0), one sequence of 3 tokens, K=2 -> 6 slots,

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from dsv2.cli import main
+from dsv2.cli import main, parse_args
 
 
 def info_json(name, capsys) -> dict:
@@ -33,8 +33,9 @@ def test_info_deepseek_v2_lite(capsys):
 
 
 def test_info_small_preset_size(capsys):
-    assert 100e6 <= info_json("small", capsys)["total_params"] <= 300e6
-    assert info_json("nano", capsys)["total_params"] < 10e6
+    # the sizes README.md quotes: small ≈ 278M, nano ≈ 1.4M
+    assert info_json("small", capsys)["total_params"] == 277_601_280
+    assert info_json("nano", capsys)["total_params"] == 1_372_928
 
 
 def test_info_reads_checkpoint_folder(tmp_path, capsys):
@@ -56,11 +57,49 @@ def test_init_then_generate_on_a_folder(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, "-m", "dsv2.cli", *a], capture_output=True, text=True)  # noqa: E731
     assert run("init", "nano", str(folder), "--dtype", "float32").returncode == 0
     assert (folder / "tokenizer.json").is_file() and (folder / "config.json").is_file()
-    out = run("generate", str(folder), "--prompt", "def f():", "--max-tokens", "5", "--temperature", "0", "-v")
+    greedy = ("--prompt", "def f():", "--max-tokens", "5", "--temperature", "0")
+    out = run("generate", str(folder), *greedy, "-v")
     assert out.returncode == 0, out.stderr
-    assert "5 generated" in out.stderr or "generated" in out.stderr
+    assert "[9 prompt tokens at " in out.stderr and ", 5 generated, " in out.stderr  # BOS + 8 bytes; max_tokens
+    # the other spelling of the model names the same one: the same greedy text
+    assert run("generate", "--model", str(folder), *greedy).stdout == out.stdout
     bad = run("generate", str(folder), "--prompt", "x", "--top-p", "0")
     assert bad.returncode == 2 and "`top_p`" in bad.stderr
     chat = subprocess.run([sys.executable, "-m", "dsv2.cli", "chat", str(folder), "--max-tokens", "3"],
                           input="hello\n/exit\n", capture_output=True, text=True)
     assert chat.returncode == 0 and "assistant>" in chat.stdout
+
+
+# ------------------------------------------------------------------------ one way to name a model
+# (command, the arguments it needs besides the model, its default when no model is given; None = required)
+MODEL_COMMANDS = [
+    ("info", [], None), ("init", ["out"], None), ("generate", [], None), ("chat", [], None),
+    ("serve", [], "nano"), ("train", [], None), ("data", [], "nano"), ("eval", [], None),
+]
+
+
+@pytest.mark.parametrize(("command", "rest", "default"), MODEL_COMMANDS, ids=[c[0] for c in MODEL_COMMANDS])
+def test_model_is_positional_or_option(command, rest, default, capsys):
+    assert parse_args([command, "small", *rest]).model == "small"
+    assert parse_args([command, "--model", "small", *rest]).model == "small"
+    assert parse_args([command, "--model", "small", "small", *rest]).model == "small"  # the same twice is fine
+    with pytest.raises(SystemExit) as e:
+        parse_args([command, "small", *rest, "--model", "nano"])
+    assert e.value.code == 2
+    assert f"dsv2 {command}: error: MODEL 'small' and --model 'nano' disagree" in capsys.readouterr().err
+    if command == "train":  # no model: TrainConfig's default (nano), which the parser leaves to it
+        assert parse_args([command, *rest]).model is None
+    elif default is not None:
+        assert parse_args([command, *rest]).model == default
+    else:
+        with pytest.raises(SystemExit):
+            parse_args([command, *rest])
+        assert f"dsv2 {command}: error: the following arguments are required: MODEL" in capsys.readouterr().err
+
+
+def test_model_keeps_the_other_options():
+    args = parse_args(["train", "small", "--steps", "7", "--out", "runs/x"])
+    assert (args.model, args.steps, args.out) == ("small", 7, "runs/x")
+    assert parse_args(["plot", "runs/x"]).run == "runs/x"  # a run folder, not a model: no --model
+    with pytest.raises(SystemExit):
+        parse_args(["init", "--model", "no-such-preset", "out"])  # init's preset keeps its choices

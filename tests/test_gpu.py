@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hub_config
-from test_hf_parity import randomize_
+from conftest import hub_config, randomize_
 
 import dsv2
 from dsv2.infer.cache import LatentCache

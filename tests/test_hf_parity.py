@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CASES, hub_config
+from conftest import CASES, hub_config, randomize_, require
 
 import dsv2
 
-transformers = pytest.importorskip("transformers", minversion="5.17")
+transformers = require("transformers")
 
 SEQ = 200  # > 3x every case's original_max_position_embeddings
 FP32_TOL = 1e-5
@@ -31,16 +31,6 @@ BF16_SLACK = 2e-3
 def mean_rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     ours, theirs = ours.float(), theirs.float()
     return ((ours - theirs).abs().mean() / theirs.abs().mean()).item()
-
-
-def randomize_(model: torch.nn.Module, std: float = 0.1) -> None:
-    """Weights large enough that attention is far from uniform, and norm weights that are not all ones."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, std)
 
 
 def rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:

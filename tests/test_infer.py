@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CASES, hub_config
-from test_hf_parity import randomize_
+from conftest import CASES, PROMPTS, random_model, randomize_, require
 
 import dsv2
 from dsv2 import LLM, SamplingError, SamplingParams
@@ -22,12 +21,6 @@ from dsv2.tokenizer import Tokenizer
 
 def rel_err(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
-def random_model(case="v2_like", dtype=torch.float32):
-    model = dsv2.random_model(dsv2.ModelConfig.from_dict(hub_config(case)), dtype=dtype)
-    randomize_(model)
-    return model.eval()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -178,9 +171,6 @@ def test_cache_bytes_formula():
     assert cache.bytes_in_use() == 8 * 2 * (512 + 64) * 2
 
 
-PROMPTS = [[5, 17, 99], list(range(30, 71)), [200], list(range(100, 112))]
-
-
 @pytest.fixture(scope="module")
 def llm():
     torch.manual_seed(0)
@@ -189,7 +179,7 @@ def llm():
 
 
 def test_engine_greedy_equals_plain_loop_and_transformers(llm, tmp_path):
-    import transformers
+    transformers = require("transformers")
 
     params = SamplingParams(max_tokens=12, temperature=0)
     outs = llm.generate(PROMPTS, params)  # 4 mixed-length prompts through 3 slots: admission mid-run too

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import torch
-from conftest import hub_config
-from test_hf_parity import randomize_
+from conftest import random_model
 
-import dsv2
 from dsv2.model.rope import apply_rope
 
 
@@ -28,15 +26,9 @@ def test_interleaved_rope_equals_permuted_rotate_half():
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
-def model(case="v2_like"):
-    m = dsv2.random_model(dsv2.ModelConfig.from_dict(hub_config(case)), seed=0)
-    randomize_(m)  # attention and routing far from uniform
-    return m
-
-
 @torch.no_grad()
 def test_batched_equals_one_at_a_time():
-    m = model()
+    m = random_model()
     x = torch.randint(0, 256, (3, 40))
     batched = m(x)
     for i in range(3):
@@ -45,14 +37,14 @@ def test_batched_equals_one_at_a_time():
 
 @torch.no_grad()
 def test_causal_prefix_logits_do_not_see_the_future():
-    m = model("lite_like")
+    m = random_model("lite_like")
     x = torch.randint(0, 256, (1, 60))
     torch.testing.assert_close(m(x)[:, :25], m(x[:, :25]), rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
 def test_explicit_positions_match_default_and_shift_changes_output():
-    m = model()
+    m = random_model()
     x = torch.randint(0, 256, (2, 30))
     torch.testing.assert_close(m(x, torch.arange(30)), m(x))
     torch.testing.assert_close(m(x, torch.arange(30).expand(2, 30)), m(x))
@@ -62,7 +54,7 @@ def test_explicit_positions_match_default_and_shift_changes_output():
 
 
 def test_training_backward_reaches_every_parameter():
-    m = model()
+    m = random_model()
     m.train()
     x = torch.randint(0, 256, (4, 64))
     torch.nn.functional.cross_entropy(m(x).flatten(0, 1), x.roll(-1, 1).flatten()).backward()

@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from test_infer import PROMPTS, random_model
+from conftest import PROMPTS, random_model
 
 from dsv2 import SamplingParams
 from dsv2.infer.cache import LatentCache, PagedLatentCache

@@ -13,12 +13,13 @@ import time
 import httpx
 import pytest
 import torch
+from conftest import require
 
 from dsv2 import LLM, SamplingParams
 from dsv2.infer.engine import LLMEngine
 
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
+openai = require("openai")
+uvicorn = require("uvicorn")
 from dsv2.serve.api import create_app  # noqa: E402
 
 KEY = "sk-test"

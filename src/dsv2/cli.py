@@ -50,10 +50,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     from dsv2.tokenizer import Tokenizer
     from dsv2.weights import load_model, save_model
 
-    model = load_model(args.preset, dtype=getattr(torch, args.dtype), seed=args.seed)
+    model = load_model(args.model, dtype=getattr(torch, args.dtype), seed=args.seed)
     save_model(model, args.out)
     Tokenizer.byte_level(model.config).save(args.out)
-    print(f"wrote {args.out}: random {args.preset} weights ({args.dtype}) and a byte-level tokenizer.json")
+    print(f"wrote {args.out}: random {args.model} weights ({args.dtype}) and a byte-level tokenizer.json")
     return 0
 
 
@@ -76,13 +76,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     llm = _llm(args)
     if args.chat:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if llm.tokenizer else prompt
+    generated = 0
     for event in llm.stream([prompt], params):
+        generated += 1
         print(event.text_delta, end="", flush=True)
     print()
     if args.verbose:
+        # the first new token comes out of the prefill step, so the engine's decode count is one short of it
         s = llm.stats()
         print(f"[{s['prefill_tokens']} prompt tokens at {s['prefill_tok_per_s']:.1f} tok/s, "
-              f"{s['decode_tokens']} generated at {s['decode_tok_per_s']:.1f} tok/s, "
+              f"{generated} generated, decoding at {s['decode_tok_per_s']:.1f} tok/s, "
               f"latent cache {s['kv_cache_peak_bytes_in_use']:,} bytes]", file=sys.stderr)
     return 0
 
@@ -193,7 +196,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dsv2.train.pretrain import PackedText
     from dsv2.weights import load_model
 
-    run = Path(args.target)
+    run = Path(args.model)
     model_dir = run / "model" if (run / "model").is_dir() else checkpoint.latest_checkpoint(run) or run
     data = Path(args.data) if args.data else run / "data"
     model = load_model(model_dir, dtype=torch.float32, progress=False)
@@ -230,7 +233,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument("model", help=f"checkpoint folder (with tokenizer.json) or preset ({', '.join(PRESETS)})")
     p.add_argument("--max-tokens", type=int, default=max_tokens)
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -242,22 +244,52 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
 
 
+CHECKPOINT_HELP = f"checkpoint folder (with tokenizer.json) or preset ({', '.join(PRESETS)})"
+MODEL_RULE = ("Every command that works on a model (info, init, generate, chat, serve, train, data, eval) names "
+              "it by its first positional argument MODEL or, equally, by --model MODEL. Given both ways they must "
+              "agree; given neither, serve, train and data use nano and the others ask for one. plot takes a run "
+              "folder, which is not a model.")
+
+
+def _add_model_args(p: argparse.ArgumentParser, what: str, default: str | None = None, required: bool = False,
+                    choices: list[str] | None = None) -> None:
+    """The model as the positional MODEL and as its synonym `--model` (as in `vllm serve MODEL`).
+
+    Both are optional to argparse so that either spelling works; `_reconcile_model` merges them after parsing
+    and applies `default`, or refuses a missing model when `required`."""
+    p.add_argument("model", nargs="?", metavar="MODEL", choices=choices, help=what)
+    p.add_argument("--model", dest="model_option", metavar="MODEL", choices=choices, help="the same as MODEL")
+    p.set_defaults(model_default=default, model_required=required, model_parser=p)
+
+
+def _reconcile_model(args: argparse.Namespace) -> None:
+    """Merge MODEL and --model into `args.model`: an error if they differ, the command's default if neither."""
+    parser = args.model_parser
+    if args.model is not None and args.model_option is not None and args.model != args.model_option:
+        parser.error(f"MODEL {args.model!r} and --model {args.model_option!r} disagree: name the model once")
+    args.model = next((m for m in (args.model, args.model_option, args.model_default) if m is not None), None)
+    if args.model is None and args.model_required:
+        parser.error("the following arguments are required: MODEL (or --model MODEL)")
+    del args.model_option, args.model_default, args.model_required, args.model_parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsv2", description="DeepSeek-V2 in readable PyTorch")
+    parser = argparse.ArgumentParser(prog="dsv2", description="DeepSeek-V2 in readable PyTorch", epilog=MODEL_RULE)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="parameter counts and KV-cache size of a preset or checkpoint")
-    info.add_argument("model", help=f"preset ({', '.join(PRESETS)}), checkpoint folder or config.json")
+    _add_model_args(info, f"preset ({', '.join(PRESETS)}), checkpoint folder or config.json", required=True)
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info.set_defaults(func=cmd_info)
 
     init = sub.add_parser("init", help="write a random-weights checkpoint folder from a preset")
-    init.add_argument("preset", choices=list(PRESETS))
+    _add_model_args(init, "preset to initialise", required=True, choices=list(PRESETS))
     init.add_argument("out", help="folder to write")
     init.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(func=cmd_init)
 
     gen = sub.add_parser("generate", help="complete a prompt (streams the text)")
+    _add_model_args(gen, CHECKPOINT_HELP, required=True)
     _add_sampling_args(gen, max_tokens=128)
     gen.add_argument("--prompt", help="prompt text (default: read standard input)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
@@ -265,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     tr = sub.add_parser("train", help="pretrain (default: the nano preset on the Python standard library)")
-    tr.add_argument("--model", help="preset, config.json or checkpoint folder (default nano)")
+    _add_model_args(tr, "preset, config.json or checkpoint folder (default nano)")
     tr.add_argument("--data", help="folder of text files or a JSONL file (default: Python's standard library)")
     tr.add_argument("--out", help="run folder (default runs/nano)")
     tr.add_argument("--steps", type=int)
@@ -302,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="tokenizer + packed token shards for training (default: Python's stdlib)")
     data.add_argument("--data", help="folder of text files or a JSONL file (default: Python's standard library)")
     data.add_argument("--out", default="runs/nano", help="run folder to fill (tokenizer.json, data/)")
-    data.add_argument("--model", default="nano", help="preset or config whose vocab_size the tokenizer gets")
+    _add_model_args(data, "preset or config whose vocab_size the tokenizer gets (default nano)", default="nano")
     data.add_argument("--max-documents", dest="max_documents", type=int, default=None,
                       help="documents of the source to read (default: all)")
     data.add_argument("--no-dedup", dest="dedup", action="store_false",
@@ -318,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(func=cmd_plot)
 
     ev = sub.add_parser("eval", help="validation loss and perplexity of a run or model folder")
-    ev.add_argument("target", help="run folder, or model folder with --data")
+    _add_model_args(ev, "run folder (its final model or latest checkpoint), or model folder with --data",
+                    required=True)
     ev.add_argument("--data", help="shard folder (default RUN/data)")
     ev.add_argument("--batches", type=int, default=8)
     ev.add_argument("--batch-size", dest="batch_size", type=int, default=8)
@@ -326,8 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, paged latent cache)")
-    serve.add_argument("--model", default="nano",
-                       help=f"model folder (with tokenizer.json) or preset ({', '.join(PRESETS)}); default nano")
+    _add_model_args(serve, CHECKPOINT_HELP + "; default nano", default="nano")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", dest="api_key", help="require `Authorization: Bearer KEY` on /v1/*")
@@ -340,14 +372,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     chat = sub.add_parser("chat", help="interactive chat with streaming replies")
+    _add_model_args(chat, CHECKPOINT_HELP, required=True)
     _add_sampling_args(chat, max_tokens=512)
     chat.add_argument("--system", help="system message")
     chat.set_defaults(func=cmd_chat)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as a namespace, with its model (MODEL or --model) in `args.model`."""
     args = build_parser().parse_args(argv)
+    if hasattr(args, "model_parser"):  # every command but plot takes a model
+        _reconcile_model(args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, SamplingError, TokenizerError, OSError, ValueError) as e:
