@@ -130,8 +130,7 @@ def test_stage_from_a_model_folder_with_overrides(tmp_path):
     overrides = {"max_position_embeddings": 8192, "rope_scaling": yarn}
     cfg = PretrainConfig(model=str(base), config_overrides=overrides, out=str(tmp_path / "run"), steps=2,
                          batch_size=2, seq_len=32, max_documents=120, tokenizer_documents=40, progress=False)
-    stage = core.Stage("long-context", cfg, data=None)  # only the model is built here
-    config = core.model_config(stage.config)
+    config = core.model_config(cfg)
     model = core.initial_model(cfg, config, torch.device("cpu"))
     start = dsv2.load_model(base, progress=False)
     assert model.config.max_position_embeddings == 8192 and model.config.rope_scaling["factor"] == 16.0

@@ -159,10 +159,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     """Train the byte-level BPE and build the deduplicated shards, as `dsv2 train` would, into a run folder."""
     from dsv2.data.prepare import prepare_run_data
 
-    _, train, val = prepare_run_data(
-        args.out, args.data, resolve_config(args.model), max_documents=args.max_documents, dedup=args.dedup,
-        near_duplicate_threshold=args.near_dup_threshold,
-    )
+    dedup = {k: getattr(args, k) for k in ("dedup", "near_duplicate_threshold") if getattr(args, k) is not None}
+    _, train, val = prepare_run_data(args.out, args.data, resolve_config(args.model),
+                                     max_documents=args.max_documents, **dedup)
     m = train.manifest
     print(f"{args.out}: tokenizer.json and data/ with {train.num_tokens:,} train tokens ({train.num_documents:,} "
           f"documents) and {val.num_tokens:,} validation tokens ({val.num_documents:,} documents)")
@@ -273,6 +272,15 @@ def _reconcile_model(args: argparse.Namespace) -> None:
     del args.model_option, args.model_default, args.model_required, args.model_parser
 
 
+def _add_dedup_args(p: argparse.ArgumentParser) -> None:
+    """Deduplication options of `train` and `data`; None when not given, so the library's defaults apply."""
+    p.add_argument("--no-dedup", dest="dedup", action="store_false", default=None,
+                   help="keep exact and near-duplicate documents (default: drop them, first occurrence kept)")
+    p.add_argument("--near-dup-threshold", dest="near_duplicate_threshold", type=float,
+                   help=f"estimated Jaccard similarity of word 5-grams above which a document is a near "
+                        f"duplicate (default {DEFAULT_THRESHOLD})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv2", description="DeepSeek-V2 in readable PyTorch", epilog=MODEL_RULE)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -317,10 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--capacity-factor", dest="capacity_factor", type=float, help="token dropping (paper: 1.0)")
     tr.add_argument("--max-documents", dest="max_documents", type=int, help="documents to tokenise")
     tr.add_argument("--tokenizer-documents", dest="tokenizer_documents", type=int, help="documents to train BPE on")
-    tr.add_argument("--no-dedup", dest="dedup", action="store_false", default=None,
-                    help="keep exact and near-duplicate documents")
-    tr.add_argument("--near-dup-threshold", dest="near_dup_threshold", type=float,
-                    help=f"MinHash Jaccard from which a document is a near duplicate (default {DEFAULT_THRESHOLD})")
+    _add_dedup_args(tr)
     tr.add_argument("--eval-every", dest="eval_every", type=int)
     tr.add_argument("--save-every", dest="save_every", type=int)
     tr.add_argument("--seed", type=int)
@@ -337,11 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(data, "preset or config whose vocab_size the tokenizer gets (default nano)", default="nano")
     data.add_argument("--max-documents", dest="max_documents", type=int, default=None,
                       help="documents of the source to read (default: all)")
-    data.add_argument("--no-dedup", dest="dedup", action="store_false",
-                      help="keep exact and near-duplicate documents (default: drop them, first occurrence kept)")
-    data.add_argument("--near-dup-threshold", dest="near_dup_threshold", type=float, default=DEFAULT_THRESHOLD,
-                      help=f"estimated Jaccard similarity of word 5-grams above which a document is a near "
-                           f"duplicate (default {DEFAULT_THRESHOLD})")
+    _add_dedup_args(data)
     data.set_defaults(func=cmd_data)
 
     plot = sub.add_parser("plot", help="PNG plots of a training run: loss, lr, expert load")

@@ -24,6 +24,8 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+from tokenizers import Tokenizer as HFTokenizer
+
 from dsv2.atomic import atomic_path, fsync_dir
 from dsv2.config import ModelConfig
 from dsv2.data.corpus import Corpus, DataError
@@ -82,8 +84,6 @@ def _build(
     if first is None:
         raise _no_documents(corpus)
     if train_tokenizer and given is not None:
-        from tokenizers import Tokenizer as HFTokenizer
-
         hf = HFTokenizer.from_file(str(given))
         if (ids := hf.get_vocab_size(with_added_tokens=True)) != config.vocab_size:
             raise DataError(f"{given}: {ids} ids, but the model's vocab_size is {config.vocab_size}")

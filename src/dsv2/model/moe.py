@@ -92,7 +92,7 @@ class RoutedExperts(nn.Module):
         """Indexable per-expert weights. When gradients flow, one `unbind` per tensor: indexing the stacked
         parameter once per expert would make autograd allocate and zero a gradient the size of all E
         experts for every expert used (22 GB of memory traffic per step for `small`)."""
-        if torch.is_grad_enabled() and self.w1.requires_grad:
+        if differentiating(self.w1):
             return self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
         return self.w1, self.w2, self.w3
 

@@ -28,6 +28,7 @@ from dsv2.config import ModelConfig
 from dsv2.model import Transformer
 from dsv2.model.moe import MoE, Routing
 from dsv2.train.distributed import Distributed
+from dsv2.train.parallel import device_limited
 
 # V2's coefficients (paper §3.1.2); V2-Lite uses only the expert-level loss with α1 = 0.001 (appendix B.1)
 ALPHA_EXPERT, ALPHA_DEVICE, ALPHA_COMM = 0.003, 0.05, 0.02
@@ -223,7 +224,7 @@ def default_alphas(config: ModelConfig, expert: float | None = None, device: flo
                    comm: float | None = None) -> tuple[float, float, float]:
     """(α1, α2, α3): the paper's V2 values when routing is device-limited, else only the expert-level loss with
     the config's `aux_loss_alpha` (DeepSeek-V2-Lite's recipe); a given value replaces its default."""
-    limited = config.routing_method == "group_limited_greedy" and (config.n_group or 1) > 1
+    limited = device_limited(config)
     defaults = (ALPHA_EXPERT, ALPHA_DEVICE, ALPHA_COMM) if limited else (config.aux_loss_alpha, 0.0, 0.0)
     return tuple(d if c is None else c for c, d in zip((expert, device, comm), defaults, strict=True))
 

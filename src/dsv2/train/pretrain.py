@@ -31,7 +31,7 @@ class PretrainConfig(core.TrainConfig):
     max_documents: int | None = DEFAULT_MAX_DOCUMENTS  # documents of the corpus to tokenise (None = all)
     tokenizer_documents: int = DEFAULT_TOKENIZER_DOCUMENTS
     dedup: bool = True  # drop exact and near-duplicate documents (data/dedup.py)
-    near_dup_threshold: float = DEFAULT_THRESHOLD
+    near_duplicate_threshold: float = DEFAULT_THRESHOLD
 
 
 class PackedText:
@@ -60,7 +60,7 @@ def stage(cfg: PretrainConfig, dist: Distributed) -> core.Stage:
         dist.barrier()
     tokenizer, train_shards, val_shards = prepare_run_data(
         cfg.out, cfg.data, config, max_documents=cfg.max_documents, tokenizer_documents=cfg.tokenizer_documents,
-        dedup=cfg.dedup, near_duplicate_threshold=cfg.near_dup_threshold, progress=cfg.progress and dist.is_main,
+        dedup=cfg.dedup, near_duplicate_threshold=cfg.near_duplicate_threshold, progress=cfg.progress and dist.is_main,
         tokenizer_from=cfg.model if (Path(cfg.model) / TOKENIZER_FILE).is_file() else None,
     )
     if dist.is_main:
