@@ -334,3 +334,43 @@ def test_model_folder_without_tokenizer(tmp_path):
     assert len(ids_only.generate([[0, 5, 6]], SamplingParams(max_tokens=3))[0].token_ids) <= 3
     with pytest.raises(ValueError, match="no tokenizer"):
         ids_only.generate("text prompt")
+
+
+@torch.no_grad()
+def test_engine_records_logprobs_and_routing_of_every_token():
+    """What GRPO needs from a rollout: each sampled token's log p under the model, and the experts every token
+    fed to the model was routed to. Both must equal a plain full forward of the finished sequence."""
+    model = random_model("v2_like")
+    engine = LLMEngine(model, max_running=4, prefill_chunk=8, max_prefill_tokens=8)  # chunked prefill too
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=3, logprobs=2, ignore_eos=True)
+    requests = [engine.make_request(p, params, record_routing=True) for p in PROMPTS[:3]]
+    for r in requests:
+        engine.add_request(r)
+    while engine.has_unfinished():
+        engine.step()
+    for r in requests:
+        out = r.out
+        tokens = torch.tensor([out.prompt_token_ids + out.token_ids[:-1]])
+        logits, routings = model(tokens, return_routing=True)
+        expected = logits[0, len(out.prompt_token_ids) - 1 :].log_softmax(-1)
+        generated = torch.tensor(out.token_ids)
+        assert torch.allclose(torch.tensor(out.logprobs), expected.gather(1, generated[:, None])[:, 0], atol=1e-4)
+        assert [len(top) for top in out.top_logprobs] == [2] * len(generated)
+        assert out.routing.shape == (tokens.shape[1], len(routings), model.config.num_experts_per_tok)
+        want = torch.stack([x.indices[0] for x in routings], dim=1)  # [T, L, K]
+        assert torch.equal(out.routing.sort(-1).values, want.sort(-1).values)
+
+
+def test_replayed_routing_reproduces_the_router_and_overrides_it():
+    model = random_model("v2_like")
+    tokens = torch.randint(0, model.config.vocab_size, (2, 12))
+    logits, routings = model(tokens, return_routing=True)
+    own = torch.stack([r.indices for r in routings], dim=2)  # [B,S,L,K]
+    assert torch.allclose(model(tokens, replay=own), logits, atol=1e-6)
+    forced = torch.zeros_like(own)  # every token to expert 0 (and its other slots) in every layer
+    forced[..., 1:] = torch.arange(1, own.shape[-1])
+    replayed, replayed_routings = model(tokens, return_routing=True, replay=forced)
+    assert all(torch.equal(r.indices, forced[:, :, i]) for i, r in enumerate(replayed_routings))
+    assert not torch.allclose(replayed, logits, atol=1e-4)
+    with pytest.raises(ValueError, match="replay"):
+        model(tokens, replay=own[:, :5])

@@ -45,6 +45,13 @@ class RequestOutput:
     text: str | None = None
     finish_reason: str | None = None  # "stop" (EOS, stop token or stop string), "length" or "abort"
     request_id: str = ""
+    # with SamplingParams.logprobs: log p(token) of each generated token under the model's own distribution
+    # (log-softmax of its logits, before penalties, temperature and filters), and the top-n {id: log p}
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    # with make_request(record_routing=True), once finished: [T, L, K] the experts every token fed to the model
+    # (prompt and generated, T = len(prompt) + len(generated) - 1) was routed to in each of the L MoE layers
+    routing: torch.Tensor | None = None
 
     @property
     def finished(self) -> bool:
@@ -70,6 +77,7 @@ class Request:
     generator: torch.Generator
     stop_ids: set[int]
     text_sent: int = 0  # characters of out.text streamed so far
+    routing: dict[int, torch.Tensor] | None = None  # position -> [L, K] experts (recomputed positions overwrite)
 
     @property
     def request_id(self) -> str:
@@ -148,9 +156,11 @@ class LLMEngine:
     # ---------------------------------------------------------------------------------------- requests
     def make_request(
         self, prompt: Prompt, params: SamplingParams, request_id: str | None = None, index: int = 0,
-        what: str = "prompt",
+        what: str = "prompt", record_routing: bool = False,
     ) -> Request:
-        """Tokenise and validate; raises (naming `what`) before anything is queued. Thread-safe."""
+        """Tokenise and validate; raises (naming `what`) before anything is queued. Thread-safe.
+        `record_routing`: keep the experts every token was routed to (`RequestOutput.routing`), for RL's
+        routing replay."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, str):
@@ -171,7 +181,10 @@ class LLMEngine:
         seq = CacheSequence(request_id, list(ids), len(ids), params.max_tokens)
         self.scheduler.check_fits(seq, what)
         out = RequestOutput(index, ids, text="" if self.tokenizer else None, request_id=request_id)
-        return Request(seq, out, params, params.generator(self.device), set(params.stop_token_ids) | eos_ids)
+        if params.logprobs is not None:
+            out.logprobs, out.top_logprobs = [], []
+        return Request(seq, out, params, params.generator(self.device), set(params.stop_token_ids) | eos_ids,
+                       routing={} if record_routing else None)
 
     def check_context(self, prompt_len: int, max_tokens: int, what: str = "prompt") -> None:
         """The context-length rule: the prompt and its max_tokens new tokens must fit the model's context.
@@ -227,21 +240,23 @@ class LLMEngine:
             seqs = plan.decode
             view = self.cache.view([s.blocks for s in seqs], [s.num_computed for s in seqs])
             last = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
-            logits = self.model(last, cache=view)[:, -1]
+            requests = [self.requests[s.request_id] for s in seqs]
+            logits = self._forward(requests, last, view, [s.num_computed for s in seqs])[:, -1]
             for s in seqs:
                 self.scheduler.computed(s, 1)
-            sampled.append(("decode", [self.requests[s.request_id] for s in seqs], logits, time.perf_counter() - t))
+            sampled.append(("decode", requests, logits, time.perf_counter() - t))
             self._totals["decode_tokens"] += len(seqs)
         for seq, n in plan.prefill:
             t = time.perf_counter()
             start = seq.num_computed
             view = self.cache.view([seq.blocks], [start])
             tokens = torch.tensor([seq.tokens[start : start + n]], device=self.device)
-            logits = self.model(tokens, cache=view, logits_index=torch.tensor([n - 1], device=self.device))
+            request = self.requests[seq.request_id]
+            logits = self._forward([request], tokens, view, [start], torch.tensor([n - 1], device=self.device))
             self.scheduler.computed(seq, n)
             self._totals["prefill_tokens"] += n
             if seq.num_computed == len(seq.tokens):  # all cached: the last token's logits give the next token
-                sampled.append(("prefill", [self.requests[seq.request_id]], logits, time.perf_counter() - t))
+                sampled.append(("prefill", [request], logits, time.perf_counter() - t))
             else:
                 self._totals["prefill_s"] += time.perf_counter() - t
         self._step_usage = (self.cache.num_blocks - self.scheduler.allocator.num_free, self._cached_tokens())
@@ -253,6 +268,20 @@ class LLMEngine:
         self._totals["steps"] += 1
         return events
 
+    def _forward(self, requests: list[Request], tokens: torch.Tensor, view, starts: list[int],
+                 logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """The model on one batch of rows; the routing of the rows that record it is kept by position."""
+        if all(r.routing is None for r in requests):
+            return self.model(tokens, cache=view, logits_index=logits_index)
+        logits, routings = self.model(tokens, cache=view, logits_index=logits_index, return_routing=True)
+        B, S = tokens.shape
+        chosen = (torch.stack([r.indices for r in routings], dim=2).cpu() if routings  # [B,S,L,K]
+                  else torch.empty(B, S, 0, 0, dtype=torch.long))  # a dense model routes nothing
+        for r, start, row in zip(requests, starts, chosen, strict=True):
+            if r.routing is not None:
+                r.routing.update({start + i: experts for i, experts in enumerate(row)})
+        return logits
+
     def _emit(self, requests: list[Request], logits: torch.Tensor) -> list[StreamEvent]:
         """Sample one token per request, update its output, retire finished ones, return the events."""
         plain_greedy = [r.params.greedy and r.params.repetition_penalty == 1.0 for r in requests]
@@ -263,6 +292,12 @@ class LLMEngine:
             token = argmax[i] if plain_greedy[i] else sample(row, r.params, seq.tokens, r.generator)
             seq.tokens.append(token)
             out.token_ids.append(token)
+            if r.params.logprobs is not None:
+                logprobs = row.float().log_softmax(-1)
+                out.logprobs.append(float(logprobs[token]))
+                top = logprobs.topk(r.params.logprobs) if r.params.logprobs else None
+                out.top_logprobs.append({} if top is None else dict(zip(top.indices.tolist(), top.values.tolist(),
+                                                                        strict=True)))
             if token in r.stop_ids:
                 out.finish_reason = "stop"
             elif seq.num_generated >= seq.max_tokens:
@@ -277,6 +312,8 @@ class LLMEngine:
                 ready = len(text) if out.finished else releasable(text, stop)
                 out.text, delta, r.text_sent = text, text[r.text_sent : ready], max(r.text_sent, ready)
             if out.finished:
+                if r.routing is not None:
+                    out.routing = torch.stack([r.routing[p] for p in range(len(seq.tokens) - 1)])
                 self.scheduler.finish(seq)
                 del self.requests[seq.request_id]
             events.append(StreamEvent(out.index, token, delta, out.finish_reason, seq.request_id))

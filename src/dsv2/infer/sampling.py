@@ -27,6 +27,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
+    logprobs: int | None = None  # record each sampled token's log-probability, and the top n others' (0: none)
 
     def __post_init__(self) -> None:
         def fail(name: str, msg: str) -> None:
@@ -50,6 +51,9 @@ class SamplingParams:
             fail("stop", f"must be a non-empty string or a list of them, got {self.stop!r}")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             fail("stop_token_ids", f"must be non-negative token ids, got {self.stop_token_ids!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or self.logprobs < 0):
+            fail("logprobs", f"must be an integer >= 0 or None, got {self.logprobs!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             fail("seed", f"must be an integer, got {self.seed!r}")
 

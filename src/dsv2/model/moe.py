@@ -54,8 +54,23 @@ class Gate(nn.Module):
         """Make the fp32 copy of the weight once (see `Transformer.prepare_for_inference`)."""
         self.prepared_weight = self.weight.detach().float()  # detached: a Parameter would be registered as one
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [N,d] -> weights [N,K] fp32, expert ids [N,K], scores [N,E] fp32."""
+    def candidates(self, scores: torch.Tensor) -> torch.Tensor:
+        """The scores top-k picks from: all of them (greedy), or those in the M best groups (device-limited)."""
+        if self.method != "group_limited_greedy":
+            return scores
+        # a group's score is the best expert score in it; keep the M best groups (Eq. 23's device limit)
+        per_group = scores.unflatten(-1, (self.n_group, -1))  # [N,G,E/G]
+        top_groups = per_group.amax(dim=-1).topk(self.topk_group, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(per_group[..., 0], dtype=torch.bool).scatter_(1, top_groups, True)
+        return per_group.masked_fill(~keep.unsqueeze(-1), 0.0).flatten(1)
+
+    def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N,d] -> weights [N,K] fp32, expert ids [N,K], scores [N,E] fp32.
+
+        replay: expert ids [N,K] chosen elsewhere (the inference engine that sampled these tokens) to use
+        instead of this top-k: Rollout Routing Replay (R3, arXiv 2510.11370). The weights are still this
+        router's scores of those experts, under the same weight rule, so the router keeps its gradient."""
         # fp32 router like the reference; a prepared model made the fp32 copy of a bf16 weight once. Autocast
         # is switched off here, or bf16 autocast would run this GEMM in bf16: routing decisions are made on
         # differences between scores, which bf16's 8 bits of mantissa blur into ties (the reference routes in fp32)
@@ -63,14 +78,11 @@ class Gate(nn.Module):
         weight = self.prepared_weight if prepared else self.weight.float()
         with torch.autocast(x.device.type, enabled=False):
             scores = F.linear(x.float(), weight).softmax(dim=-1)
-        candidates = scores
-        if self.method == "group_limited_greedy":
-            # a group's score is the best expert score in it; keep the M best groups (Eq. 23's device limit)
-            per_group = scores.unflatten(-1, (self.n_group, -1))  # [N,G,E/G]
-            top_groups = per_group.amax(dim=-1).topk(self.topk_group, dim=-1, sorted=False).indices
-            keep = torch.zeros_like(per_group[..., 0], dtype=torch.bool).scatter_(1, top_groups, True)
-            candidates = per_group.masked_fill(~keep.unsqueeze(-1), 0.0).flatten(1)
-        weights, indices = candidates.topk(self.top_k, dim=-1, sorted=False)
+        if replay is not None:
+            indices = replay.to(device=scores.device, dtype=torch.long)
+            weights = scores.gather(1, indices)
+        else:
+            weights, indices = self.candidates(scores).topk(self.top_k, dim=-1, sorted=False)
         # DeepSeek-V2's rule is either/or: renormalised weights are not also scaled (reference-spec §11.2)
         if self.top_k > 1 and self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -162,14 +174,24 @@ class MoE(nn.Module):
         )
         self.capacity: nn.Module | None = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
-        """x [B,S,d] -> (output [B,S,d], this layer's routing).
+    def candidates(self, scores: torch.Tensor) -> torch.Tensor:
+        """The scores top-k picks from: all of them (greedy), or those in the M best groups (device-limited)."""
+        if self.method != "group_limited_greedy":
+            return scores
+        # a group's score is the best expert score in it; keep the M best groups (Eq. 23's device limit)
+        per_group = scores.unflatten(-1, (self.n_group, -1))  # [N,G,E/G]
+        top_groups = per_group.amax(dim=-1).topk(self.topk_group, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(per_group[..., 0], dtype=torch.bool).scatter_(1, top_groups, True)
+        return per_group.masked_fill(~keep.unsqueeze(-1), 0.0).flatten(1)
+
+    def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
+        """x [B,S,d] -> (output [B,S,d], this layer's routing); `replay` [B,S,K]: experts to route to (`Gate`).
 
         `capacity`, None in the model, is where training plumbing installs device-level token dropping
         (`dsv2.train.balance.install_token_dropping`): given the chosen slots' affinities and experts [B,S,K],
         it returns which slots to keep, and the dropped ones are removed before any expert runs."""
         flat = x.flatten(0, -2)
-        weights, indices, scores = self.gate(flat)
+        weights, indices, scores = self.gate(flat, None if replay is None else replay.flatten(0, -2))
         per_token = (*x.shape[:-1], -1)
         routing = Routing(scores.view(per_token), indices.view(per_token))
         if self.capacity is not None:

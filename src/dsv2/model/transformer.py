@@ -37,12 +37,12 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None,
                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, Routing | None]:
+                replay: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing | None]:
         """-> (h after the block, the MoE layer's routing or None for a dense layer)."""
         h = h + self.attn(self.attn_norm(h), cos, sin, cache, positions, mask)
         x = self.ffn_norm(h)
         if isinstance(self.ffn, MoE):
-            y, routing = self.ffn(x)
+            y, routing = self.ffn(x, replay)
             return h + y, routing
         return h + self.ffn(x), None
 
@@ -59,7 +59,7 @@ class Transformer(nn.Module):
 
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: Cache | None = None,
-        logits_index: torch.Tensor | None = None, return_routing: bool = False,
+        logits_index: torch.Tensor | None = None, return_routing: bool = False, replay: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[Routing]]:
         """tokens [B,S] -> logits [B,S,vocab] in the model dtype.
 
@@ -71,6 +71,8 @@ class Transformer(nn.Module):
             prefill needs only the last prompt token's, and the full [B,S,vocab] can be large.
         return_routing: also return each MoE layer's `Routing` (router scores and choices, and which
             slots token dropping kept), in layer order: what `dsv2.train.balance` computes its losses from.
+        replay: [B,S,L,K] the experts each token is to be routed to in each of the L MoE layers (layer
+            order), instead of the router's own top-k: routing replay for RL (`Gate.forward`).
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
@@ -88,9 +90,12 @@ class Transformer(nn.Module):
                 mask = torch.arange(span, device=tokens.device) <= positions.unsqueeze(-1)  # [B,S,T]
             # else: every row starts at 0, so plain causal masking (None) is exact and needs no [S,S] mask
         h = self.embed(tokens)
+        if replay is not None and replay.shape[:2] != (B, S):
+            raise ValueError(f"replay must be [batch, seq, moe layers, k] = [{B}, {S}, ...], got {tuple(replay.shape)}")
         routings = []
         for i, layer in enumerate(self.layers):
-            h, routing = layer(h, cos, sin, None if cache is None else cache.layer(i), positions, mask)
+            moe_replay = None if replay is None or not isinstance(layer.ffn, MoE) else replay[:, :, len(routings)]
+            h, routing = layer(h, cos, sin, None if cache is None else cache.layer(i), positions, mask, moe_replay)
             if routing is not None:
                 routings.append(routing)
         if logits_index is not None:

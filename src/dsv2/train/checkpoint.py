@@ -32,6 +32,7 @@ from dsv2.weights import load_model, save_model
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step_"
+ADAPTER_DIR = "adapter"  # an adapter run's adapter alone (PEFT's layout), in checkpoints and as RUN/adapter
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -48,9 +49,11 @@ def trainer_file(rank: int, world: int) -> str:
 
 def save_checkpoint(
     run_dir: str | os.PathLike, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
-    state: dict[str, Any], keep_last: int = 2, dist: Distributed | None = None,
+    state: dict[str, Any], keep_last: int = 2, dist: Distributed | None = None, adapter=None,
 ) -> Path:
-    """Write checkpoint `step`; with several processes every rank calls it (the weights are gathered)."""
+    """Write checkpoint `step`; with several processes every rank calls it (the weights are gathered). With an
+    `adapter` (`train.core.Adapter`, one process) the model files hold the merged weights, loadable like any
+    model, and `adapter/` the adapter, which is what a resumed run restores."""
     dist = dist or Distributed()
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"{PREFIX}{step:07d}"
@@ -68,6 +71,9 @@ def save_checkpoint(
     trainer = {"optimizer": parallel.local_optimizer_state(optimizer), "rng": rng}
     torch.save(trainer, tmp / trainer_file(dist.rank, dist.world))
     if dist.is_main:
+        if adapter is not None:
+            adapter.save(full, tmp / ADAPTER_DIR)
+            full = adapter.merged(full)
         save_model(full, tmp, progress=False)
         write_text_atomic(tmp / "state.json", json.dumps({"step": step, "world_size": dist.world, **state}, indent=1))
     dist.barrier()  # every rank's file is written before rank 0 commits
@@ -108,15 +114,17 @@ def check_world_size(path: str | os.PathLike, world: int) -> None:
 
 def load_checkpoint(
     path: str | os.PathLike, optimizer_factory, device: str | torch.device = "cpu",
-    prepare=None, dist: Distributed | None = None,
+    prepare=None, dist: Distributed | None = None, model: Transformer | None = None,
 ) -> tuple[Transformer, torch.optim.Optimizer, dict[str, Any]]:
     """Model, optimizer (built by `optimizer_factory(model)` then restored) and state.json of a checkpoint;
     the RNG states are restored as a side effect, so the run continues exactly. `prepare(model)` (e.g.
-    `parallel.parallelize`) is applied to the loaded model before the optimizer is built."""
+    `parallel.parallelize`) is applied to the loaded model before the optimizer is built. `model`: the model
+    to continue instead of the checkpoint's weights (an adapter run, whose adapter its caller restored)."""
     path = Path(path)
     dist = dist or Distributed()
     check_world_size(path, dist.world)
-    model = load_model(path, dtype=torch.float32, device=device, progress=False).train()
+    if model is None:
+        model = load_model(path, dtype=torch.float32, device=device, progress=False).train()
     if prepare is not None:
         model = prepare(model)
     optimizer = optimizer_factory(model)

@@ -57,6 +57,10 @@ class Batch:
     weights: torch.Tensor | None = None  # [B,S] float: how much each target counts in the loss (None: all 1)
     token_mask: torch.Tensor | None = None  # [B,S] bool: real tokens (None: no padding); balance losses and
     #                                         token dropping ignore the others
+    columns: dict[str, torch.Tensor] = field(default_factory=dict)  # [B,...] more per-row data for the
+    #                                         objective (GRPO: advantages, the rollout's log-probabilities)
+    replay: torch.Tensor | None = None  # [B,S,L,K] experts to route each token to (`Transformer.forward`)
+    denominator: float | None = None  # what the global batch's Σ loss·weight is divided by (None: Σ weight)
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -65,8 +69,11 @@ class Batch:
         return torch.ones(self.targets.shape) if self.weights is None else self.weights.float()
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
-        return Batch(*(None if t is None else fn(t) for t in (self.inputs, self.targets, self.weights,
-                                                                self.token_mask)))
+        def opt(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else fn(t)
+
+        return Batch(fn(self.inputs), fn(self.targets), opt(self.weights), opt(self.token_mask),
+                     {k: fn(v) for k, v in self.columns.items()}, opt(self.replay), self.denominator)
 
     def select(self, rows: slice) -> Batch:
         return self._map(lambda t: t[rows])
@@ -83,7 +90,6 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         return self._map(lambda t: t.to(device))
-
 
 class DataSource(Protocol):
     """Where a stage's training batches come from; its state is its position, saved in every checkpoint."""
@@ -217,14 +223,14 @@ def backward(model: Transformer, batch: Batch, ctx: StepContext) -> dict[str, An
     """Forward and backward of a global batch, gradients accumulated over its micro-batches; returns its
     losses (means over the whole global batch) and rank 0's per-layer statistics of the last micro-batch."""
     dist = ctx.dist
-    total_weight = batch.loss_weights().sum().clamp(min=1e-12)
+    total_weight = batch.loss_weights().sum().clamp(min=1e-12) if batch.denominator is None else batch.denominator
     loss_sum, aux_sum, sums, layers = 0.0, 0.0, {}, []
     for micro in batch.split(ctx.grad_accum):
         if ctx.dropping is not None:  # protected sequences are drawn per forward, on the global micro-batch
             ctx.dropping.new_batch(len(micro), micro.token_mask)
         part = micro.part(dist)
         with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
-            logits, routings = model(part.inputs, return_routing=True)
+            logits, routings = model(part.inputs, return_routing=True, replay=part.replay)
         token_loss = ctx.objective(logits.float(), part)
         loss = (token_loss * part.loss_weights().to(token_loss.device)).sum() * (dist.world / total_weight)
         aux, sums, layers = balance.routing_losses(routings, ctx.alphas, ctx.n_devices, ctx.topk_devices,
@@ -260,7 +266,7 @@ def evaluate(model: Transformer, batches: Iterable[Batch], objective: Objective 
     for batch in batches:
         part = batch.part(dist)
         w = part.loss_weights().to(dist.device)
-        total += (objective(model(part.inputs).float(), part) * w).sum().item()
+        total += (objective(model(part.inputs, replay=part.replay).float(), part) * w).sum().item()
         weight += w.sum().item()
     model.train(was_training)
     total, weight = dist.mean(total, weight)
@@ -268,9 +274,22 @@ def evaluate(model: Transformer, batches: Iterable[Batch], objective: Objective 
 
 
 # --------------------------------------------------------------------------------------------- loop
+class Adapter(Protocol):
+    """Trainable parameters added to a frozen model (LoRA: `dsv2.align.lora.Lora`)."""
+
+    def apply(self, model: Transformer) -> None: ...  # in place: freeze the base, add the adapter
+
+    def merged(self, model: Transformer) -> Transformer: ...  # a new plain model with the adapter folded in
+
+    def save(self, model: Transformer, folder: Path, base_model_name_or_path: str = "") -> None: ...
+
+    def load(self, model: Transformer, folder: Path) -> None: ...
+
+
 @dataclass
 class Stage:
-    """One training stage: its config, its data, its objective; validation batches and a tokenizer optional."""
+    """One training stage: its config, its data, its objective; validation batches, a tokenizer, an adapter
+    and the stage's own hooks optional."""
 
     name: str
     config: TrainConfig
@@ -278,7 +297,10 @@ class Stage:
     objective: Objective = next_token_loss
     validation: Callable[[], Iterable[Batch]] | None = None  # a fresh iterable of the fixed validation batches
     tokenizer: Tokenizer | None = None  # saved beside RUN/model
-
+    adapter: Adapter | None = None  # train only this on the frozen start model (one process)
+    on_model: Callable[[Transformer], None] | None = None  # given the model before the first step: a stage
+    #                                                        whose data comes from the model (GRPO) takes it here
+    metrics: Callable[[], dict[str, Any]] | None = None  # the stage's own figures of the step just taken
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop the lines of steps after `step` (a resumed run redoes them)."""
@@ -308,8 +330,17 @@ def run(stage: Stage, dist: Distributed | None = None) -> dict[str, Any]:
     def prepare(model: Transformer) -> Transformer:
         return parallel.parallelize(model, dist, activation_checkpointing=cfg.activation_checkpointing)
 
+    adapter = stage.adapter
+    if adapter is not None and (dist.world > 1 or cfg.activation_checkpointing):
+        raise ValueError(f"{stage.name}: an adapter (LoRA) trains on one process without activation checkpointing")
     if latest is not None:
-        model, optimizer, state = checkpoint.load_checkpoint(latest, make_optimizer, dist.device, prepare, dist)
+        base = None
+        if adapter is not None:  # the frozen weights are the start model's; the checkpoint holds the adapter
+            base = initial_model(cfg, config, dist.device)
+            adapter.apply(base)
+            adapter.load(base, latest / checkpoint.ADAPTER_DIR)
+        model, optimizer, state = checkpoint.load_checkpoint(latest, make_optimizer, dist.device, prepare, dist,
+                                                             model=base)
         start = state["step"]
         stage.data.load_state_dict(state["data"])
         if dist.is_main:
@@ -317,13 +348,18 @@ def run(stage: Stage, dist: Distributed | None = None) -> dict[str, Any]:
     else:
         if cfg.resume and dist.is_main:
             print(f"no checkpoint in {out}: starting from scratch")
-        model = prepare(initial_model(cfg, config, dist.device))
+        model = initial_model(cfg, config, dist.device)
+        if adapter is not None:
+            adapter.apply(model)
+        model = prepare(model)
         optimizer, start = make_optimizer(model), 0
         if dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
             (out / METRICS_FILE).unlink(missing_ok=True)
             write_text_atomic(out / "train_config.json",
                               json.dumps({"stage": stage.name, **dataclasses.asdict(cfg)}, indent=1))
+    if stage.on_model is not None:
+        stage.on_model(model)
     dropping = None
     if cfg.capacity_factor is not None and n_devices > 1:  # with one device there is nothing to balance
         dropping = balance.install_token_dropping(model, cfg.capacity_factor, n_devices, dist)
@@ -347,6 +383,8 @@ def run(stage: Stage, dist: Distributed | None = None) -> dict[str, Any]:
             if stage.validation is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                 batches = itertools.islice(stage.validation(), cfg.eval_batches)
                 last["val_loss"] = evaluate(model, batches, stage.objective, dist)
+            if stage.metrics is not None:
+                last.update(stage.metrics())
             if metrics is not None:
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
@@ -354,13 +392,16 @@ def run(stage: Stage, dist: Distributed | None = None) -> dict[str, Any]:
             bar.update()
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 checkpoint.save_checkpoint(out, step + 1, model, optimizer, {"data": stage.data.state_dict()},
-                                           keep_last=cfg.keep_last, dist=dist)
+                                           keep_last=cfg.keep_last, dist=dist, adapter=adapter)
     finally:
         bar.close()
         if metrics is not None:
             metrics.close()
     full = parallel.full_model(model)  # collective: full weights on rank 0
     if dist.is_main:
+        if adapter is not None:
+            adapter.save(full, out / checkpoint.ADAPTER_DIR, base_model_name_or_path=str(cfg.model))
+            full = adapter.merged(full)
         save_model(full, out / "model", progress=False)
         if stage.tokenizer is not None:
             stage.tokenizer.save(out / "model")
