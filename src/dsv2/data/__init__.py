@@ -1,2 +1,3 @@
-"""Pretraining data: text sources -> documents (`corpus`), documents -> packed token shards and the
-resumable batch loader over them (`shards`)."""
+"""Training data: text sources -> documents (`corpus`), documents -> packed token shards and the resumable
+batch loader over them (`shards`) for pretraining; chat conversations -> padded batches with the loss on the
+assistant's replies (`sft`) for supervised fine-tuning."""
