@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import processors
 
 import dsv2
 from dsv2.tokenizer import Tokenizer, TokenizerError, train_bpe
@@ -37,6 +41,111 @@ def test_chat_template_renders_deepseek_v2_format(tok):
     )
     with pytest.raises(TokenizerError, match=r"messages\[0\]\.role"):
         tok.apply_chat_template([{"role": "robot", "content": "x"}])
+    with pytest.raises(TokenizerError, match=r"messages\[1\]\.content must be a string, got int"):
+        tok.encode_chat([{"role": "user", "content": "x"}, {"role": "assistant", "content": 3}])
+
+
+# A BPE that has learned the template's pieces, "\n\n" among them: at the end of a string "\n\n" is one
+# token, but before "User" the pre-tokenizer cuts it in two, so encoding the pieces apart gives other ids.
+CHAT_TEXT = ["User: What is 12+30?\n\nAssistant: 42.\n\n", "User: héllo 世界\n\nAssistant: ok ✓\n\n"] * 30
+SYSTEM = {"role": "system", "content": "Be brief."}
+CHAT = [
+    {"role": "user", "content": "What is 12+30?"},
+    {"role": "assistant", "content": "42."},
+    {"role": "user", "content": "héllo 世界"},
+    {"role": "assistant", "content": "héllo 世界 ✓\n\nbye"},
+]
+REPLIES = [" 42.", " héllo 世界 ✓\n\nbye"]
+PROMPTS = ["User: What is 12+30?\n\nAssistant:", "User: héllo 世界\n\nAssistant:"]  # what precedes each reply
+
+
+def chat_bpe() -> Tokenizer:
+    return Tokenizer(train_bpe(CHAT_TEXT, vocab_size=320, special_tokens=SPECIALS), bos_id=0, eos_id=1)
+
+
+@pytest.fixture(params=["bpe", "bytes"])
+def chat_tok(request) -> Tokenizer:
+    return chat_bpe() if request.param == "bpe" else Tokenizer.byte_level(dsv2.preset("nano"))
+
+
+def specials(tok: Tokenizer) -> tuple[str, str]:
+    return tok.hf.id_to_token(tok.bos_id), tok.hf.id_to_token(tok.eos_id)
+
+
+def conversation(system: bool) -> tuple[str, list[dict[str, str]]]:
+    """The rendered text before the first user turn, and the messages."""
+    return ("Be brief.\n\n", [SYSTEM, *CHAT]) if system else ("", CHAT)
+
+
+@pytest.mark.parametrize("system", [False, True])
+def test_chat_ids_are_the_whole_conversation_encoded_at_once(chat_tok, system):
+    bos, eos = specials(chat_tok)
+    head, messages = conversation(system)
+    text = f"{bos}{head}{PROMPTS[0]}{REPLIES[0]}{eos}{PROMPTS[1]}{REPLIES[1]}{eos}"
+    # the tokenizer's own HF object splits at the special tokens, as the template must
+    assert chat_tok.encode_chat(messages)[0] == chat_tok.hf.encode(text, add_special_tokens=False).ids
+    prompt = f"{bos}{head}{PROMPTS[0]}{REPLIES[0]}{eos}{PROMPTS[1]}"
+    assert chat_tok.apply_chat_template(messages[:-1]) == chat_tok.hf.encode(prompt, add_special_tokens=False).ids
+
+
+def test_encoding_the_template_pieces_apart_would_give_other_ids():
+    tok = chat_bpe()
+    assert "ĊĊ" in tok.hf.get_vocab()  # "\n\n" is one token at the end of a piece, two before "User" or "Assistant"
+    apart = [0, *tok.encode("User: What is 12+30?\n\n", add_bos=False), *tok.encode("Assistant:", add_bos=False)]
+    assert tok.apply_chat_template(CHAT[:1]) != apart
+
+
+@pytest.mark.parametrize("system", [False, True])
+def test_chat_mask_is_true_exactly_on_replies_and_their_eos(chat_tok, system):
+    head, messages = conversation(system)
+    ids, mask = chat_tok.encode_chat(messages)
+    assert len(mask) == len(ids)
+    bos, eos = specials(chat_tok)
+    # the runs of target tokens decode to the replies, each with its EOS; the other tokens to the rest
+    runs = [(target, chat_tok.hf.decode([i for i, _ in run], skip_special_tokens=False))
+            for target, run in itertools.groupby(zip(ids, mask, strict=True), key=lambda pair: pair[1])]
+    assert runs == [(False, f"{bos}{head}{PROMPTS[0]}"), (True, REPLIES[0] + eos),
+                    (False, PROMPTS[1]), (True, REPLIES[1] + eos)]
+
+
+@pytest.mark.parametrize("system", [False, True])
+def test_byte_level_chat_mask_token_by_token(system):
+    head, messages = conversation(system)
+    _, mask = Tokenizer.byte_level(dsv2.preset("nano")).encode_chat(messages)
+    expected = [False]  # BOS, then one token per byte, and an EOS after each reply
+    for piece, target in [(head + PROMPTS[0], False), (REPLIES[0], True), (PROMPTS[1], False), (REPLIES[1], True)]:
+        expected += [target] * len(piece.encode()) + ([True] if target else [])
+    assert mask == expected
+
+
+@pytest.mark.parametrize("system", [False, True])
+def test_generation_prompt_is_the_prefix_before_each_reply(chat_tok, system):
+    _, messages = conversation(system)
+    ids, mask = chat_tok.encode_chat(messages)
+    previous_end = 0  # just after the previous reply's EOS
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = chat_tok.apply_chat_template(messages[:k], add_generation_prompt=True)
+        end = ids.index(chat_tok.eos_id, len(prompt)) + 1  # this reply's EOS, inclusive
+        assert ids[: len(prompt)] == prompt
+        assert not any(mask[previous_end: len(prompt)]) and all(mask[len(prompt): end])
+        previous_end = end
+    assert previous_end == len(ids)
+
+
+def test_chat_mask_ignores_a_trimming_post_processor_and_text_cannot_inject_eos(chat_tok):
+    bos, eos = specials(chat_tok)
+    messages = [{"role": "user", "content": f"say {eos} twice"}, {"role": "assistant", "content": f"  \n\n{eos}x"}]
+    ids, mask = chat_tok.encode_chat(messages)
+    assert ids.count(chat_tok.eos_id) == 1 and ids[-1] == chat_tok.eos_id
+    trimming = Tokenizer(HFTokenizer.from_str(chat_tok.hf.to_str()), chat_tok.bos_id, chat_tok.eos_id)
+    trimming.hf.post_processor = processors.ByteLevel(trim_offsets=True)
+    offsets = trimming.hf.encode("Assistant:  \n\nx", add_special_tokens=False).offsets
+    assert any(start == end for start, end in offsets)  # whitespace-only tokens come back empty
+    assert trimming.encode_chat(messages) == (ids, mask)
+    prompt = chat_tok.apply_chat_template(messages[:1])
+    assert mask == [False] * len(prompt) + [True] * (len(ids) - len(prompt))
 
 
 def test_folder_tokenizer_and_errors(tok, tmp_path):

@@ -7,6 +7,7 @@ post-processor, so it is added exactly once whatever the file says (reference-sp
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,6 +19,7 @@ from dsv2.atomic import atomic_path
 from dsv2.config import ModelConfig
 
 TOKENIZER_FILE = "tokenizer.json"
+ROLES = ("system", "user", "assistant")
 
 
 class TokenizerError(ValueError):
@@ -67,24 +69,84 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=True)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        """DeepSeek-V2-Chat's template: BOS, then `User: …\\n\\n`, `Assistant: …<EOS>`, a system message
-        as `…\\n\\n`; with `add_generation_prompt`, a final `Assistant:`."""
+        """DeepSeek-V2-Chat's template: BOS, then per message a system prompt as `…\\n\\n`, `User: …\\n\\n` or
+        `Assistant: …<EOS>`; with `add_generation_prompt`, a final `Assistant:` for the model to continue.
+
+        The ids are those of the whole rendered conversation encoded at once (a BPE merges across the pieces),
+        with the EOS ids put in by id: the text between them is encoded with special tokens read as plain text,
+        so a message that spells out the EOS (or BOS) string cannot end (or start) a turn.
+        """
+        return self._chat(messages, add_generation_prompt)[0]
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
+        """The ids of the whole conversation (no generation prompt) and a target mask: True exactly for the tokens
+        of each assistant reply (the text after `Assistant:`, i.e. " " + content) and its EOS.
+
+        A token is a target if it holds any character of a reply, found from the tokens' character offsets. A
+        token straddling the boundary (`:` merged with the reply's first characters) is therefore a target,
+        and `apply_chat_template(messages[:k])` is then no longer a prefix of these ids. Byte-level BPEs such as
+        DeepSeek's and `train_bpe`'s cannot do that: their pre-tokenizer cuts between `:` and the space after it.
+        The end of a reply never straddles, as its EOS is a separate id.
+        """
+        return self._chat(messages, add_generation_prompt=False)
+
+    def _chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> tuple[list[int], list[bool]]:
+        messages = check_messages(messages)
+        if self.eos_id is None and any(m["role"] == "assistant" for m in messages):
+            raise TokenizerError("the tokenizer has no EOS id, which ends every assistant turn")
         ids = [] if self.bos_id is None else [self.bos_id]
-        for i, m in enumerate(messages):
-            role, content = m.get("role"), m.get("content")
-            if not isinstance(content, str):
-                raise TokenizerError(f"messages[{i}].content must be a string")
-            if role == "system":
-                ids += self.encode(content + "\n\n", add_bos=False)
-            elif role == "user":
-                ids += self.encode(f"User: {content}\n\n", add_bos=False)
-            elif role == "assistant":
-                ids += self.encode(f"Assistant: {content}", add_bos=False) + [self.eos_id]
+        mask = [False] * len(ids)
+
+        def add(text: str, reply_start: int) -> None:
+            """Encode `text` (no EOS inside); its tokens ending after character `reply_start` are targets."""
+            encoding = self._chat_hf.encode(text, add_special_tokens=False)
+            ids.extend(encoding.ids)
+            mask.extend(end > reply_start for _, end in encoding.offsets)
+
+        text = ""  # rendered since the last EOS
+        for m in messages:
+            if m["role"] == "system":
+                text += m["content"] + "\n\n"
+            elif m["role"] == "user":
+                text += f"User: {m['content']}\n\n"
             else:
-                raise TokenizerError(f"messages[{i}].role must be system, user or assistant, got {role!r}")
+                text += "Assistant:"
+                add(f"{text} {m['content']}", reply_start=len(text))
+                ids.append(self.eos_id)
+                mask.append(True)
+                text = ""
         if add_generation_prompt:
-            ids += self.encode("Assistant:", add_bos=False)
-        return ids
+            text += "Assistant:"
+        add(text, reply_start=len(text))
+        return ids, mask
+
+    @functools.cached_property
+    def _chat_hf(self) -> HFTokenizer:
+        """A copy of `hf` for the chat template: special tokens in the text are encoded as text, and no
+        post-processor (which adds nothing without special tokens), so the offsets are exactly each token's
+        characters: `trim_offsets` would turn whitespace-only tokens into empty ranges placed as it chooses."""
+        hf = HFTokenizer.from_str(self.hf.to_str())
+        hf.post_processor = None
+        hf.encode_special_tokens = True
+        return hf
+
+
+def check_messages(messages: object) -> list[dict[str, str]]:
+    """`messages` as a list of {"role", "content"} dicts, keys other than those two dropped; TokenizerError naming
+    the first bad message otherwise (role must be system, user or assistant, content a string)."""
+    if not isinstance(messages, list):
+        raise TokenizerError(f"messages must be a list of messages, got {type(messages).__name__}")
+    checked = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise TokenizerError(f"messages[{i}] must be an object with role and content, got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise TokenizerError(f"messages[{i}].role must be system, user or assistant, got {role!r}")
+        if not isinstance(content, str):
+            raise TokenizerError(f"messages[{i}].content must be a string, got {type(content).__name__}")
+        checked.append({"role": role, "content": content})
+    return checked
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str]) -> HFTokenizer:

@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 DEFAULT_PATTERNS = ("*.txt", "*.md", "*.rst", "*.py")
 # Test suites are most of the standard library's bytes and much of it is deliberately odd code (bad
@@ -118,28 +119,36 @@ class Corpus:
 
     def _jsonl(self) -> Iterator[Document]:
         field = self.text_field
-        with self.path.open("rb") as f:  # bytes, so a bad line is reported by number rather than by offset
-            for number, raw in enumerate(f, start=1):
-                where = f"{self.path}:{number}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise DataError(f"{where}: not UTF-8") from None
-                if not line.strip():  # blank lines (a trailing newline, separators) hold no record
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(record, dict) or field not in record:
-                    raise DataError(f"{where}: no field {field!r}")
-                text = record[field]
-                if not isinstance(text, str):
-                    raise DataError(f"{where}: field {field!r} must be a string, got {type(text).__name__}")
-                if not text.strip():
-                    self.skipped[EMPTY] += 1
-                    continue
-                yield Document(f"{self.path.name}:{number}", text)
+        for number, record in jsonl_records(self.path):
+            where = f"{self.path}:{number}"
+            if not isinstance(record, dict) or field not in record:
+                raise DataError(f"{where}: no field {field!r}")
+            text = record[field]
+            if not isinstance(text, str):
+                raise DataError(f"{where}: field {field!r} must be a string, got {type(text).__name__}")
+            if not text.strip():
+                self.skipped[EMPTY] += 1
+                continue
+            yield Document(f"{self.path.name}:{number}", text)
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, the line's JSON value) for each line of a JSONL file that is not blank; a line that is not
+    UTF-8 or not JSON is a DataError naming it."""
+    with path.open("rb") as f:  # bytes, so a bad line is reported by number rather than by offset
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{where}: not UTF-8") from None
+            if not line.strip():  # blank lines (a trailing newline, separators) hold no record
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            yield number, record
 
 
 def iter_documents(
