@@ -1,0 +1,1 @@
+"""Fine-tuning a trained model: parameter-efficient adapters."""
