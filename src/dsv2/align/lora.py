@@ -116,13 +116,13 @@ class LowRank(nn.Module):
 
 def _factor_A(shape: tuple[int, ...], device: torch.device) -> nn.Parameter:
     """A [..., r, in] initialised like PEFT's nn.Linear(in, r): kaiming-uniform with fan_in = in for every expert."""
-    a = torch.empty(shape, device=device)
+    a = torch.empty(shape, dtype=torch.float32, device=device)
     nn.init.kaiming_uniform_(a.view(-1, shape[-1]), a=math.sqrt(5))
     return nn.Parameter(a)
 
 
 def _factor_B(shape: tuple[int, ...], device: torch.device) -> nn.Parameter:
-    return nn.Parameter(torch.zeros(shape, device=device))
+    return nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=device))
 
 
 def _lora_of(module: nn.Module, name: str) -> LowRank:
@@ -291,6 +291,9 @@ class Lora:
             raise LoraError(f"{config_path}: not valid JSON ({e})") from None
         if saved.get("r") != self.config.rank:
             raise LoraError(f"{config_path}: rank r={saved.get('r')!r}, but this Lora has rank {self.config.rank}")
+        if saved.get("lora_alpha") != self.config.alpha:  # the factors only mean the same under the same scaling
+            raise LoraError(f"{config_path}: lora_alpha={saved.get('lora_alpha')!r}, but this Lora has alpha "
+                            f"{self.config.alpha}")
         targets = self._peft_tensors(model)
         try:
             with safe_open(weights_path, framework="pt") as f:
