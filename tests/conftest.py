@@ -139,6 +139,14 @@ def random_model(case: str = "v2_like", dtype: torch.dtype = torch.float32) -> d
     return model.eval()
 
 
+def hf_model_from(path, dtype: torch.dtype = torch.float32):
+    """transformers' DeepseekV2ForCausalLM loaded from a checkpoint folder, the way the parity tests compare against
+    it: eager attention, eval mode."""
+    transformers = require("transformers")
+    model = transformers.DeepseekV2ForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=dtype)
+    return model.eval()
+
+
 # mixed lengths (3, 41, 1 and 12 tokens), for engines with fewer slots than prompts
 PROMPTS = [[5, 17, 99], list(range(30, 71)), [200], list(range(100, 112))]
 

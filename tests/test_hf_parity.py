@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CASES, hub_config, randomize_, require
+from conftest import CASES, hf_model_from, hub_config, randomize_, require
 
 import dsv2
 
@@ -36,11 +36,6 @@ def mean_rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 def rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     ours, theirs = ours.float(), theirs.float()
     return ((ours - theirs).abs().max() / theirs.abs().max()).item()
-
-
-def hf_model_from(path, dtype):
-    model = transformers.DeepseekV2ForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=dtype)
-    return model.eval()
 
 
 def tokens(cfg) -> torch.Tensor:
