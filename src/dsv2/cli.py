@@ -119,11 +119,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": reply})
 
 
+def _train_config(cls: type, args: argparse.Namespace):
+    """A stage's config from the options given (the others keep the config's defaults) and `--set` overrides."""
+    fields = {f: getattr(args, f) for f in cls.__dataclass_fields__ if getattr(args, f, None) is not None}
+    return cls(**fields, config_overrides=_overrides(getattr(args, "set", None) or []))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from dsv2.train.pretrain import PretrainConfig, train
 
-    fields = {f: getattr(args, f) for f in PretrainConfig.__dataclass_fields__ if getattr(args, f, None) is not None}
-    cfg = PretrainConfig(**fields, config_overrides=_overrides(args.set or []))
+    cfg = _train_config(PretrainConfig, args)
     last = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports for everyone
         return 0
@@ -138,6 +143,31 @@ def cmd_train(args: argparse.Namespace) -> int:
         llm = LLM(f"{cfg.out}/model", dtype="float32")
         out = llm.generate(args.sample_prompt, SamplingParams(max_tokens=args.sample_tokens, temperature=0.8, seed=0))
         print(f"sample:\n{args.sample_prompt}{out[0].text}")
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from dsv2.align.sft import SFTConfig, train
+
+    cfg = _train_config(SFTConfig, args)
+    last, counts = train(cfg)
+    print(f"{counts['conversations']} conversations: {counts['kept']} kept ({counts['truncated']} truncated), "
+          f"{counts['dropped']} dropped as longer than {cfg.seq_len + 1} tokens; {counts['target_tokens']:,} "
+          f"target tokens")
+    if last:
+        print(f"step {last['step']}: train loss {last['loss']:.3f}, val loss {last.get('val_loss', float('nan')):.3f}; "
+              f"model in {cfg.out}/model" + (f", adapter in {cfg.out}/adapter" if cfg.lora_rank else ""))
+    return 0
+
+
+def cmd_grpo(args: argparse.Namespace) -> int:
+    from dsv2.align.grpo import GRPOConfig, train
+
+    cfg = _train_config(GRPOConfig, args)
+    last = train(cfg)
+    if last:
+        print(f"step {last['step']}: reward {last['reward']:.3f} (std {last['reward_std']:.3f}), kl {last['kl']:.4f}, "
+              f"|logprob engine - trainer| {last['logprob_diff']:.2e}; model in {cfg.out}/model")
     return 0
 
 
@@ -184,10 +214,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Validation loss and perplexity of a run (its final model or latest checkpoint) or a model folder."""
+    """Validation loss and perplexity of a run (its final model or latest checkpoint) or a model folder; with
+    --task, accuracy on a built-in task's eval problems."""
     import math
 
     import torch
+
+    if args.task is not None:
+        return _eval_task(args)
 
     from dsv2.data.shards import TokenShards
     from dsv2.train import checkpoint
@@ -204,6 +238,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     loss = evaluate(model, (source.next_batch(args.batch_size) for _ in range(args.batches)))
     print(f"{model_dir}: validation loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f} "
           f"({args.batches} x {args.batch_size} x {args.seq_len} tokens of {data})")
+    return 0
+
+
+def _eval_task(args: argparse.Namespace) -> int:
+    from dsv2.data import tasks
+    from dsv2.infer.engine import LLM
+
+    task = tasks.get_task(args.task)  # an unknown name fails before the model loads
+    folder = Path(args.model)
+    llm = LLM(folder / "model" if (folder / "model" / "config.json").is_file() else folder, dtype=args.dtype)
+    result = tasks.evaluate(llm, task, n=args.n, seed=args.seed)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{args.model}: {task.name} accuracy {result['accuracy']:.3f} ({result['n']} problems, greedy), "
+          f"mean reward {result['mean_reward']:.3f}")
+    for ex in result["examples"]:
+        print(f"  {ex['prompt']!r} -> {ex['completion']!r} (answer {ex['answer']}, reward {ex['reward']})")
     return 0
 
 
@@ -244,10 +296,10 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 
 
 CHECKPOINT_HELP = f"checkpoint folder (with tokenizer.json) or preset ({', '.join(PRESETS)})"
-MODEL_RULE = ("Every command that works on a model (info, init, generate, chat, serve, train, data, eval) names "
-              "it by its first positional argument MODEL or, equally, by --model MODEL. Given both ways they must "
-              "agree; given neither, serve, train and data use nano and the others ask for one. plot takes a run "
-              "folder, which is not a model.")
+MODEL_RULE = ("Every command that works on a model (info, init, generate, chat, serve, train, data, eval, sft, "
+              "grpo) names it by its first positional argument MODEL or, equally, by --model MODEL. Given both "
+              "ways they must agree; given neither, serve, train and data use nano and the others ask for one. "
+              "plot takes a run folder, which is not a model.")
 
 
 def _add_model_args(p: argparse.ArgumentParser, what: str, default: str | None = None, required: bool = False,
@@ -279,6 +331,58 @@ def _add_dedup_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--near-dup-threshold", dest="near_duplicate_threshold", type=float,
                    help=f"estimated Jaccard similarity of word 5-grams above which a document is a near "
                         f"duplicate (default {DEFAULT_THRESHOLD})")
+
+
+def _add_stage_args(p: argparse.ArgumentParser) -> None:
+    """The training options every fine-tuning stage shares; None when not given, so the stage's defaults apply."""
+    p.add_argument("--out", help="run folder")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--grad-accum", dest="grad_accum", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup-steps", dest="warmup_steps", type=int)
+    p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
+    p.add_argument("--lora-rank", dest="lora_rank", type=int, help="train LoRA factors of this rank (frozen base)")
+    p.add_argument("--lora-alpha", dest="lora_alpha", type=float, help="LoRA scaling alpha / rank (default 16)")
+    p.add_argument("--eval-every", dest="eval_every", type=int)
+    p.add_argument("--save-every", dest="save_every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true", default=None, help="continue from the latest checkpoint")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+
+
+def _add_sft_parser(sub) -> None:
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat conversations (full or LoRA)")
+    _add_model_args(p, "model folder (with tokenizer.json) or preset to fine-tune", required=True)
+    p.add_argument("--data", help='JSONL of {"messages": [...]} or {"prompt", "completion"} rows')
+    p.add_argument("--task", help="or a built-in task's worked examples (addition, compare)")
+    p.add_argument("--task-examples", dest="task_examples", type=int, help="conversations drawn from --task")
+    p.add_argument("--seq-len", dest="seq_len", type=int, help="tokens per sequence (default 64)")
+    p.add_argument("--overflow", choices=["drop", "truncate"], help="longer conversations (default drop)")
+    _add_stage_args(p)
+    p.set_defaults(func=cmd_sft)
+
+
+def _add_grpo_parser(sub) -> None:
+    p = sub.add_parser("grpo", help="GRPO reinforcement learning on a task's or your own reward")
+    _add_model_args(p, "model folder to start from (e.g. an SFT run's RUN/model)", required=True)
+    p.add_argument("--task", help="built-in task (addition, compare): prompts and reward")
+    p.add_argument("--reward", help="MODULE:FUNCTION or file.py:FUNCTION, reward(prompts, completions, **columns)")
+    p.add_argument("--prompts", help='JSONL of {"prompt": ...} or {"messages": [...]} rows (+ reward columns)')
+    p.add_argument("--group-size", dest="group_size", type=int, help="completions per prompt G (default 8)")
+    p.add_argument("--max-completion-tokens", dest="max_completion_tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--beta", type=float, help="KL coefficient (default 0.04; 0: no reference model)")
+    p.add_argument("--epsilon", type=float, help="clip range (default 0.2)")
+    p.add_argument("--loss-type", dest="loss_type", choices=["grpo", "dr_grpo", "dapo"])
+    p.add_argument("--no-scale-rewards", dest="scale_rewards", action="store_false", default=None,
+                   help="advantage r - mean, without dividing by the group's std (Dr. GRPO)")
+    p.add_argument("--inner-iterations", dest="inner_iterations", type=int, help="optimizer steps per rollout")
+    p.add_argument("--routing-replay", dest="routing_replay", action="store_true", default=None,
+                   help="route the trainer's forwards to the experts the engine chose (R3)")
+    p.add_argument("--rollout-dtype", dest="rollout_dtype", choices=["float32", "bfloat16"])
+    _add_stage_args(p)
+    p.set_defaults(func=cmd_grpo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,7 +461,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batches", type=int, default=8)
     ev.add_argument("--batch-size", dest="batch_size", type=int, default=8)
     ev.add_argument("--seq-len", dest="seq_len", type=int, default=128)
+    ev.add_argument("--task", help="accuracy on a built-in task instead (addition, compare)")
+    ev.add_argument("--n", type=int, default=200, help="problems for --task")
+    ev.add_argument("--seed", type=int, default=1234, help="problems' seed for --task")
+    ev.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"], help="for --task")
+    ev.add_argument("--json", action="store_true", help="print --task's result as JSON")
     ev.set_defaults(func=cmd_eval)
+
+    _add_sft_parser(sub)
+    _add_grpo_parser(sub)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, paged latent cache)")
     _add_model_args(serve, CHECKPOINT_HELP + "; default nano", default="nano")
