@@ -120,6 +120,7 @@ def test_rollout_batch_and_routing_replay(tmp_path, replay):
     assert torch.equal(batch.weights > 0, mask) and (mask <= batch.token_mask).all()
     figures = stage.data.metrics()
     assert 0 < figures["completion_length"] <= cfg.max_completion_tokens
+    assert 0 <= figures["routing_mismatch"] < 0.01  # an fp32 engine routes as the trainer does
     if replay:
         # an fp32 engine routing every token as the trainer does: what remains is numerical
         assert batch.replay is not None and figures["logprob_diff"] < 1e-3

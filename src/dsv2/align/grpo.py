@@ -20,9 +20,10 @@ B·T_max or the token count. The MoE balance losses stay on, over every real tok
 Rollouts come from dsv2's own engine (continuous batching, latent cache, absorbed decode), on a copy of the
 policy's weights made at every rollout, in `rollout_dtype`. The engine records each sampled token's log p,
 and `logprob_diff` (logged every step) is the mean |log π_engine − log π_trainer| over the same tokens: the
-train/inference mismatch. With `routing_replay` (R3, arXiv 2510.11370) the engine also records the experts
-every token was routed to, and the trainer's forwards (π_old, π_θ, π_ref) route to exactly those, so the
-mismatch left is numerical only.
+train/inference mismatch. The engine also records the experts every token was routed to, and
+`routing_mismatch` is the share of (token, MoE layer) pairs where the trainer's router would choose other
+experts. With `routing_replay` (R3, arXiv 2510.11370) the trainer's forwards (π_old, π_θ, π_ref) route to
+exactly the engine's, so the mismatch left is numerical only.
 """
 
 from __future__ import annotations
@@ -202,6 +203,7 @@ class Rollouts:
         self.policy: Transformer | None = None
         self.engine: LLMEngine | None = None
         self.figures: dict[str, float] = {}
+        self.mismatch = 0.0
 
     def bind(self, policy: Transformer) -> None:
         """The model being trained (`Stage.on_model`); the engine runs on a copy of its weights."""
@@ -239,7 +241,7 @@ class Rollouts:
                 seed = hash((cfg.seed, self.rollouts, i, g)) % 2**62
                 params = SamplingParams(max_tokens=cfg.max_completion_tokens, temperature=cfg.temperature,
                                         top_k=cfg.top_k, seed=seed, logprobs=0)
-                requests.append(engine.make_request(self.prompt_ids[row], params, record_routing=cfg.routing_replay))
+                requests.append(engine.make_request(self.prompt_ids[row], params, record_routing=True))
         for r in requests:
             engine.add_request(r)
         while engine.has_unfinished():
@@ -265,6 +267,7 @@ class Rollouts:
             "reward": rewards.mean().item(), "reward_std": std.item(),
             "completion_length": mask.sum(1).float().mean().item(),
             "logprob_diff": (engine_lp - batch.columns["old_logprobs"]).abs()[mask].mean().item(),
+            "routing_mismatch": self.mismatch,
         }
         return batch
 
@@ -282,33 +285,43 @@ class Rollouts:
         engine_lp = torch.zeros(B, S)
         k = self.policy.config.num_experts_per_tok
         n_moe = sum(isinstance(b.ffn, MoE) for b in self.policy.layers)
-        replay = torch.arange(k).expand(B, S, n_moe, k).clone() if cfg.routing_replay else None
+        engine_routing = torch.arange(k).expand(B, S, n_moe, k).clone()
         for i, (o, seq) in enumerate(zip(outs, seqs, strict=True)):
             n, p = len(seq) - 1, len(o.prompt_token_ids)
             inputs[i, :n], targets[i, :n] = torch.tensor(seq[:-1]), torch.tensor(seq[1:])
             token_mask[i, :n] = True
             completion[i, p - 1 : n] = True
             engine_lp[i, p - 1 : n] = torch.tensor(o.logprobs)
-            if replay is not None:
-                replay[i, :n] = o.routing
+            engine_routing[i, :n] = o.routing
         weights, denominator = loss_weights(completion, cfg.loss_type, cfg.max_completion_tokens)
-        batch = core.Batch(inputs, targets, weights, token_mask, replay=replay, denominator=denominator,
+        batch = core.Batch(inputs, targets, weights, token_mask, denominator=denominator,
+                           replay=engine_routing if cfg.routing_replay else None,
                            columns={"advantages": advantages, "completion_mask": completion,
                                     "engine_logprobs": engine_lp})
-        batch.columns["old_logprobs"] = self._logprobs(self.policy, batch)
+        batch.columns["old_logprobs"], self.mismatch = self._logprobs(self.policy, batch, engine_routing)
         if self.reference is not None:
-            batch.columns["ref_logprobs"] = self._logprobs(self.reference, batch)
+            batch.columns["ref_logprobs"], _ = self._logprobs(self.reference, batch, engine_routing)
         return batch
 
     @torch.no_grad()
-    def _logprobs(self, model: Transformer, batch: core.Batch) -> torch.Tensor:
+    def _logprobs(self, model: Transformer, batch: core.Batch, engine_routing: torch.Tensor,
+                  ) -> tuple[torch.Tensor, float]:
+        """log π(target) [B,S] by the trainer, and the share of (real token, MoE layer) pairs whose experts its
+        own router would choose differently from the engine's (with replay it routes to the engine's anyway)."""
         rows = max(1, len(batch) // self.cfg.grad_accum)  # the training step's micro-batch size
-        out = []
-        for part in batch.split(len(batch) // rows):
+        gates = [b.ffn.gate for b in model.layers if isinstance(b.ffn, MoE)]
+        out, differ = [], 0
+        for part, engine in zip(batch.split(len(batch) // rows), engine_routing.split(rows), strict=True):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
-                logits = model(part.inputs, replay=part.replay)
+                logits, routings = model(part.inputs, replay=part.replay, return_routing=True)
             out.append(token_logprobs(logits.float(), part.targets))
-        return torch.cat(out)
+            for layer, (gate, routing) in enumerate(zip(gates, routings, strict=True)):
+                scores = routing.scores.flatten(0, 1)  # [B·S, E]
+                own = gate.candidates(scores).topk(gate.top_k, dim=-1).indices.sort(-1).values
+                same = (own.view_as(engine[:, :, layer]) == engine[:, :, layer].sort(-1).values).all(-1)
+                differ += (~same)[part.token_mask].sum().item()
+        real = batch.token_mask.sum().item() * max(1, len(gates))
+        return torch.cat(out), differ / real
 
     def metrics(self) -> dict[str, float]:
         return dict(self.figures)
