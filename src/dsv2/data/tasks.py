@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from dsv2.atomic import write_text_atomic
-from dsv2.data.corpus import DataError
+from dsv2.data.corpus import DataError, jsonl_records
+from dsv2.data.sft import validate_messages
 from dsv2.infer.sampling import SamplingParams
 
 RewardFunction = Callable[..., list[float]]  # reward(prompts, completions, **columns) -> one float per completion
@@ -55,7 +56,6 @@ FORMAT_CREDIT = 0.1  # reward of a completion that is only an integer, but the w
 EVAL_FRACTION = 0.1  # share of each task's problems kept for eval
 SPLITS = ("train", "eval")
 MAX_DRAWS = 10_000  # draws to find a problem of the asked split before the task is judged too small
-ROLES = ("system", "user", "assistant")
 RESERVED_COLUMNS = ("prompts", "completions")  # the reward's own parameters: a column cannot take their names
 
 _INTEGER = re.compile(r"-?\d+")
@@ -212,27 +212,16 @@ def read_prompts(path: str | os.PathLike) -> list[dict[str, Any]]:
         raise DataError(f"{path}: no such file")
     rows: list[dict[str, Any]] = []
     first_columns: tuple[int, set[str]] | None = None  # (line, extra column names) of the first row
-    with path.open("rb") as f:  # bytes, so a bad line is reported by number rather than by offset
-        for number, raw in enumerate(f, start=1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataError(f"{where}: not UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            row = _prompt_row(record, where)
-            extra = set(row) - {"messages"}
-            if first_columns is None:
-                first_columns = (number, extra)
-            elif extra != first_columns[1]:
-                raise DataError(f"{where}: extra columns {sorted(extra)} differ from line {first_columns[0]}'s "
-                                f"{sorted(first_columns[1])}; every row must have the same ones")
-            rows.append(row)
+    for number, record in jsonl_records(path):
+        where = f"{path}:{number}"
+        row = _prompt_row(record, where)
+        extra = set(row) - {"messages"}
+        if first_columns is None:
+            first_columns = (number, extra)
+        elif extra != first_columns[1]:
+            raise DataError(f"{where}: extra columns {sorted(extra)} differ from line {first_columns[0]}'s "
+                            f"{sorted(first_columns[1])}; every row must have the same ones")
+        rows.append(row)
     if not rows:
         raise DataError(f"{path}: no prompts (the file is empty)")
     return rows
@@ -253,17 +242,7 @@ def _prompt_row(record: Any, where: str) -> dict[str, Any]:
         if not isinstance(prompt, str) or not prompt.strip():
             raise DataError(f"{where}: field 'prompt' must be a non-empty string, got {prompt!r}")
         return {"messages": [{"role": "user", "content": prompt}], **row}
-    messages = row["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise DataError(f"{where}: field 'messages[{i}]' must be an object, got {type(m).__name__}")
-        if m.get("role") not in ROLES:
-            raise DataError(f"{where}: field 'messages[{i}].role' must be one of {', '.join(ROLES)}, "
-                            f"got {m.get('role')!r}")
-        if not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: field 'messages[{i}].content' must be a string, got {m.get('content')!r}")
+    row["messages"] = messages = validate_messages(row["messages"], where)
     if messages[-1]["role"] == "assistant":
         raise DataError(f"{where}: field 'messages' ends with an assistant turn; the model writes that one")
     return row
