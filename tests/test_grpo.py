@@ -14,6 +14,7 @@ import torch
 from dsv2.align import grpo
 from dsv2.config import preset
 from dsv2.data.corpus import DataError
+from dsv2.plots import plot_run
 from dsv2.tokenizer import Tokenizer
 from dsv2.train import checkpoint, core
 from dsv2.weights import random_model, save_model
@@ -96,6 +97,7 @@ def test_a_short_run_raises_the_reward_and_resumes_exactly(tmp_path):
     assert last > first + 0.15, (first, last)
     assert lines[-1]["kl"] > 0  # the policy moved away from the reference
     assert (run / "model" / "config.json").is_file() and (run / "model" / "tokenizer.json").is_file()
+    assert run / "reward.png" in plot_run(run)
 
     # lose the last checkpoint: the resumed run redoes steps 9..12 exactly
     shutil.rmtree(checkpoint.latest_checkpoint(run))

@@ -1,4 +1,5 @@
-"""Plots of a training run (matplotlib, written as PNG files): losses, learning rate, expert load."""
+"""Plots of a training run (matplotlib, written as PNG files): losses, learning rate, expert load, and for a GRPO
+run the reward curve."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
 
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Write loss.png, lr.png and expert_load.png for a run; returns their paths."""
+    """Write loss.png, lr.png, expert_load.png and, for a GRPO run, reward.png; returns their paths."""
     rows = read_metrics(run_dir)
     out = Path(out_dir or run_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,6 +55,9 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     ax.grid(alpha=0.3)
     written.append(_save(fig, out / "lr.png"))
 
+    if "reward" in rows[0]:
+        written.append(_reward_plot(steps, rows, out / "reward.png"))
+
     layers = rows[-1].get("layers") or []
     if layers:
         recent = [r["layers"] for r in rows[-max(1, len(rows) // 10):]]  # the last 10% of steps
@@ -64,6 +68,25 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         fig.colorbar(im, ax=ax)
         written.append(_save(fig, out / "expert_load.png"))
     return written
+
+
+def _reward_plot(steps: list[int], rows: list[dict], path: Path) -> Path:
+    """Mean reward of each step's rollouts and its moving average (a step samples only a few prompts), and the KL
+    to the reference beside it."""
+    reward = np.array([r["reward"] for r in rows])
+    window = max(1, len(rows) // 10)
+    smooth = np.convolve(reward, np.ones(window) / window, mode="valid")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, reward, lw=0.8, alpha=0.5, label="mean reward of the step")
+    ax.plot(steps[window - 1 :], smooth, lw=2, color="tab:blue", label=f"moving average ({window} steps)")
+    ax.set(xlabel="step", ylabel="reward", title="GRPO: reward of the sampled completions")
+    ax.grid(alpha=0.3)
+    if "kl" in rows[0]:
+        kl_ax = ax.twinx()
+        kl_ax.plot(steps, [r["kl"] for r in rows], color="tab:red", lw=0.8, alpha=0.6)
+        kl_ax.set_ylabel("KL to the reference (k3)", color="tab:red")
+    ax.legend(loc="lower right")
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:
