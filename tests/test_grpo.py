@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dsv2.align import grpo
+from dsv2.cli import main
 from dsv2.config import preset
 from dsv2.data.corpus import DataError
 from dsv2.plots import plot_run
@@ -142,3 +143,16 @@ def test_bad_prompts_file_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="toy_reward.py:missing"):
         grpo.train(grpo.GRPOConfig(**{**cfg.__dict__, "reward": f"{tmp_path}/toy_reward.py:missing"}))
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_grpo_with_lora(tmp_path, capsys):
+    cfg = _toy_setup(tmp_path)
+    assert main(["grpo", cfg.model, "--reward", cfg.reward, "--prompts", cfg.prompts, "--out", cfg.out,
+                 "--steps", "2", "--batch-size", "8", "--group-size", "4", "--lora-rank", "4", "--lr", "1e-2",
+                 "--routing-replay", "--no-progress"]) == 0
+    assert "reward" in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert (run / checkpoint.ADAPTER_DIR / "adapter_config.json").is_file()
+    assert len(_metrics(run)) == 2
+    assert main(["grpo", cfg.model, "--task", "addition", "--reward", cfg.reward, "--out", cfg.out]) == 2
+    assert "either a built-in task or a reward" in capsys.readouterr().err
