@@ -78,7 +78,9 @@ def test_batch_weights_are_the_reply_mask_shifted(tok):
     assert counts == {"conversations": 3, "kept": 3, "truncated": 0, "dropped": 0,
                       "target_tokens": sum(sum(tok.encode_chat(c)[1]) for c in CONVERSATIONS)}
     batch = ChatBatches(examples, seq_len=96, pad_id=7, shuffle=False).next_batch(3)
-    assert batch.inputs.shape == batch.targets.shape == batch.weights.shape == batch.token_mask.shape == (3, 96)
+    longest = max(len(e.ids) for e in examples) - 1  # padded to the batch's longest, not to seq_len
+    assert longest < 96
+    assert batch.inputs.shape == batch.targets.shape == batch.weights.shape == batch.token_mask.shape == (3, longest)
     assert batch.weights.dtype == torch.float32 and batch.token_mask.dtype == torch.bool
     for row, messages in enumerate(CONVERSATIONS):
         ids, mask = tok.encode_chat(messages)

@@ -36,7 +36,7 @@ class SFTConfig(core.TrainConfig):
     lora_alpha: float = 16.0
     steps: int = 200
     batch_size: int = 16
-    seq_len: int = 64
+    seq_len: int = 512  # the longest conversation trained on (batches are padded to their own longest)
     lr: float = 1e-3
     warmup_steps: int = 10
     eval_every: int = 50

@@ -11,7 +11,7 @@ Only role and content are read: other keys of a message (OpenAI's "name", "weigh
 every assistant turn is trained on. Each conversation goes through `Tokenizer.encode_chat`, the template inference
 uses, and its targets are the tokens of the assistant's replies and their EOS; the user's and system's tokens are
 context only. A conversation of n tokens trains as inputs ids[:-1] -> targets ids[1:], one per row of a batch,
-padded on the right to `seq_len` (no packing, so no conversation attends to another).
+padded on the right to the batch's longest (no packing, so no conversation attends to another).
 """
 
 from __future__ import annotations
@@ -131,7 +131,8 @@ def split_validation(
 
 
 class ChatBatches:
-    """Endless `Batch`es of examples, one a row, right-padded to `seq_len` with `pad_id`: a `DataSource`.
+    """Endless `Batch`es of examples, one a row, right-padded with `pad_id` to the batch's longest (at most
+    `seq_len`, so short conversations cost no more than their length): a `DataSource`.
 
     Row r holds an example of n tokens as inputs ids[:-1], targets ids[1:], weights mask[1:] (1.0 on the reply
     tokens a position predicts) and token_mask True on those n - 1 positions; padding has target `pad_id`, weight
@@ -161,17 +162,19 @@ class ChatBatches:
         return self._order[1]
 
     def next_batch(self, batch_size: int) -> Batch:
-        shape = (batch_size, self.seq_len)
-        inputs, targets = torch.full(shape, self.pad_id, dtype=torch.long), torch.full(shape, self.pad_id)
-        weights, token_mask = torch.zeros(shape), torch.zeros(shape, dtype=torch.bool)
-        for row in range(batch_size):
-            e = self.examples[self.order(self.epoch)[self.position]]
-            n = len(e.ids) - 1
-            inputs[row, :n], targets[row, :n] = torch.tensor(e.ids[:-1]), torch.tensor(e.ids[1:])
-            weights[row, :n], token_mask[row, :n] = torch.tensor(e.mask[1:], dtype=torch.float), True
+        rows = []
+        for _ in range(batch_size):
+            rows.append(self.examples[self.order(self.epoch)[self.position]])
             self.position += 1
             if self.position == len(self.examples):
                 self.epoch, self.position = self.epoch + 1, 0
+        shape = (batch_size, max(len(e.ids) for e in rows) - 1)
+        inputs, targets = torch.full(shape, self.pad_id, dtype=torch.long), torch.full(shape, self.pad_id)
+        weights, token_mask = torch.zeros(shape), torch.zeros(shape, dtype=torch.bool)
+        for row, e in enumerate(rows):
+            n = len(e.ids) - 1
+            inputs[row, :n], targets[row, :n] = torch.tensor(e.ids[:-1]), torch.tensor(e.ids[1:])
+            weights[row, :n], token_mask[row, :n] = torch.tensor(e.mask[1:], dtype=torch.float), True
         return Batch(inputs, targets, weights, token_mask)
 
     def state_dict(self) -> dict[str, Any]:
