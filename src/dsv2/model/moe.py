@@ -174,16 +174,6 @@ class MoE(nn.Module):
         )
         self.capacity: nn.Module | None = None
 
-    def candidates(self, scores: torch.Tensor) -> torch.Tensor:
-        """The scores top-k picks from: all of them (greedy), or those in the M best groups (device-limited)."""
-        if self.method != "group_limited_greedy":
-            return scores
-        # a group's score is the best expert score in it; keep the M best groups (Eq. 23's device limit)
-        per_group = scores.unflatten(-1, (self.n_group, -1))  # [N,G,E/G]
-        top_groups = per_group.amax(dim=-1).topk(self.topk_group, dim=-1, sorted=False).indices
-        keep = torch.zeros_like(per_group[..., 0], dtype=torch.bool).scatter_(1, top_groups, True)
-        return per_group.masked_fill(~keep.unsqueeze(-1), 0.0).flatten(1)
-
     def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
         """x [B,S,d] -> (output [B,S,d], this layer's routing); `replay` [B,S,K]: experts to route to (`Gate`).
 
