@@ -83,6 +83,9 @@ class ModelConfig:
     architectures: list[str] = field(default_factory=lambda: ["DeepseekV2ForCausalLM"])
     torch_dtype: str | None = None
     transformers_version: str | None = None
+    # how the checkpoint's weights are stored when not in torch_dtype: DeepSeek's block FP8 ({"quant_method":
+    # "fp8", "weight_block_size": [128, 128], ...}) or dsv2's weight-only int8 / int4 (`dsv2 quantize`)
+    quantization_config: dict[str, Any] | None = None
     # keys of config.json this class does not model, kept verbatim for the round trip
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     # known keys that the source file lacked: not written back unless their value changed
