@@ -77,7 +77,8 @@ def _toy_setup(tmp_path, **overrides) -> grpo.GRPOConfig:
                                                     for w in ("hi", "hello", "yes", "no")))
     fields = dict(model=str(tmp_path / "start"), out=str(tmp_path / "run"), reward=f"{tmp_path}/toy_reward.py:reward",
                   prompts=str(tmp_path / "prompts.jsonl"), steps=12, batch_size=16, group_size=8,
-                  max_completion_tokens=8, lr=1e-2, beta=0.04, save_every=4, eval_every=100, progress=False)
+                  max_completion_tokens=8, lr=1e-2, warmup_steps=0, beta=0.04, save_every=4, eval_every=100,
+                  progress=False)
     return grpo.GRPOConfig(**{**fields, **overrides})
 
 

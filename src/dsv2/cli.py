@@ -462,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", dest="batch_size", type=int, default=8)
     ev.add_argument("--seq-len", dest="seq_len", type=int, default=128)
     ev.add_argument("--task", help="accuracy on a built-in task instead (addition, compare)")
-    ev.add_argument("--n", type=int, default=200, help="problems for --task")
+    ev.add_argument("--n", type=int, default=500, help="problems for --task")
     ev.add_argument("--seed", type=int, default=1234, help="problems' seed for --task")
     ev.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"], help="for --task")
     ev.add_argument("--json", action="store_true", help="print --task's result as JSON")

@@ -64,7 +64,7 @@ class GRPOConfig(core.TrainConfig):
     prompts: str | None = None  # a JSONL prompt file ({"prompt"} or {"messages"} rows plus reward columns)
     prompt_rows: int = 4096  # prompts drawn from a task
     steps: int = 60
-    batch_size: int = 64
+    batch_size: int = 128  # 16 prompts × 8: fewer prompts per step made nano's updates too noisy to help
     group_size: int = 8  # G
     max_completion_tokens: int = 8
     temperature: float = 1.0
@@ -79,7 +79,7 @@ class GRPOConfig(core.TrainConfig):
     lora_rank: int | None = None
     lora_alpha: float = 16.0
     lr: float = 1e-4
-    warmup_steps: int = 0
+    warmup_steps: int = 10  # Adam's first steps move every weight by ~lr whatever the (noisy) gradient
     weight_decay: float = 0.0
     eval_every: int = 20
     save_every: int = 20
@@ -208,13 +208,11 @@ class Rollouts:
     def bind(self, policy: Transformer) -> None:
         """The model being trained (`Stage.on_model`); the engine runs on a copy of its weights."""
         self.policy = policy
-        copy_ = self._policy_weights_model().to(getattr(torch, self.cfg.rollout_dtype)).eval().requires_grad_(False)
+        plain = self.adapter.merged(policy) if self.adapter is not None else copy.deepcopy(policy)
+        copy_ = plain.to(getattr(torch, self.cfg.rollout_dtype)).eval().requires_grad_(False)
         blocks = self.cfg.batch_size * -(-self.cfg.seq_len // 16)
         self.engine = LLMEngine(copy_, self.tokenizer, max_running=self.cfg.batch_size, num_blocks=blocks,
                                 block_size=16, prefill_chunk=self.cfg.seq_len, max_prefill_tokens=4096)
-
-    def _policy_weights_model(self) -> Transformer:
-        return self.adapter.merged(self.policy) if self.adapter is not None else copy.deepcopy(self.policy)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rollouts": self.rollouts}
@@ -233,7 +231,8 @@ class Rollouts:
     def _sample(self, picks: list[int]) -> list[RequestOutput]:
         cfg, engine = self.cfg, self.engine
         with torch.no_grad():  # the engine's copy takes the policy's current weights
-            engine.model.load_state_dict(self._policy_weights_model().state_dict())
+            policy = self.adapter.merged(self.policy) if self.adapter is not None else self.policy
+            engine.model.load_state_dict(policy.state_dict())
         engine.model.prepare_for_inference()
         requests = []
         for i, row in enumerate(picks):
