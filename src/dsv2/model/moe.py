@@ -92,10 +92,17 @@ class Gate(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-    """E SwiGLU experts as stacked weights; w1/w2/w3 = gate/down/up projections."""
+    """E SwiGLU experts as stacked weights; w1/w2/w3 = gate/down/up projections.
+
+    `per_expert` and `expert` are the two places that know how the weights are stored: a subclass with
+    another storage (`dsv2.model.quant.QuantizedRoutedExperts`) overrides them and keeps the routing
+    arithmetic of `forward` and `loop_experts`."""
+
+    grouped_mm = True  # the stacked bf16 weights can go through F.grouped_mm on a GPU
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
+        self.n_experts = n_experts
         self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
@@ -120,7 +127,7 @@ class RoutedExperts(nn.Module):
         then the slots go back in place and are summed over k in fp32 (the reference's reduction order).
         """
         n_tokens, top_k = indices.shape
-        n_experts = self.w1.shape[0]
+        n_experts = self.n_experts
         if n_tokens == 0:
             return torch.zeros_like(x)
         live = indices.flatten() >= 0
@@ -128,7 +135,7 @@ class RoutedExperts(nn.Module):
         order = slot_expert.argsort(stable=True)
         counts = torch.bincount(slot_expert, minlength=n_experts + 1)
         x_sorted = x[order // top_k]
-        if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(F, "grouped_mm"):
+        if self.grouped_mm and x.is_cuda and x.dtype == torch.bfloat16 and hasattr(F, "grouped_mm"):
             out_sorted = self._grouped_mm(x_sorted, counts[:n_experts])
         else:
             w1, w2, w3 = self.per_expert()
@@ -154,7 +161,7 @@ class RoutedExperts(nn.Module):
         """Slow twin of `forward`: visit every expert, gather its tokens, accumulate in fp32."""
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         w1, w2, w3 = self.per_expert()
-        for e in range(self.w1.shape[0]):
+        for e in range(self.n_experts):
             token, slot = (indices == e).nonzero(as_tuple=True)
             if token.numel():
                 expert_out = self.expert(x[token], w1[e], w2[e], w3[e])

@@ -1,0 +1,459 @@
+"""Weight-only int8 and int4 for inference: a module swap applied to a built model, and its checkpoints.
+
+Activations stay in the model dtype (bf16 or fp32); only weight matrices are stored in fewer bits, so a
+memory-bound decode step reads fewer bytes.
+
+    int8, per output channel n (symmetric):    s_n = max_k |W_nk| / 127,   q = round(W / s) in [-127, 127],
+                                               W ≈ q·s
+    int4, per group of G inputs (asymmetric):  over the group's values and 0: s = (hi - lo) / 15,
+                                               z = round(-lo / s) in [0, 15],  q = clamp(round(W / s + z), 0, 15),
+                                               W ≈ (q - z)·s   (integer zero points, as GPTQ/AWQ checkpoints)
+
+Scales are rounded to the model dtype before q is computed, so q is the best code for the scale actually used.
+
+CPU kernels (torch 2.13; x and the scales must share one dtype: fp32, bf16 or fp16):
+    torch._weight_int8pack_mm(x [M,K], q int8 [N,K], s [N]) -> [M,N]
+    torch._convert_weight_to_int4pack_for_cpu(q int32 [N,K] in 0..15, inner_k_tiles) -> uint8 [N,K/2]
+        (inner_k_tiles is ignored on CPU; the layout is the kernel's own)
+    torch._weight_int4pack_mm_for_cpu(x [M,K], packed, G, scales_and_zeros [K/G,N,2]) -> [M,N]
+        computes W = (q - 8)·s + zero per group (tinygemm's convention), so zero = (8 - z)·s;
+        needs N % 16 == 0 and K % G == 0: matrices that do not fit stay in the model dtype.
+Elsewhere (CUDA) both formats dequantize and call F.linear: correct, not fast.
+
+Measured on the 2-core AVX-512 Xeon (torch 2.13, 2 threads, bf16 x, ms per call, 10th percentile; the
+machine was shared, so single figures are noisy):
+    1408x2048 (an expert's w1)  M=1     2     4     8     16    32    64    128
+      bf16 F.linear                  0.39  0.28  0.28  0.27  0.30  0.38  0.55  (~0.6)
+      _weight_int8pack_mm            0.096 0.12  0.16  0.35  0.63  1.25  2.7   5.6
+      dequantize + F.linear          1.1   1.1   1.1   1.2   1.3   1.2   2.1   2.3
+    4096x4096   M=1: bf16 1.85, int8 0.69-0.89, int4 0.48; M=2: int8 0.69, int4 0.62; M=64: int8 ~43-60,
+                dequantize + F.linear ~100 (the 32 MB bf16 copy dominates); M=128: int8 ~92, dequantize ~87
+The int8 kernel wins at batch 1-4 (2-4x fewer ms than bf16) but its cost grows linearly with M (about one
+weight read per row), while dequantizing costs one pass over the weight whatever M is. So `Int8Linear`
+calls the kernel for M <= INT8_KERNEL_MAX_ROWS = 64 rows and dequantizes above (prefill chunks); the
+crossover measured 32-64 rows for the small matrix and ~128 for the large one.
+The int4 kernel is used for every M on CPU: its packed layout cannot be dequantized cheaply, and prefill
+through it costs about as much per row as int8 (see the figures above).
+
+What is converted (`quantize_model`): every nn.Linear of attention, the dense and shared-expert MLPs, the
+routed experts (per expert) and the LM head (a large GEMV). Kept in the model dtype: the embedding (a
+gather, not a GEMV), the router (fp32 routing decisions), the norms, and MLA's wkv_b: the absorbed path
+uses W_UK / W_UV split out of it in full precision (`MLA.prepare_for_inference` keeps such a copy anyway),
+and it is small (0.4% of V2-Lite's and V2's weight bytes; 3% of `small`'s).
+
+Checkpoints (`save_quantized` / `load_quantized`): config.json with
+    quantization_config = {"quant_method": "dsv2_int8" | "dsv2_int4", "group_size": G (null for int8),
+                           "modules_not_converted": [HF module names of weight matrices left unquantized]}
+and safetensors with DeepSeek's HF names, routed experts one tensor per expert, for each converted module:
+    int8: <module>.weight int8 [N,K], <module>.weight_scale [N] (model dtype)
+    int4: <module>.weight uint8 [N,K/2] (q[:, 2j] in the low nibble of byte j, q[:, 2j+1] in the high one),
+          <module>.weight_scale [N,K/G] (model dtype), <module>.weight_zero_point uint8 [N,K/G]
+int4 is stored unpacked because the CPU packed layout is a kernel detail; loading packs it again.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from dsv2.atomic import atomic_path, write_text_atomic
+from dsv2.config import ModelConfig
+from dsv2.model.moe import RoutedExperts
+from dsv2.model.transformer import Transformer
+from dsv2.weights import (
+    CONFIG_FILE,
+    DEFAULT_MAX_SHARD_BYTES,
+    INDEX_FILE,
+    SINGLE_FILE,
+    CheckpointError,
+    _weight_files,
+    hf_name,
+)
+
+METHODS = {"int8": "dsv2_int8", "int4": "dsv2_int4"}
+GROUP_SIZES = (32, 64, 128)
+INT8_KERNEL_MAX_ROWS = 64  # see the module docstring: above this many rows dequantize + F.linear is faster
+INT4_INNER_K_TILES = 8  # a required argument of the CPU packing, which ignores it
+
+
+# ------------------------------------------------------------------------------------------- int8
+def quantize_int8(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N,K] -> q int8 [N,K], s [N] in `dtype` (symmetric per output channel)."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(dtype).tiny).to(dtype)  # an all-zero row: any s
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """y = x Wᵀ with W = q·s: int8 weight [N,K], one scale per output channel."""
+
+    checkpoint_suffixes = ("weight", "weight_scale")
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, dtype=dtype, device=device))
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> Int8Linear:
+        module = cls(weight.shape[1], weight.shape[0], weight.dtype, weight.device)
+        module.weight, module.scale = quantize_int8(weight, weight.dtype)
+        return module
+
+    def dequantized(self) -> torch.Tensor:
+        """W [N,K] in the scale dtype (int8 · float promotes to float in one pass)."""
+        return torch.mul(self.weight, self.scale[:, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features)
+        if x.device.type == "cpu" and len(x2d) <= INT8_KERNEL_MAX_ROWS:
+            y = torch._weight_int8pack_mm(x2d.contiguous(), self.weight, self.scale)
+        else:
+            y = F.linear(x2d, self.dequantized())
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight, "weight_scale": self.scale}
+
+    def load_checkpoint_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.weight.copy_(tensors["weight"])
+        self.scale.copy_(tensors["weight_scale"])
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+# ------------------------------------------------------------------------------------------- int4
+def quantize_int4(weight: torch.Tensor, group_size: int, dtype: torch.dtype,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W [N,K] -> q uint8 [N,K] in 0..15, s [N,K/G] in `dtype`, z uint8 [N,K/G] (asymmetric per group)."""
+    w = weight.detach().float().unflatten(1, (-1, group_size))  # [N, K/G, G]
+    # the range includes 0 so that an integer zero point in 0..15 exists (all-positive groups would clip)
+    lo, hi = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
+    scale = ((hi - lo) / 15).clamp(min=torch.finfo(dtype).tiny).to(dtype)
+    s = scale.float()
+    zero = torch.round(-lo / s).clamp(0, 15)
+    q = torch.round(w / s[..., None] + zero[..., None]).clamp(0, 15)
+    return q.flatten(1).to(torch.uint8), scale, zero.to(torch.uint8)
+
+
+def pack_pairs(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N,K] nibbles -> [N,K/2] bytes: the checkpoint layout (even column in the low nibble)."""
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_pairs(b: torch.Tensor) -> torch.Tensor:
+    return torch.stack([b & 15, b >> 4], dim=-1).flatten(1)
+
+
+@functools.lru_cache(maxsize=4)
+def _cpu_int4_order(n: int, k: int) -> torch.Tensor:
+    """For each nibble of the CPU packed layout (bytes in order, low nibble first), its row-major index in the
+    [N,K] matrix. Learnt from the kernel itself: pack matrices whose nibbles spell their own index, one hex
+    digit per pass. Only saving and `dequantized` need it; the forward never does."""
+    index = torch.arange(n * k)
+    order = torch.zeros(n * k, dtype=torch.long)
+    for digit in range(max(1, math.ceil(math.log2(n * k) / 4))):
+        spelled = ((index >> (4 * digit)) & 15).view(n, k).to(torch.int32)
+        packed = torch._convert_weight_to_int4pack_for_cpu(spelled, INT4_INNER_K_TILES)
+        order |= unpack_pairs(packed).flatten().long() << (4 * digit)
+    return order
+
+
+class Int4Linear(nn.Module):
+    """y = x Wᵀ with W = (q - z)·s per group of `group_size` inputs: 4-bit weight, scales and zero points.
+
+    `weight` holds uint8 [N,K/2]: on CPU in the kernel's packed layout, elsewhere in the checkpoint layout
+    (`pack_pairs`). The layout is chosen where the weights are set, so move a model by loading it there."""
+
+    checkpoint_suffixes = ("weight", "weight_scale", "weight_zero_point")
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 128,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        if not self.fits(out_features, in_features, group_size):
+            raise ValueError(f"int4 needs out_features % 16 == 0 and in_features % group_size == 0, got "
+                             f"[{out_features}, {in_features}] with group_size={group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        # the kernel's form of s and zero = (8 - z)·s; z itself is kept for the checkpoint (exact round trip)
+        self.register_buffer("scales_and_zeros", torch.empty(groups, out_features, 2, dtype=dtype, device=device))
+        self.register_buffer("zero_point", torch.empty(out_features, groups, dtype=torch.uint8, device=device))
+
+    @staticmethod
+    def fits(out_features: int, in_features: int, group_size: int) -> bool:
+        """Whether the CPU kernel takes this shape (N a multiple of 16, K of the group size)."""
+        return out_features % 16 == 0 and in_features % group_size == 0
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, group_size: int = 128) -> Int4Linear:
+        module = cls(weight.shape[1], weight.shape[0], group_size, weight.dtype, weight.device)
+        module.set_quantized(*quantize_int4(weight, group_size, weight.dtype))
+        return module
+
+    @torch.no_grad()
+    def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Set from q uint8 [N,K], s [N,K/G], z uint8 [N,K/G]; packs q for the CPU kernel."""
+        if self.weight.device.type == "cpu":
+            packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), INT4_INNER_K_TILES)
+        else:
+            packed = pack_pairs(q.to(self.weight.device))
+        self.weight.copy_(packed)
+        s = scale.to(self.scales_and_zeros.dtype)
+        zero = ((8 - zero_point.float()) * s.float()).to(s.dtype)
+        self.scales_and_zeros.copy_(torch.stack([s, zero], dim=-1).transpose(0, 1))
+        self.zero_point.copy_(zero_point)
+
+    def nibbles(self) -> torch.Tensor:
+        """q uint8 [N,K], undoing whichever layout `weight` holds."""
+        if self.weight.device.type != "cpu":
+            return unpack_pairs(self.weight)
+        stream = unpack_pairs(self.weight).flatten()
+        q = torch.empty_like(stream)
+        q[_cpu_int4_order(self.out_features, self.in_features)] = stream
+        return q.view(self.out_features, self.in_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """W [N,K] in the scale dtype, exactly as the kernel reconstructs it: (q - 8)·s + zero."""
+        s, zero = (t.t().repeat_interleave(self.group_size, dim=1).float() for t in self.scales_and_zeros.unbind(-1))
+        return ((self.nibbles().float() - 8) * s + zero).to(self.scales_and_zeros.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features)
+        if x.device.type == "cpu":
+            y = torch._weight_int4pack_mm_for_cpu(x2d.contiguous(), self.weight, self.group_size,
+                                                  self.scales_and_zeros)
+        else:
+            y = F.linear(x2d, self.dequantized())
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return {"weight": pack_pairs(self.nibbles()), "weight_scale": self.scales_and_zeros[..., 0].t(),
+                "weight_zero_point": self.zero_point}
+
+    def load_checkpoint_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.set_quantized(unpack_pairs(tensors["weight"]), tensors["weight_scale"], tensors["weight_zero_point"])
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+QUANTIZED = (Int8Linear, Int4Linear)
+
+
+# -------------------------------------------------------------------------------------- the experts
+class QuantizedRoutedExperts(RoutedExperts):
+    """Routed experts with one module per expert and projection (Int8Linear, Int4Linear, or an nn.Linear
+    where int4 does not fit); the grouped routing of `RoutedExperts.forward` is reused as it is."""
+
+    grouped_mm = False  # F.grouped_mm takes stacked float weights only
+
+    def __init__(self, w1: list[nn.Module], w2: list[nn.Module], w3: list[nn.Module]):
+        nn.Module.__init__(self)  # not RoutedExperts.__init__: no stacked parameters
+        self.n_experts = len(w1)
+        self.w1, self.w2, self.w3 = nn.ModuleList(w1), nn.ModuleList(w2), nn.ModuleList(w3)
+
+    def per_expert(self) -> tuple[nn.ModuleList, nn.ModuleList, nn.ModuleList]:
+        return self.w1, self.w2, self.w3
+
+    @staticmethod
+    def expert(x: torch.Tensor, w1: nn.Module, w2: nn.Module, w3: nn.Module) -> torch.Tensor:
+        return w2(F.silu(w1(x)) * w3(x))
+
+
+# ------------------------------------------------------------------------------------------ the swap
+_EXPERT = re.compile(r"^(layers\.\d+\.ffn\.experts)\.(w[123])\.(\d+)$")
+
+
+def hf_module_name(name: str) -> str:
+    """Our module name -> its HF name; routed experts per expert: layers.L.ffn.experts.w1.E ->
+    model.layers.L.mlp.experts.E.gate_proj."""
+    m = _EXPERT.match(name)
+    if m is not None:
+        name = f"{m[1]}.{m[3]}.{m[2]}"
+    return hf_name(f"{name}.weight").removesuffix(".weight")
+
+
+def _linear(weight: torch.Tensor) -> nn.Linear:
+    """An nn.Linear holding `weight` (an expert's slice of the stacked tensor, copied)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight.detach().clone())
+    return linear
+
+
+def _swap(model: Transformer, convert: Callable[[str, torch.Tensor], nn.Module | None]) -> None:
+    """Replace every nn.Linear and every routed expert's projection with convert(our name, weight); None keeps
+    it (an expert's projection then becomes an nn.Linear of its own)."""
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if isinstance(child, nn.Linear):
+                setattr(parent, child_name, convert(name, child.weight) or child)
+            elif type(child) is RoutedExperts:
+                projections = {
+                    w: [convert(f"{name}.{w}.{e}", weight) or _linear(weight)
+                        for e, weight in enumerate(getattr(child, w))]
+                    for w in ("w1", "w2", "w3")
+                }
+                setattr(parent, child_name, QuantizedRoutedExperts(**projections))
+
+
+def _check_method(method: str, group_size: int) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    if method == "int4" and group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}")
+
+
+def _keeps(name: str, shape: tuple[int, ...], method: str, group_size: int) -> bool:
+    """Whether the weight matrix `name` stays in the model dtype (see the module docstring)."""
+    if name.endswith("attn.wkv_b"):
+        return True
+    return method == "int4" and not Int4Linear.fits(shape[0], shape[1], group_size)
+
+
+def _not_converted(model: Transformer) -> list[str]:
+    """HF module names of the weight matrices left in the model dtype (the embedding and routers included)."""
+    return sorted(
+        hf_module_name(name) for name, module in model.named_modules()
+        if isinstance(module, nn.Linear | nn.Embedding) or name.endswith("ffn.gate")
+    )
+
+
+@torch.no_grad()
+def quantize_model(model: Transformer, method: str, group_size: int = 128) -> Transformer:
+    """Swap the model's weight matrices for `method` ("int8" or "int4", groups of `group_size` along K) in
+    place; returns the model, its config's `quantization_config` set to what a checkpoint records."""
+    _check_method(method, group_size)
+    if model.config.quantization_config:
+        raise ValueError(f"model is already quantized ({model.config.quantization_config.get('quant_method')})")
+
+    def convert(name: str, weight: torch.Tensor) -> nn.Module | None:
+        if _keeps(name, tuple(weight.shape), method, group_size):
+            return None
+        return Int8Linear.quantize(weight) if method == "int8" else Int4Linear.quantize(weight, group_size)
+
+    _swap(model, convert)
+    model.config = model.config.replace(quantization_config={
+        "quant_method": METHODS[method], "group_size": group_size if method == "int4" else None,
+        "modules_not_converted": _not_converted(model),
+    })
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+def checkpoint_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """Every tensor of a quantized model's checkpoint, by HF name."""
+    tensors = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QUANTIZED):
+            for suffix, t in module.checkpoint_tensors().items():
+                tensors[f"{hf_module_name(name)}.{suffix}"] = t
+    for name, p in model.named_parameters():
+        tensors[_hf_parameter_name(name)] = p
+    return tensors
+
+
+def _hf_parameter_name(name: str) -> str:
+    module_name, _, leaf = name.rpartition(".")
+    return f"{hf_module_name(module_name)}.{leaf}"
+
+
+@torch.no_grad()
+def save_quantized(model: Transformer, folder: str | os.PathLike,
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Write a quantized model (`quantize_model`) as config.json + safetensors (layout: module docstring).
+    Every file is written atomically, the index and config last; stale shards of an earlier save are removed."""
+    qc = model.config.quantization_config
+    if not qc or not str(qc.get("quant_method", "")).startswith("dsv2_int"):
+        raise ValueError("save_quantized: the model is not quantized (call quantize_model first)")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in checkpoint_tensors(model).items():
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.detach().to("cpu").contiguous().clone()
+        size += t.nbytes
+    names = [SINGLE_FILE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+    ]
+    for file, shard in zip(names, shards, strict=True):
+        with atomic_path(folder / file) as tmp:
+            save_file(shard, str(tmp), metadata={"format": "pt"})
+    for stale in folder.glob("model*.safetensors"):
+        if stale.name not in names:
+            stale.unlink()
+    if len(shards) > 1:
+        weight_map = {name: file for file, shard in zip(names, shards, strict=True) for name in shard}
+        total = sum(t.nbytes for shard in shards for t in shard.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        write_text_atomic(folder / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+    elif (folder / INDEX_FILE).exists():
+        (folder / INDEX_FILE).unlink()
+    dtype = next(t for t in model.state_dict().values() if t.is_floating_point()).dtype
+    model.config.replace(torch_dtype=str(dtype).removeprefix("torch.")).to_json(folder / CONFIG_FILE)
+
+
+@torch.no_grad()
+def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+                   device: str | torch.device = "cpu") -> Transformer:
+    """A `save_quantized` folder -> its model in `dtype` on `device`: built on the meta device, modules swapped
+    by the recorded quantization_config, tensors copied in (int4 packed here); nothing is re-quantized."""
+    folder = Path(folder)
+    config = ModelConfig.from_json(folder / CONFIG_FILE)
+    qc = config.quantization_config or {}
+    method = next((m for m, name in METHODS.items() if name == qc.get("quant_method")), None)
+    if method is None:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: quantization_config.quant_method must be one of "
+                              f"{', '.join(METHODS.values())}, got {qc.get('quant_method')!r}")
+    group_size = qc.get("group_size") or 128
+    kept = set(qc.get("modules_not_converted", []))
+
+    def empty(name: str, weight: torch.Tensor) -> nn.Module | None:
+        if hf_module_name(name) in kept:
+            return None
+        n, k = weight.shape
+        return Int8Linear(k, n, dtype, "meta") if method == "int8" else Int4Linear(k, n, group_size, dtype, "meta")
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    _swap(model, empty)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    quantized = {hf_module_name(name): m for name, m in model.named_modules() if isinstance(m, QUANTIZED)}
+    params = {_hf_parameter_name(name): p for name, p in model.named_parameters()}
+    expected = {f"{prefix}.{s}" for prefix, m in quantized.items() for s in m.checkpoint_suffixes} | set(params)
+    files = _weight_files(folder)
+    missing, unexpected = sorted(expected - set(files)), sorted(set(files) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: the tensors do not match {CONFIG_FILE}: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]} ({len(missing)} and {len(unexpected)} in all)")
+    with ExitStack() as stack:
+        opened = {path: stack.enter_context(safe_open(path, framework="pt")) for path in set(files.values())}
+
+        def read(name: str) -> torch.Tensor:
+            return opened[files[name]].get_tensor(name)
+
+        for prefix, module in quantized.items():
+            module.load_checkpoint_tensors({s: read(f"{prefix}.{s}") for s in module.checkpoint_suffixes})
+        for name, p in params.items():
+            p.copy_(read(name))
+    return model.eval()
