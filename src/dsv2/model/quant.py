@@ -26,10 +26,11 @@ machine was shared, so single figures are noisy):
       bf16 F.linear                  0.39  0.28  0.28  0.27  0.30  0.38  0.55  (~0.6)
       _weight_int8pack_mm            0.096 0.12  0.16  0.35  0.63  1.25  2.7   5.6
       dequantize + F.linear          1.1   1.1   1.1   1.2   1.3   1.2   2.1   2.3
-    4096x4096   M=1: bf16 1.85, int8 0.69-0.89, int4 0.48; M=2: int8 0.69, int4 0.62; M=64: int8 ~43-60,
-                dequantize + F.linear ~100 (the 32 MB bf16 copy dominates); M=128: int8 ~92, dequantize ~87
+    4096x4096   M=1: bf16 1.18, Int8Linear 0.54, Int4Linear 0.51;  M=8: bf16 1.16, int8 1.74, int4 1.77;
+                M=64: int8 ~43-60, dequantize + F.linear ~100 (the 32 MB bf16 copy); M=128: int8 ~92, dequantize ~87
 The int8 kernel wins at batch 1-4 (2-4x fewer ms than bf16) but its cost grows linearly with M (about one
-weight read per row), while dequantizing costs one pass over the weight whatever M is. So `Int8Linear`
+weight read per row; at M=8 it is already slower than a bf16 GEMV would be, but there is no bf16 copy),
+while dequantizing costs one pass over the weight whatever M is. So `Int8Linear`
 calls the kernel for M <= INT8_KERNEL_MAX_ROWS = 64 rows and dequantizes above (prefill chunks); the
 crossover measured 32-64 rows for the small matrix and ~128 for the large one.
 The int4 kernel is used for every M on CPU: its packed layout cannot be dequantized cheaply, and prefill
@@ -39,7 +40,7 @@ What is converted (`quantize_model`): every nn.Linear of attention, the dense an
 routed experts (per expert) and the LM head (a large GEMV). Kept in the model dtype: the embedding (a
 gather, not a GEMV), the router (fp32 routing decisions), the norms, and MLA's wkv_b: the absorbed path
 uses W_UK / W_UV split out of it in full precision (`MLA.prepare_for_inference` keeps such a copy anyway),
-and it is small (0.4% of V2-Lite's and V2's weight bytes; 3% of `small`'s).
+and it is small (0.36% of V2-Lite's and 0.43% of V2's weight bytes; 0.8% of `small`'s, 4.8% of `nano`'s).
 
 Checkpoints (`save_quantized` / `load_quantized`): config.json with
     quantization_config = {"quant_method": "dsv2_int8" | "dsv2_int4", "group_size": G (null for int8),
