@@ -241,6 +241,14 @@ def _fp8_scales(
     files: dict[str, Path], shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], block: tuple[int, int],
 ) -> dict[str, str]:
     """FP8 weight -> its scale tensor; raises unless every float8 tensor has exactly its scale grid."""
+    for t, dtype in dtypes.items():
+        if dtype.startswith("F8_") and dtype != SAFETENSORS_FP8:
+            raise CheckpointError(f"{files[t]}: tensor {t} is {dtype}; block FP8 is float8_e4m3fn (F8_E4M3)")
+        if dtype == SAFETENSORS_FP8 and len(shapes[t]) != 2:
+            raise CheckpointError(
+                f"{files[t]}: tensor {t} has shape {list(shapes[t])}; block-FP8 weights are matrices "
+                f"(routed experts one tensor per expert)"
+            )
     scales = {}
     for t in dtypes:
         if not t.endswith(SCALE_SUFFIX):
@@ -258,18 +266,11 @@ def _fp8_scales(
                 f"{block[0]}x{block[1]} blocks (weight_block_size) has {list(expected)}"
             )
         scales[weight] = t
-    for t, dtype in dtypes.items():
-        if not dtype.startswith("F8_"):
-            continue
-        if dtype != SAFETENSORS_FP8:
-            raise CheckpointError(f"{files[t]}: tensor {t} is {dtype}; block FP8 is float8_e4m3fn (F8_E4M3)")
-        if len(shapes[t]) != 2:
-            raise CheckpointError(
-                f"{files[t]}: tensor {t} has shape {list(shapes[t])}; block-FP8 weights are matrices "
-                f"(routed experts one tensor per expert)"
-            )
-        if t not in scales:
-            raise CheckpointError(f"{files[t]}: tensor {t} is float8_e4m3fn but has no {t}{SCALE_SUFFIX} (its scales)")
+    missing = next((t for t, dtype in dtypes.items() if dtype == SAFETENSORS_FP8 and t not in scales), None)
+    if missing is not None:
+        raise CheckpointError(
+            f"{files[missing]}: tensor {missing} is float8_e4m3fn but has no {missing}{SCALE_SUFFIX} (its scales)"
+        )
     return scales
 
 
