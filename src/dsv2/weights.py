@@ -217,8 +217,9 @@ def _fused_source(name, param, expert, params, shapes) -> Source | None:
 def _fp8_block(folder: Path, config: ModelConfig, dtypes: dict[str, str]) -> tuple[int, int] | None:
     """The checkpoint's FP8 block size from config.json, or None for a checkpoint without block-FP8 tensors."""
     qc = config.quantization_config or {}
-    fp8_tensor = next((t for t, d in dtypes.items() if d.startswith("F8_") or t.endswith(SCALE_SUFFIX)), None)
     if qc.get("quant_method") != "fp8":
+        # only float8 tensors mark a block-FP8 checkpoint: other quant_methods' scale tensors are theirs to check
+        fp8_tensor = next((t for t, d in dtypes.items() if d.startswith("F8_")), None)
         if fp8_tensor is not None:
             raise CheckpointError(
                 f"{folder}: tensor {fp8_tensor} is block FP8 ({dtypes[fp8_tensor]}), but {folder / CONFIG_FILE} "
