@@ -151,7 +151,9 @@ class MLA(nn.Module):
     def split_wkv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H,d_h,d_c] and W_UV [H,d_v,d_c] out of wkv_b, as contiguous tensors (as strided views of
         wkv_b the CPU batched matmuls of `absorbed` run 3-30x slower)."""
-        w_ukv = self.wkv_b.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        # a block-FP8 wkv_b (`dsv2.model.fp8.FP8Linear`) is dequantized here, once per split
+        weight = self.wkv_b.dequantized() if hasattr(self.wkv_b, "dequantized") else self.wkv_b.weight
+        w_ukv = weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
         return w_ukv[:, : self.nope_dim].contiguous(), w_ukv[:, self.nope_dim :].contiguous()
 
     @torch.no_grad()

@@ -98,8 +98,6 @@ class RoutedExperts(nn.Module):
     another storage (`dsv2.model.quant.QuantizedRoutedExperts`) overrides them and keeps the routing
     arithmetic of `forward` and `loop_experts`."""
 
-    grouped_mm = True  # the stacked bf16 weights can go through F.grouped_mm on a GPU
-
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
         self.n_experts = n_experts
@@ -135,7 +133,7 @@ class RoutedExperts(nn.Module):
         order = slot_expert.argsort(stable=True)
         counts = torch.bincount(slot_expert, minlength=n_experts + 1)
         x_sorted = x[order // top_k]
-        if self.grouped_mm and x.is_cuda and x.dtype == torch.bfloat16 and hasattr(F, "grouped_mm"):
+        if self.uses_grouped_mm(x):
             out_sorted = self._grouped_mm(x_sorted, counts[:n_experts])
         else:
             w1, w2, w3 = self.per_expert()
@@ -145,6 +143,10 @@ class RoutedExperts(nn.Module):
         out = torch.empty_like(out_sorted).index_copy(0, order, out_sorted)  # back to slot order
         combined = (out.view(n_tokens, top_k, -1).float() * weights.unsqueeze(-1)).sum(dim=1)
         return combined.to(x.dtype)
+
+    def uses_grouped_mm(self, x: torch.Tensor) -> bool:
+        """Whether `forward` runs the experts as grouped GEMMs (GPU, bf16) rather than one expert at a time."""
+        return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
 
     def _grouped_mm(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """GPU: the same per-expert GEMMs as one grouped GEMM per projection, without a host sync.

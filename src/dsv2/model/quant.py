@@ -263,12 +263,13 @@ class QuantizedRoutedExperts(RoutedExperts):
     """Routed experts with one module per expert and projection (Int8Linear, Int4Linear, or an nn.Linear
     where int4 does not fit); the grouped routing of `RoutedExperts.forward` is reused as it is."""
 
-    grouped_mm = False  # F.grouped_mm takes stacked float weights only
-
     def __init__(self, w1: list[nn.Module], w2: list[nn.Module], w3: list[nn.Module]):
         nn.Module.__init__(self)  # not RoutedExperts.__init__: no stacked parameters
         self.n_experts = len(w1)
         self.w1, self.w2, self.w3 = nn.ModuleList(w1), nn.ModuleList(w2), nn.ModuleList(w3)
+
+    def uses_grouped_mm(self, x: torch.Tensor) -> bool:
+        return False  # F.grouped_mm takes stacked float weights only
 
     def per_expert(self) -> tuple[nn.ModuleList, nn.ModuleList, nn.ModuleList]:
         return self.w1, self.w2, self.w3
