@@ -9,25 +9,36 @@ and naive paths alike) never sees the storage format.
     "fp8"   vLLM's fp8_ds_mla: 656 B for V2's dims
     "6bit"  the paper's "6 bits per element on average" (§2.1.2): 430 B for V2's dims (≤ 576·6/8 = 432)
 
+The bytes per token over V2's 60 layers: auto (bf16) 69,120; fp8 39,360; 6bit 25,800 (paper: 25,920).
+
 Byte layouts per token per layer, V2's dims (kv_lora_rank d_c = 512, qk_rope_head_dim d_h^R = 64):
 
     fp8   | c_KV: 512 × e4m3 | 4 × fp32 scale | k^R: 64 × bf16 |                     = 512 + 16 + 128 = 656
             one scale per 128 values of c_KV, scale = amax / 448 (e4m3's largest value)
 
-    6bit  | c_KV: 512 × int6 packed | 4 × e8m0 scale | k^R: 64 × int5 packed | 2 × e8m0 scale | = 384+4+40+2 = 430
-            c_KV: symmetric ints in [-31, 31], one power-of-two scale per 128 values
-            k^R:  symmetric ints in [-15, 15], one power-of-two scale per 32 values
+    6bit  | c_KV: 512 × int6 packed | 4 × scale byte | k^R: 64 × int5 packed | 2 × scale byte | = 384+4+40+2 = 430
+            c_KV: symmetric ints in [-31, 31], one scale per 128 values
+            k^R:  symmetric ints in [-15, 15], one scale per 32 values
+            scale byte s: scale = 2^((s - 128)/8), a log-scale on a 1/8-octave grid (`IntGroups`)
 
 Groups never straddle c_KV and k^R: the two differ in scale (c_KV is RMS-normalised, k^R a rotated
 projection). Other dims get the same scheme: the last group of a part may be shorter (padded with zeros
 when encoded), so bytes follow from the dims (`bytes_per_token_per_layer`).
 
-Why these choices for "6bit" (measured by `tests/test_kv_quant.py` and the docstring of `SIXBIT`): a 432 B
-budget at 6 bits per value leaves no room for scales unless some values get fewer bits, so k^R, 1/9 of the
-entry, drops to 5 bits; that frees 48 bits for scales. A one-byte e8m0 scale (2^(byte-127)) wastes up to
-one bit of the code range against an fp16 scale, but at one byte a group its groups can be 4x smaller for
-the same bytes. Measured on latents of randomised models (relative RMS error of c_KV, k^R), the power-of-two
-scales over 128 / 32 values beat fp16 scales over 256 / 64 values on k^R and tie on c_KV.
+Why this "6bit" layout: 432 B at 6 bits per value leaves nothing for scales, so k^R (1/9 of the entry)
+drops to 5 bits, which frees 48 bits for scales. Candidates, all ≤ 432 B at V2's dims, relative RMS error
+of c_KV / k^R on the cache entries of a randomised model with V2's latent dims (and, in brackets, the same
+model with 1/32 of the kv_norm channels and 4 of the k^R rows scaled up 5-6x, as outlier channels):
+
+    c_KV int6 per 128, e8m0 (power-of-two) scale + k^R int5 per 32, e8m0   430 B  0.043 / 0.065  (0.090 / 0.109)
+    c_KV int6 per 256, fp16 scale            + k^R int5 per 64, fp16   430 B  0.034 / 0.050  (0.075 / 0.091)
+    c_KV int6 per 256, fp16 scale            + k^R int5 per 32, fp16   432 B  0.034 / 0.045  (0.075 / 0.073)
+    c_KV int6 per 128, 1/8-octave byte       + k^R int5 per 32, ditto  430 B  0.032 / 0.048  (0.064 / 0.077)  chosen
+    (fp8, 656 B, for comparison:                                              0.025 / 0.002  (0.022 / 0.002))
+
+A power-of-two scale wastes up to half the code range (0.5 bit on average); fp16 scales waste none but
+cost two bytes, so groups must be twice as large; one byte on a 1/8-octave grid wastes at most 8% of the
+range and keeps groups small, which matters most with outlier channels.
 
 Packed ints are stored offset-binary (code + 2^(bits-1)), little-endian within each run of 8 codes: 8 codes
 of b bits fill exactly b bytes. Packing and unpacking are shifts over whole tensors.
