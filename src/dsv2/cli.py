@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dsv2.config import PRESETS, ConfigError, resolve_config
 from dsv2.data.dedup import DEFAULT_THRESHOLD
+from dsv2.infer.kv_quant import KV_CACHE_DTYPES
 from dsv2.infer.sampling import SamplingError, SamplingParams
 from dsv2.info import summarize
 from dsv2.tokenizer import TokenizerError
@@ -22,7 +23,7 @@ def _billions(n: int) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     config = resolve_config(args.model)
-    s = summarize(config)
+    s = summarize(config, args.kv_cache_dtype)
     if args.json:
         print(json.dumps({"model": args.model, **s}, indent=2))
         return 0
@@ -40,6 +41,10 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"k_rope {config.qk_rope_head_dim} per layer)")
     print(f"    MHA equivalent:              {mha:,} bytes ({latent / mha:.2%} of it)")
     print(f"    reference (decompressed K,V): {s['reference_kv_cache_bytes_per_token']:,} bytes")
+    stored = s["kv_cache_dtype_bytes_per_token"]
+    print(f"  KV cache per token {'(' + args.kv_cache_dtype + '):':<12}{stored:,} bytes "
+          f"({stored // config.num_hidden_layers:,} per layer): {s['kv_cache_dtype_reduction_vs_latent']:.2f}x "
+          f"smaller than the bf16 latent cache, {s['kv_cache_dtype_reduction_vs_mha']:.1f}x smaller than MHA")
     return 0
 
 
@@ -67,7 +72,7 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 def _llm(args: argparse.Namespace):
     from dsv2.infer.engine import LLM
 
-    return LLM(args.model, dtype=args.dtype)
+    return LLM(args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -272,12 +277,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.cache_mb is not None and args.cache_mb <= 0:
         raise ValueError(f"--cache-mb must be positive, got {args.cache_mb}")
     llm = LLM(args.model, dtype=args.dtype, max_batch_size=args.max_running,
-              cache_bytes=None if args.cache_mb is None else int(args.cache_mb * 2**20), block_size=args.block_size)
+              cache_bytes=None if args.cache_mb is None else int(args.cache_mb * 2**20), block_size=args.block_size,
+              kv_cache_dtype=args.kv_cache_dtype)
     name = args.served_model_name or Path(args.model).name
     engine = llm.engine
     print(f"dsv2 serve: {name} ({args.dtype}) on http://{args.host}:{args.port}/v1 - latent cache "
           f"{engine.cache.num_blocks} blocks x {engine.cache.block_size} tokens "
-          f"({engine.cache.bytes_allocated() / 2**20:.0f} MiB)", file=sys.stderr)
+          f"({engine.cache.bytes_allocated() / 2**20:.0f} MiB, {args.kv_cache_dtype}: "
+          f"{engine.cache.bytes_per_token():,} bytes per token)", file=sys.stderr)
     app = create_app(engine, name, api_key=args.api_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -293,6 +300,13 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    _add_kv_cache_dtype_arg(p)
+
+
+def _add_kv_cache_dtype_arg(p: argparse.ArgumentParser, what: str = "how the latent cache stores tokens") -> None:
+    p.add_argument("--kv-cache-dtype", dest="kv_cache_dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                   help=f"{what}: auto (the model dtype), fp8 (656 B per token per layer at V2's dims) or 6bit "
+                        f"(430 B)")
 
 
 CHECKPOINT_HELP = f"checkpoint folder (with tokenizer.json) or preset ({', '.join(PRESETS)})"
@@ -391,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="parameter counts and KV-cache size of a preset or checkpoint")
     _add_model_args(info, f"preset ({', '.join(PRESETS)}), checkpoint folder or config.json", required=True)
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    _add_kv_cache_dtype_arg(info, "also show the cache stored this way (auto: bf16)")
     info.set_defaults(func=cmd_info)
 
     init = sub.add_parser("init", help="write a random-weights checkpoint folder from a preset")
@@ -481,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-running", dest="max_running", type=int, default=32, help="sequences per batch")
     serve.add_argument("--cache-mb", dest="cache_mb", type=float, help="latent cache memory (default 1024 MiB)")
     serve.add_argument("--block-size", dest="block_size", type=int, default=16, help="tokens per cache block")
+    _add_kv_cache_dtype_arg(serve)
     serve.add_argument("--log-level", dest="log_level", default="info")
     serve.set_defaults(func=cmd_serve)
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from dsv2.config import ModelConfig
+from dsv2.infer.kv_quant import cache_layout
 from dsv2.model import Transformer
 
 BF16_BYTES = 2
@@ -36,7 +37,9 @@ def _part(name: str) -> str:
     return "norms"
 
 
-def summarize(config: ModelConfig) -> dict[str, Any]:
+def summarize(config: ModelConfig, kv_cache_dtype: str = "auto") -> dict[str, Any]:
+    """Counts and KV-cache bytes; `kv_cache_dtype` ("auto" = bf16, "fp8", "6bit") adds that cache's bytes
+    per token and how many times smaller it is than the bf16 latent cache and than MHA's."""
     with torch.device("meta"):
         model = Transformer(config)
     parts: dict[str, int] = defaultdict(int)
@@ -48,6 +51,9 @@ def summarize(config: ModelConfig) -> dict[str, Any]:
         routed_active = parts["routed experts"] * config.num_experts_per_tok // config.n_routed_experts
     active = total - parts["embedding"] - parts["routed experts"] + routed_active
     layers = config.num_hidden_layers
+    latent = config.kv_cache_dim * layers * BF16_BYTES
+    mha = 2 * config.num_attention_heads * config.qk_nope_head_dim * layers * BF16_BYTES
+    stored = cache_layout(kv_cache_dtype, config, torch.bfloat16).bytes_per_token_per_layer() * layers
     return {
         "total_params": total,
         "active_params": active,
@@ -55,9 +61,14 @@ def summarize(config: ModelConfig) -> dict[str, Any]:
         "active_routed_expert_params": routed_active,
         "moe_layers": sum(config.is_moe_layer(i) for i in range(layers)),
         # latent cache: c_KV + k^R per layer (paper Table 1), bf16
-        "kv_cache_bytes_per_token": config.kv_cache_dim * layers * BF16_BYTES,
+        "kv_cache_bytes_per_token": latent,
         # MHA with the same heads: 2·n_h·d_h·l elements (paper Table 1)
-        "mha_kv_cache_bytes_per_token": 2 * config.num_attention_heads * config.qk_nope_head_dim * layers * BF16_BYTES,
+        "mha_kv_cache_bytes_per_token": mha,
+        # the latent cache stored as kv_cache_dtype (`infer/kv_quant.py`)
+        "kv_cache_dtype": kv_cache_dtype,
+        "kv_cache_dtype_bytes_per_token": stored,
+        "kv_cache_dtype_reduction_vs_latent": latent / stored,
+        "kv_cache_dtype_reduction_vs_mha": mha / stored,
         # what the reference implementation actually caches: decompressed K (d_h + d_h^R) and V per head
         "reference_kv_cache_bytes_per_token": config.num_attention_heads
         * (config.qk_head_dim + config.v_head_dim) * layers * BF16_BYTES,

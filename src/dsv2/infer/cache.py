@@ -17,6 +17,10 @@ Two layouts, one interface (what `Transformer.forward` and `MLA.forward` use):
   the moment they finish; `PagedLatentCache.view(tables, lengths)` is the batch the model sees. Which
   block belongs to whom is decided by the scheduler (`infer/scheduler.py`), not here.
 
+Both store each entry through a `CacheLayout` (`infer/kv_quant.py`, chosen by `kv_cache_dtype`): "auto"
+keeps the entries in the compute dtype; "fp8" and "6bit" keep quantized bytes (the pool is uint8 [..., bytes
+per entry]), encoded by `write` and decoded by `read` into the compute dtype, so the model is unchanged.
+
 The cache is owned by the caller (engine or generate loop); the model writes into it and the caller
 advances `lengths`.
 """
@@ -26,18 +30,19 @@ from __future__ import annotations
 import torch
 
 from dsv2.config import ModelConfig
+from dsv2.infer.kv_quant import CacheLayout, cache_layout
 
 
 class _ContiguousLayer:
-    def __init__(self, kv: torch.Tensor):
-        self.kv = kv  # [B, max_len, D]
+    def __init__(self, kv: torch.Tensor, layout: CacheLayout):
+        self.kv, self.layout = kv, layout  # [B, max_len, layout.width]
 
     def write(self, positions: torch.Tensor, entries: torch.Tensor) -> None:
         rows = torch.arange(entries.shape[0], device=entries.device)[:, None]
-        self.kv[rows, positions] = entries
+        self.kv[rows, positions] = self.layout.encode(entries)
 
     def read(self, span: int) -> torch.Tensor:
-        return self.kv[:, :span]
+        return self.layout.decode(self.kv[:, :span])
 
 
 class LatentCache:
@@ -45,10 +50,11 @@ class LatentCache:
 
     def __init__(
         self, config: ModelConfig, batch_size: int, max_len: int,
-        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", kv_cache_dtype: str = "auto",
     ):
-        self.kv = torch.zeros(config.num_hidden_layers, batch_size, max_len, config.kv_cache_dim,
-                              dtype=dtype, device=device)  # [layer, row, position, c_KV | k^R]
+        self.layout = cache_layout(kv_cache_dtype, config, dtype)
+        self.kv = torch.zeros(config.num_hidden_layers, batch_size, max_len, self.layout.width,
+                              dtype=self.layout.storage_dtype, device=device)  # [layer, row, position, c_KV | k^R]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     @property
@@ -56,7 +62,7 @@ class LatentCache:
         return self.kv.shape[2]
 
     def layer(self, i: int) -> _ContiguousLayer:
-        return _ContiguousLayer(self.kv[i])
+        return _ContiguousLayer(self.kv[i], self.layout)
 
     def positions(self, n_new: int) -> torch.Tensor:
         """Positions [B, n_new] of the next n_new tokens of every row."""
@@ -69,7 +75,7 @@ class LatentCache:
         return self.kv.shape[0] * self.kv.shape[-1] * self.kv.element_size()
 
     def bytes_in_use(self) -> int:
-        """layers × (kv_lora_rank + qk_rope_head_dim) × bytes per element × cached tokens."""
+        """layers × bytes per entry (auto: (kv_lora_rank + qk_rope_head_dim) × bytes per element) × cached tokens."""
         return int(self.lengths.sum()) * self.bytes_per_token()
 
     def bytes_allocated(self) -> int:
@@ -77,35 +83,38 @@ class LatentCache:
 
 
 class _PagedLayer:
-    def __init__(self, pool: torch.Tensor, tables: torch.Tensor):
-        self.pool, self.tables = pool, tables  # [n_blocks, block_size, D], [B, blocks per row]
+    def __init__(self, pool: torch.Tensor, tables: torch.Tensor, layout: CacheLayout):
+        self.pool, self.tables = pool, tables  # [n_blocks, block_size, layout.width], [B, blocks per row]
+        self.layout = layout
 
     def write(self, positions: torch.Tensor, entries: torch.Tensor) -> None:
         block_size = self.pool.shape[1]
         blocks = self.tables.gather(1, positions // block_size)
-        self.pool[blocks, positions % block_size] = entries
+        self.pool[blocks, positions % block_size] = self.layout.encode(entries)
 
     def read(self, span: int) -> torch.Tensor:
         # one gather of the rows' blocks in order: positions 0..span-1 become contiguous again. Table
         # entries past a row's own blocks are padding (block 0) and only reach masked-out positions.
         block_size = self.pool.shape[1]
         n_blocks = -(-span // block_size)
-        gathered = self.pool[self.tables[:, :n_blocks]]  # [B, n_blocks, block_size, D]
-        return gathered.flatten(1, 2)[:, :span]
+        gathered = self.pool[self.tables[:, :n_blocks]]  # [B, n_blocks, block_size, width]
+        return self.layout.decode(gathered.flatten(1, 2)[:, :span])
 
 
 class PagedLatentCache:
-    """A pool of `num_blocks` blocks of `block_size` token slots per layer."""
+    """A pool of `num_blocks` blocks of `block_size` token slots per layer, each slot one entry stored
+    as `kv_cache_dtype`'s layout says: [layer, block, slot, layout.width] of `layout.storage_dtype`."""
 
     def __init__(
         self, config: ModelConfig, num_blocks: int, block_size: int = 16,
-        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", kv_cache_dtype: str = "auto",
     ):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"a paged cache needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.block_size = block_size
-        self.pool = torch.zeros(config.num_hidden_layers, num_blocks, block_size, config.kv_cache_dim,
-                                dtype=dtype, device=device)
+        self.layout = cache_layout(kv_cache_dtype, config, dtype)
+        self.pool = torch.zeros(config.num_hidden_layers, num_blocks, block_size, self.layout.width,
+                                dtype=self.layout.storage_dtype, device=device)
 
     @property
     def num_blocks(self) -> int:
@@ -116,7 +125,8 @@ class PagedLatentCache:
         width = max(len(t) for t in tables)
         padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
         device = self.pool.device
-        return PagedBatch(self.pool, padded.to(device), torch.tensor(lengths, dtype=torch.long, device=device))
+        return PagedBatch(self.pool, padded.to(device), torch.tensor(lengths, dtype=torch.long, device=device),
+                          self.layout)
 
     def bytes_per_token(self) -> int:
         return self.pool.shape[0] * self.pool.shape[-1] * self.pool.element_size()
@@ -128,24 +138,25 @@ class PagedLatentCache:
         return self.pool.numel() * self.pool.element_size()
 
     @staticmethod
-    def blocks_for(config: ModelConfig, cache_bytes: int, block_size: int, dtype: torch.dtype) -> int:
-        """How many blocks a memory budget of `cache_bytes` buys."""
-        per_block = config.num_hidden_layers * config.kv_cache_dim * block_size * dtype.itemsize
-        return cache_bytes // per_block
+    def blocks_for(config: ModelConfig, cache_bytes: int, block_size: int, dtype: torch.dtype,
+                   kv_cache_dtype: str = "auto") -> int:
+        """How many blocks a memory budget of `cache_bytes` buys with entries stored as `kv_cache_dtype`."""
+        per_entry = cache_layout(kv_cache_dtype, config, dtype).bytes_per_token_per_layer()
+        return cache_bytes // (config.num_hidden_layers * per_entry * block_size)
 
 
 class PagedBatch:
     """Rows of a `PagedLatentCache`, as `Transformer.forward` sees them."""
 
-    def __init__(self, pool: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor):
-        self.pool, self.tables, self.lengths = pool, tables, lengths
+    def __init__(self, pool: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor, layout: CacheLayout):
+        self.pool, self.tables, self.lengths, self.layout = pool, tables, lengths, layout
 
     @property
     def capacity(self) -> int:
         return self.tables.shape[1] * self.pool.shape[2]
 
     def layer(self, i: int) -> _PagedLayer:
-        return _PagedLayer(self.pool[i], self.tables)
+        return _PagedLayer(self.pool[i], self.tables, self.layout)
 
     def positions(self, n_new: int) -> torch.Tensor:
         return self.lengths[:, None] + torch.arange(n_new, device=self.lengths.device)

@@ -26,6 +26,7 @@ import torch
 
 from dsv2.config import PRESETS
 from dsv2.infer.cache import PagedLatentCache
+from dsv2.infer.kv_quant import check_kv_cache_dtype
 from dsv2.infer.sampling import SamplingError, SamplingParams, sample
 from dsv2.infer.scheduler import Scheduler
 from dsv2.infer.scheduler import Sequence as CacheSequence
@@ -123,7 +124,9 @@ class LLMEngine:
     """Model + tokenizer + paged latent cache + scheduler.
 
     cache_bytes: memory for the latent cache (default 1 GiB, at most what `max_running` full-context
-    sequences can use); or give `num_blocks` directly. `prefill_chunk` / `max_prefill_tokens`: see
+    sequences can use); or give `num_blocks` directly. kv_cache_dtype: how the cache stores latents, "auto"
+    (the model dtype), "fp8" or "6bit" (`infer/kv_quant.py`); the budget buys blocks at the layout's real
+    bytes, so a quantized cache holds more tokens. `prefill_chunk` / `max_prefill_tokens`: see
     `infer/scheduler.py`. The model is prepared for inference here; whoever changes its weights
     afterwards must call `model.prepare_for_inference()` again.
     """
@@ -131,8 +134,9 @@ class LLMEngine:
     def __init__(
         self, model: Transformer, tokenizer: Tokenizer | None = None, *, max_running: int = 32,
         cache_bytes: int | None = None, num_blocks: int | None = None, block_size: int = 16,
-        prefill_chunk: int = 512, max_prefill_tokens: int = 1024,
+        prefill_chunk: int = 512, max_prefill_tokens: int = 1024, kv_cache_dtype: str = "auto",
     ):
+        check_kv_cache_dtype(kv_cache_dtype)
         self.model = model.eval()
         model.prepare_for_inference()
         self.config = model.config
@@ -142,10 +146,12 @@ class LLMEngine:
         if num_blocks is None:
             needed = max_running * -(-self.config.max_position_embeddings // block_size)
             budget = DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes
-            num_blocks = min(needed, PagedLatentCache.blocks_for(self.config, budget, block_size, dtype))
+            affordable = PagedLatentCache.blocks_for(self.config, budget, block_size, dtype, kv_cache_dtype)
+            num_blocks = min(needed, affordable)
             if num_blocks < 1:
                 raise ValueError(f"cache_bytes={cache_bytes} does not hold one block of {block_size} tokens")
-        self.cache = PagedLatentCache(self.config, num_blocks, block_size, dtype=dtype, device=self.device)
+        self.cache = PagedLatentCache(self.config, num_blocks, block_size, dtype=dtype, device=self.device,
+                                      kv_cache_dtype=kv_cache_dtype)
         self.scheduler = Scheduler(num_blocks, block_size, max_running, prefill_chunk, max_prefill_tokens)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -342,8 +348,9 @@ class LLM:
     def __init__(
         self, model: str | Path | Transformer, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
         max_batch_size: int = 32, tokenizer: Tokenizer | None = None, skip_tokenizer_init: bool = False,
-        cache_bytes: int | None = None, block_size: int = 16,
+        cache_bytes: int | None = None, block_size: int = 16, kv_cache_dtype: str = "auto",
     ):
+        check_kv_cache_dtype(kv_cache_dtype)  # before a checkpoint loads
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         net = model if isinstance(model, Transformer) else load_model(model, dtype=dtype, device=device, seed=0)
         if tokenizer is None and not skip_tokenizer_init:
@@ -352,7 +359,7 @@ class LLM:
             elif str(model) in PRESETS:
                 tokenizer = Tokenizer.byte_level(net.config)  # random weights: any byte tokenizer will do
         self.engine = LLMEngine(net, tokenizer, max_running=max_batch_size, cache_bytes=cache_bytes,
-                                block_size=block_size)
+                                block_size=block_size, kv_cache_dtype=kv_cache_dtype)
         self.model, self.config, self.tokenizer = net, net.config, tokenizer
         self._stats: dict[str, float] = {}
 
