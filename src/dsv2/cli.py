@@ -13,6 +13,7 @@ from dsv2.data.dedup import DEFAULT_THRESHOLD
 from dsv2.infer.kv_quant import KV_CACHE_DTYPES
 from dsv2.infer.sampling import SamplingError, SamplingParams
 from dsv2.info import summarize
+from dsv2.model.quant import INFERENCE_FORMATS
 from dsv2.tokenizer import TokenizerError
 from dsv2.weights import CheckpointError
 
@@ -62,6 +63,37 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """A checkpoint in another weight format, written so that it loads back without quantizing again."""
+    import shutil
+
+    import torch
+
+    from dsv2.model import quant
+    from dsv2.tokenizer import TOKENIZER_FILE
+    from dsv2.weights import load_model, save_model
+
+    src, out = Path(args.model), Path(args.out)
+    if not (src / "config.json").is_file():
+        raise ValueError(f"{src}: not a checkpoint folder (no config.json)")
+    if out.resolve() == src.resolve():
+        raise ValueError(f"--out {out}: write the quantized checkpoint to another folder than its source")
+    model = load_model(src, dtype=getattr(torch, args.dtype))
+    if args.format == "fp8":
+        save_model(model, out, fp8_block=(args.block_size, args.block_size))
+    else:
+        quant.save_quantized(quant.quantize_model(model, args.format, args.group_size), out)
+    if (src / TOKENIZER_FILE).is_file():
+        shutil.copyfile(src / TOKENIZER_FILE, out / TOKENIZER_FILE)
+
+    def size(folder: Path) -> int:
+        return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+    print(f"wrote {out}: {args.format} weights, {size(out) / 2**20:,.1f} MiB of tensors ({size(src) / 2**20:,.1f} MiB "
+          f"in {src}); load it as any checkpoint (`dsv2 generate {out}`)")
+    return 0
+
+
 def _sampling(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -72,7 +104,7 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 def _llm(args: argparse.Namespace):
     from dsv2.infer.engine import LLM
 
-    return LLM(args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
+    return LLM(args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -278,7 +310,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--cache-mb must be positive, got {args.cache_mb}")
     llm = LLM(args.model, dtype=args.dtype, max_batch_size=args.max_running,
               cache_bytes=None if args.cache_mb is None else int(args.cache_mb * 2**20), block_size=args.block_size,
-              kv_cache_dtype=args.kv_cache_dtype)
+              kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization)
     name = args.served_model_name or Path(args.model).name
     engine = llm.engine
     print(f"dsv2 serve: {name} ({args.dtype}) on http://{args.host}:{args.port}/v1 - latent cache "
@@ -300,6 +332,14 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    _add_inference_format_args(p)
+
+
+def _add_inference_format_args(p: argparse.ArgumentParser) -> None:
+    """How an inference command stores weights and the latent cache."""
+    p.add_argument("--quantization", choices=list(INFERENCE_FORMATS),
+                   help="weights: int8 / int4 (weight-only, quantized at load unless stored so) or fp8 (a block-FP8 "
+                        "checkpoint kept in FP8); default: --dtype")
     _add_kv_cache_dtype_arg(p)
 
 
@@ -311,9 +351,9 @@ def _add_kv_cache_dtype_arg(p: argparse.ArgumentParser, what: str = "how the lat
 
 CHECKPOINT_HELP = f"checkpoint folder (with tokenizer.json) or preset ({', '.join(PRESETS)})"
 MODEL_RULE = ("Every command that works on a model (info, init, generate, chat, serve, train, data, eval, sft, "
-              "grpo) names it by its first positional argument MODEL or, equally, by --model MODEL. Given both "
-              "ways they must agree; given neither, serve, train and data use nano and the others ask for one. "
-              "plot takes a run folder, which is not a model.")
+              "grpo, quantize) names it by its first positional argument MODEL or, equally, by --model MODEL. "
+              "Given both ways they must agree; given neither, serve, train and data use nano and the others ask "
+              "for one. plot takes a run folder, which is not a model.")
 
 
 def _add_model_args(p: argparse.ArgumentParser, what: str, default: str | None = None, required: bool = False,
@@ -486,6 +526,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sft_parser(sub)
     _add_grpo_parser(sub)
 
+    q = sub.add_parser("quantize", help="write a checkpoint with int8, int4 or block-FP8 weights")
+    _add_model_args(q, "checkpoint folder to convert", required=True)
+    q.add_argument("--out", required=True, help="folder to write")
+    q.add_argument("--format", required=True, choices=["int8", "int4", "fp8"],
+                   help="int8 (per-channel scales), int4 (groups with scales and zero points) or DeepSeek's block "
+                        "FP8 (e4m3 with a scale per block)")
+    q.add_argument("--group-size", dest="group_size", type=int, default=128, choices=[32, 64, 128],
+                   help="int4 group along the input dimension")
+    q.add_argument("--block-size", dest="block_size", type=int, default=128, help="fp8 block (square)")
+    q.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="dtype of what is not quantized (and of int8 scales)")
+    q.set_defaults(func=cmd_quantize)
+
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, paged latent cache)")
     _add_model_args(serve, CHECKPOINT_HELP + "; default nano", default="nano")
     serve.add_argument("--host", default="127.0.0.1")
@@ -493,10 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", dest="api_key", help="require `Authorization: Bearer KEY` on /v1/*")
     serve.add_argument("--served-model-name", dest="served_model_name", help="model id (default: folder name)")
     serve.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    _add_inference_format_args(serve)
     serve.add_argument("--max-running", dest="max_running", type=int, default=32, help="sequences per batch")
     serve.add_argument("--cache-mb", dest="cache_mb", type=float, help="latent cache memory (default 1024 MiB)")
     serve.add_argument("--block-size", dest="block_size", type=int, default=16, help="tokens per cache block")
-    _add_kv_cache_dtype_arg(serve)
     serve.add_argument("--log-level", dest="log_level", default="info")
     serve.set_defaults(func=cmd_serve)
 

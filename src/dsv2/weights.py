@@ -410,6 +410,8 @@ def load_checkpoint(
         plan = [(replace(src, scale=scales.get(src.hf_name)), path) for src, path in plan]
     model = model.to_empty(device=device)
     _copy_in(model, plan, progress, files, block)
+    if block is not None and fp8 == "dequantize":  # a plain model now: nothing of it is stored in FP8
+        model.config = config.replace(quantization_config=None)
     return model.eval()
 
 

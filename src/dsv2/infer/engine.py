@@ -30,7 +30,7 @@ from dsv2.infer.kv_quant import check_kv_cache_dtype
 from dsv2.infer.sampling import SamplingError, SamplingParams, sample
 from dsv2.infer.scheduler import Scheduler
 from dsv2.infer.scheduler import Sequence as CacheSequence
-from dsv2.model import Transformer
+from dsv2.model import Transformer, quant
 from dsv2.tokenizer import Tokenizer
 from dsv2.weights import load_model
 
@@ -343,16 +343,24 @@ class LLMEngine:
 
 
 class LLM:
-    """Offline batched generation: every prompt of a call becomes a request of one `LLMEngine`."""
+    """Offline batched generation: every prompt of a call becomes a request of one `LLMEngine`.
+
+    quantization: the weights' format, "int8" / "int4" (weight-only, quantized at load unless the checkpoint
+    is stored so) or "fp8" (a block-FP8 checkpoint kept in FP8); None: `dtype` as loaded. kv_cache_dtype:
+    how the latent cache stores tokens ("auto", "fp8", "6bit")."""
 
     def __init__(
         self, model: str | Path | Transformer, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
         max_batch_size: int = 32, tokenizer: Tokenizer | None = None, skip_tokenizer_init: bool = False,
         cache_bytes: int | None = None, block_size: int = 16, kv_cache_dtype: str = "auto",
+        quantization: str | None = None,
     ):
-        check_kv_cache_dtype(kv_cache_dtype)  # before a checkpoint loads
+        check_kv_cache_dtype(kv_cache_dtype)  # both before a checkpoint loads
+        quant.check_quantization(quantization)
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        net = model if isinstance(model, Transformer) else load_model(model, dtype=dtype, device=device, seed=0)
+        net = model if isinstance(model, Transformer) else load_model(
+            model, dtype=dtype, device=device, seed=0, fp8="keep" if quantization == "fp8" else "dequantize")
+        net = quant.for_inference(net, quantization)
         if tokenizer is None and not skip_tokenizer_init:
             if isinstance(model, (str, Path)) and Path(model).is_dir():
                 tokenizer = Tokenizer.from_folder(model, net.config)

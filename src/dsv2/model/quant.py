@@ -359,6 +359,35 @@ def quantize_model(model: Transformer, method: str, group_size: int = 128) -> Tr
     return model.eval()
 
 
+INFERENCE_FORMATS = ("int8", "int4", "fp8")  # LLM(quantization=...), --quantization
+
+
+def check_quantization(quantization: str | None) -> str | None:
+    if quantization is not None and quantization not in INFERENCE_FORMATS:
+        raise ValueError(f"quantization must be one of {', '.join(INFERENCE_FORMATS)} or None, got {quantization!r}")
+    return quantization
+
+
+def for_inference(model: Transformer, quantization: str | None, group_size: int = 128) -> Transformer:
+    """The model in the weight format `quantization` asks for (`LLM`, `--quantization`): None leaves it as it is;
+    "int8" / "int4" quantize a float model (or accept one stored that way); "fp8" accepts a block-FP8
+    checkpoint loaded with fp8="keep" (converting a float model to FP8 is `dsv2 quantize --format fp8`)."""
+    if check_quantization(quantization) is None:
+        return model
+    stored = (model.config.quantization_config or {}).get("quant_method")
+    kept_fp8 = any(type(m).__name__.startswith("FP8") for m in model.modules())
+    if quantization == "fp8":
+        if not kept_fp8:
+            raise ValueError("quantization fp8 runs a block-FP8 checkpoint kept in FP8; write one with "
+                             "`dsv2 quantize MODEL --out DIR --format fp8`")
+        return model
+    if stored == METHODS[quantization]:
+        return model  # a checkpoint `dsv2 quantize` wrote: already in this format
+    if stored is not None:
+        raise ValueError(f"quantization {quantization}: the model is stored as {stored}; load it as it is")
+    return quantize_model(model, quantization, group_size)
+
+
 # ------------------------------------------------------------------------------------- checkpoints
 def checkpoint_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     """Every tensor of a quantized model's checkpoint, by HF name."""
