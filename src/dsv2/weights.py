@@ -411,7 +411,8 @@ def load_checkpoint(
     model = model.to_empty(device=device)
     _copy_in(model, plan, progress, files, block)
     if block is not None and fp8 == "dequantize":  # a plain model now: nothing of it is stored in FP8
-        model.config = config.replace(quantization_config=None)
+        absent = config.absent_keys | {"quantization_config"}
+        model.config = config.replace(quantization_config=None, absent_keys=absent)
     return model.eval()
 
 
@@ -475,9 +476,9 @@ def _saved_config(model: Transformer, block: tuple[int, int] | None) -> ModelCon
     is_fp8 = qc is not None and qc.get("quant_method") == "fp8"
     if block is not None and not (is_fp8 and list(qc.get("weight_block_size", ())) == list(block)):
         config = config.replace(quantization_config=quantization_config(block))
-    elif block is None and is_fp8:
-        # the weights were dequantized: drop the key, since transformers reads even a null one as quantized
-        config = config.replace(quantization_config=None, absent_keys=config.absent_keys | {"quantization_config"})
+    elif block is None and qc is None:
+        # no quantized weights: no key, since transformers reads even a null one as quantized
+        config = config.replace(absent_keys=config.absent_keys | {"quantization_config"})
     return config
 
 
