@@ -112,7 +112,7 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, str, int | None, tuple
 
 
 # ------------------------------------------------------------------------------------------ load
-def _weight_files(folder: Path) -> dict[str, Path]:
+def weight_files(folder: Path) -> dict[str, Path]:
     """tensor name -> file, from the index or the single file; checks that every file exists."""
     index_path, single = folder / INDEX_FILE, folder / SINGLE_FILE
     if index_path.exists():
@@ -395,7 +395,7 @@ def load_checkpoint(
         from dsv2.model import quant  # imports this module
 
         return quant.load_quantized(folder, dtype=dtype, device=device)
-    files = _weight_files(folder)
+    files = weight_files(folder)
     shapes, dtypes = _headers(files)
     block = _fp8_block(folder, config, dtypes)
     scales = {} if block is None else _fp8_scales(files, shapes, dtypes, block)
@@ -464,6 +464,19 @@ def _kept_fp8_block(model: Transformer) -> tuple[int, int] | None:
     return next(iter(blocks), None)
 
 
+def finish_shards(folder: Path, names: list[str], weight_map: dict[str, str], total: int) -> None:
+    """Once the shard files `names` are written: remove the shards of an earlier save that these replace, and
+    write the index (tensor -> file; total bytes) for several shards, or remove a stale one for a single file."""
+    for stale in folder.glob("model*.safetensors"):
+        if stale.name not in names:
+            stale.unlink()
+    if len(names) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        write_text_atomic(folder / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+    elif (folder / INDEX_FILE).exists():
+        (folder / INDEX_FILE).unlink()
+
+
 def _saved_config(model: Transformer, block: tuple[int, int] | None) -> ModelConfig:
     """The model's config with the dtype of its plain weights and the quantization_config of what was written."""
     dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -524,14 +537,7 @@ def save_model(
             total += t.nbytes
         with atomic_path(folder / file) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "pt"})
-    for stale in folder.glob("model*.safetensors"):
-        if stale.name not in names:
-            stale.unlink()
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        write_text_atomic(folder / INDEX_FILE, json.dumps(index, indent=2) + "\n")
-    elif (folder / INDEX_FILE).exists():
-        (folder / INDEX_FILE).unlink()
+    finish_shards(folder, names, weight_map, total)
     _saved_config(model, fp8_block or kept).to_json(folder / CONFIG_FILE)
 
 

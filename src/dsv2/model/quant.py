@@ -55,7 +55,6 @@ int4 is stored unpacked because the CPU packed layout is a kernel detail; loadin
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import re
@@ -69,18 +68,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from dsv2.atomic import atomic_path, write_text_atomic
+from dsv2.atomic import atomic_path
 from dsv2.config import ModelConfig
 from dsv2.model.moe import RoutedExperts
 from dsv2.model.transformer import Transformer
 from dsv2.weights import (
     CONFIG_FILE,
     DEFAULT_MAX_SHARD_BYTES,
-    INDEX_FILE,
     SINGLE_FILE,
     CheckpointError,
-    _weight_files,
+    finish_shards,
     hf_name,
+    weight_files,
 )
 
 METHODS = {"int8": "dsv2_int8", "int4": "dsv2_int4"}
@@ -430,16 +429,8 @@ def save_quantized(model: Transformer, folder: str | os.PathLike,
     for file, shard in zip(names, shards, strict=True):
         with atomic_path(folder / file) as tmp:
             save_file(shard, str(tmp), metadata={"format": "pt"})
-    for stale in folder.glob("model*.safetensors"):
-        if stale.name not in names:
-            stale.unlink()
-    if len(shards) > 1:
-        weight_map = {name: file for file, shard in zip(names, shards, strict=True) for name in shard}
-        total = sum(t.nbytes for shard in shards for t in shard.values())
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        write_text_atomic(folder / INDEX_FILE, json.dumps(index, indent=2) + "\n")
-    elif (folder / INDEX_FILE).exists():
-        (folder / INDEX_FILE).unlink()
+    weight_map = {name: file for file, shard in zip(names, shards, strict=True) for name in shard}
+    finish_shards(folder, names, weight_map, sum(t.nbytes for shard in shards for t in shard.values()))
     dtype = next(t for t in model.state_dict().values() if t.is_floating_point()).dtype
     model.config.replace(torch_dtype=str(dtype).removeprefix("torch.")).to_json(folder / CONFIG_FILE)
 
@@ -472,7 +463,7 @@ def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.bfloat1
     quantized = {hf_module_name(name): m for name, m in model.named_modules() if isinstance(m, QUANTIZED)}
     params = {_hf_parameter_name(name): p for name, p in model.named_parameters()}
     expected = {f"{prefix}.{s}" for prefix, m in quantized.items() for s in m.checkpoint_suffixes} | set(params)
-    files = _weight_files(folder)
+    files = weight_files(folder)
     missing, unexpected = sorted(expected - set(files)), sorted(set(files) - expected)
     if missing or unexpected:
         raise CheckpointError(f"{folder}: the tensors do not match {CONFIG_FILE}: missing {missing[:3]}, "
