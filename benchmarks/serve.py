@@ -43,21 +43,23 @@ async def one_request(http: httpx.AsyncClient, body: dict) -> dict:
             "tokens": len(stamps), "end": stamps[-1]}
 
 
-async def peak_blocks(http: httpx.AsyncClient, stop: asyncio.Event) -> int:
-    peak = 0
+async def peaks(http: httpx.AsyncClient, stop: asyncio.Event) -> tuple[int, int]:
+    """Peak cache blocks in use and peak sequences running, scraped from /metrics every 50 ms."""
+    blocks = running = 0
     while not stop.is_set():
-        text = (await http.get("/metrics")).text
-        used = next(float(line.split()[1]) for line in text.splitlines() if line.startswith("dsv2_cache_blocks_used"))
-        peak = max(peak, int(used))
+        values = {line.split()[0]: float(line.split()[1]) for line in (await http.get("/metrics")).text.splitlines()
+                  if line.startswith("dsv2_")}
+        blocks = max(blocks, int(values["dsv2_cache_blocks_used"]))
+        running = max(running, int(values["dsv2_requests_running"]))
         await asyncio.sleep(0.05)
-    return peak
+    return blocks, running
 
 
 async def run_level(base: str, bodies: list[dict], concurrency: int) -> dict:
     limits = httpx.Limits(max_connections=concurrency + 2)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as http:
         stop = asyncio.Event()
-        watcher = asyncio.create_task(peak_blocks(http, stop))
+        watcher = asyncio.create_task(peaks(http, stop))
         queue = list(bodies)
         results: list[dict] = []
 
@@ -69,7 +71,7 @@ async def run_level(base: str, bodies: list[dict], concurrency: int) -> dict:
         await asyncio.gather(*(client() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
         stop.set()
-        peak = await watcher
+        peak, running = await watcher
     ok = [r for r in results if "error" not in r]
     ttft = sorted(r["ttft"] for r in ok)
     itl = sorted(x for r in ok for x in r["itl"])
@@ -81,7 +83,7 @@ async def run_level(base: str, bodies: list[dict], concurrency: int) -> dict:
         "concurrency": concurrency, "requests": len(results), "errors": len(results) - len(ok),
         "seconds": elapsed, "req_per_s": len(ok) / elapsed, "out_tok_per_s": sum(r["tokens"] for r in ok) / elapsed,
         "ttft_p50_ms": pct(ttft, 0.5), "ttft_p99_ms": pct(ttft, 0.99), "itl_p50_ms": pct(itl, 0.5),
-        "itl_p99_ms": pct(itl, 0.99), "peak_blocks": peak,
+        "itl_p99_ms": pct(itl, 0.99), "peak_blocks": peak, "peak_running": running,
         "first_error": next((r["error"] for r in results if "error" in r), None),
     }
 
@@ -95,6 +97,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--prompt-tokens", type=int, nargs=2, default=[16, 256], help="prompt length range")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "6bit"])
+    ap.add_argument("--cache-mb", type=float, help="latent cache memory (default: the server's)")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
 
@@ -104,7 +108,8 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     server = subprocess.Popen(
         [sys.executable, "-m", "dsv2.cli", "serve", "--model", args.model, "--dtype", args.dtype, "--port", str(port),
-         "--served-model-name", "bench", "--max-running", str(max(args.concurrency)), "--log-level", "warning"],
+         "--served-model-name", "bench", "--max-running", str(max(args.concurrency)), "--log-level", "warning",
+         "--kv-cache-dtype", args.kv_cache_dtype, *(["--cache-mb", str(args.cache_mb)] if args.cache_mb else [])],
         env=env,
     )
     base = f"http://127.0.0.1:{port}"
@@ -132,14 +137,16 @@ def main() -> None:
         server.wait(timeout=60)
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads; "
-          f"model {args.model} {args.dtype}; {args.requests} requests, prompts {args.prompt_tokens[0]}-"
-          f"{args.prompt_tokens[1]} tokens, {args.max_tokens} new tokens each, streaming")
-    print("| clients | req/s | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors | peak cache blocks |")
-    print("|---|---|---|---|---|---|---|")
+          f"model {args.model} {args.dtype}, {args.kv_cache_dtype} cache"
+          f"{f' of {args.cache_mb} MiB' if args.cache_mb else ''}; {args.requests} requests, prompts "
+          f"{args.prompt_tokens[0]}-{args.prompt_tokens[1]} tokens, {args.max_tokens} new tokens each, streaming")
+    print("| clients | req/s | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors | peak cache blocks | "
+          "peak running |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['concurrency']} | {r['req_per_s']:.2f} | {r['out_tok_per_s']:.1f} | "
               f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f} | "
-              f"{r['errors']} | {r['peak_blocks']} |")
+              f"{r['errors']} | {r['peak_blocks']} | {r['peak_running']} |")
     for r in rows[1:]:
         ratio = r["out_tok_per_s"] / max(rows[0]["out_tok_per_s"], 1e-9)
         print(f"{r['concurrency']} clients: {ratio:.2f}x the output tokens/s of {rows[0]['concurrency']}")
