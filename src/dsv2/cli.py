@@ -261,13 +261,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_task(args)
 
     from dsv2.data.shards import TokenShards
-    from dsv2.train import checkpoint
     from dsv2.train.core import evaluate
     from dsv2.train.pretrain import PackedText
     from dsv2.weights import load_model
 
     run = Path(args.model)
-    model_dir = run / "model" if (run / "model").is_dir() else checkpoint.latest_checkpoint(run) or run
+    model_dir = _evaluated_model(run)
     data = Path(args.data) if args.data else run / "data"
     model = load_model(model_dir, dtype=torch.float32, progress=False)
     shards = TokenShards(data, "val", vocab_size=model.config.vocab_size)
@@ -278,13 +277,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluated_model(run: Path) -> Path:
+    """What `dsv2 eval` evaluates of a folder: a run's final model, else its latest checkpoint, else the folder."""
+    from dsv2.train import checkpoint
+
+    return run / "model" if (run / "model").is_dir() else checkpoint.latest_checkpoint(run) or run
+
+
 def _eval_task(args: argparse.Namespace) -> int:
     from dsv2.data import tasks
     from dsv2.infer.engine import LLM
 
     task = tasks.get_task(args.task)  # an unknown name fails before the model loads
-    folder = Path(args.model)
-    llm = LLM(folder / "model" if (folder / "model" / "config.json").is_file() else folder, dtype=args.dtype)
+    llm = LLM(_evaluated_model(Path(args.model)), dtype=args.dtype)
     result = tasks.evaluate(llm, task, n=args.n, seed=args.seed)
     if args.json:
         print(json.dumps(result, indent=2))

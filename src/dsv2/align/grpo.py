@@ -309,11 +309,13 @@ class Rollouts:
         own router would choose differently from the engine's (with replay it routes to the engine's anyway)."""
         rows = max(1, len(batch) // self.cfg.grad_accum)  # the training step's micro-batch size
         gates = [b.ffn.gate for b in model.layers if isinstance(b.ffn, MoE)]
+        device = model.embed.weight.device
         out, differ = [], 0
         for part, engine in zip(batch.split(len(batch) // rows), engine_routing.split(rows), strict=True):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            part, engine = part.to(device), engine.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
                 logits, routings = model(part.inputs, replay=part.replay, return_routing=True)
-            out.append(token_logprobs(logits.float(), part.targets))
+            out.append(token_logprobs(logits.float(), part.targets).cpu())
             for layer, (gate, routing) in enumerate(zip(gates, routings, strict=True)):
                 scores = routing.scores.flatten(0, 1)  # [B·S, E]
                 own = gate.candidates(scores).topk(gate.top_k, dim=-1).indices.sort(-1).values

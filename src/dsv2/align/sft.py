@@ -10,10 +10,12 @@ writes RUN/adapter, the adapter alone in PEFT's layout.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dsv2.atomic import write_text_atomic
 from dsv2.config import PRESETS
 from dsv2.data import sft, tasks
 from dsv2.tokenizer import Tokenizer
@@ -96,10 +98,6 @@ def stage(cfg: SFTConfig, dist: Distributed | None = None) -> tuple[core.Stage, 
 
 def train(cfg: SFTConfig) -> tuple[dict[str, Any], dict[str, int]]:
     """Fine-tune (or resume); returns the last step's metrics and the data counts (also in RUN/sft_data.json)."""
-    import json
-
-    from dsv2.atomic import write_text_atomic
-
     dist = Distributed.from_env()
     try:
         sft_stage, counts = stage(cfg, dist)

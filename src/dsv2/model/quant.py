@@ -70,6 +70,7 @@ from torch import nn
 
 from dsv2.atomic import atomic_path
 from dsv2.config import ModelConfig
+from dsv2.model.fp8 import FP8Linear, FP8RoutedExperts
 from dsv2.model.moe import RoutedExperts
 from dsv2.model.transformer import Transformer
 from dsv2.weights import (
@@ -374,7 +375,7 @@ def for_inference(model: Transformer, quantization: str | None, group_size: int 
     if check_quantization(quantization) is None:
         return model
     stored = (model.config.quantization_config or {}).get("quant_method")
-    kept_fp8 = any(type(m).__name__.startswith("FP8") for m in model.modules())
+    kept_fp8 = any(isinstance(m, (FP8Linear, FP8RoutedExperts)) for m in model.modules())
     if quantization == "fp8":
         if not kept_fp8:
             raise ValueError("quantization fp8 runs a block-FP8 checkpoint kept in FP8; write one with "
