@@ -127,7 +127,7 @@ class MLA(nn.Module):
         B, S, H, _ = q_nope.shape
         w_uk, w_uv = self.absorbed_weights()
         dtype = q_nope.dtype
-        q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
+        q_latent = torch.einsum("bshd,hdc->bshc", q_nope.to(w_uk.dtype), w_uk)
         q = torch.cat([q_latent, q_pe], dim=-1).flatten(1, 2)  # [B,S·H,d_c + d_h^R]
         if history.device.type == "cpu" and history.dtype != torch.float32:
             # On CPUs without native bf16 (AVX2) half-precision GEMMs that reduce over the T cached tokens
@@ -137,9 +137,9 @@ class MLA(nn.Module):
         scores = torch.matmul(q, history.transpose(1, 2)) * self.softmax_scale  # [B,S·H,T]
         scores = scores.masked_fill(~mask.repeat_interleave(H, dim=1), float("-inf"))
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-        o_latent = torch.matmul(probs, history[..., : self.kv_rank]).to(dtype)  # [B,S·H,d_c]
+        o_latent = torch.matmul(probs, history[..., : self.kv_rank]).to(w_uv.dtype)  # [B,S·H,d_c]
         o = torch.einsum("bshc,hvc->bshv", o_latent.view(B, S, H, self.kv_rank), w_uv)
-        return self.wo(o.flatten(2))
+        return self.wo(o.flatten(2).to(dtype))
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK, W_UV: the copies `prepare_for_inference` made, unless there are none or this forward
@@ -150,11 +150,15 @@ class MLA(nn.Module):
 
     def split_wkv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H,d_h,d_c] and W_UV [H,d_v,d_c] out of wkv_b, as contiguous tensors (as strided views of
-        wkv_b the CPU batched matmuls of `absorbed` run 3-30x slower)."""
+        wkv_b the CPU batched matmuls of `absorbed` run 3-30x slower). On the CPU they are fp32 whatever the
+        model dtype: at decode each is a batched GEMV per head (B·S rows), where torch 2.13's bf16 bmm is
+        2-3x slower than fp32's even on AVX-512 BF16 (V2-Lite's W_UK, 16 x 128 x 512, batch 1: 0.82 ms
+        against 0.33 ms), and fp32 loses nothing."""
         # a block-FP8 wkv_b (`dsv2.model.fp8.FP8Linear`) is dequantized here, once per split
         weight = self.wkv_b.dequantized() if hasattr(self.wkv_b, "dequantized") else self.wkv_b.weight
         w_ukv = weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
-        return w_ukv[:, : self.nope_dim].contiguous(), w_ukv[:, self.nope_dim :].contiguous()
+        dtype = torch.float32 if weight.device.type == "cpu" else weight.dtype
+        return w_ukv[:, : self.nope_dim].to(dtype).contiguous(), w_ukv[:, self.nope_dim :].to(dtype).contiguous()
 
     @torch.no_grad()
     def prepare_for_inference(self) -> None:
