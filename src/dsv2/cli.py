@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dsv2.config import PRESETS, ConfigError, resolve_config
 from dsv2.data.dedup import DEFAULT_THRESHOLD
+from dsv2.hardware import DTYPES
 from dsv2.infer.kv_quant import KV_CACHE_DTYPES
 from dsv2.infer.sampling import SamplingError, SamplingParams
 from dsv2.info import summarize
@@ -17,6 +18,7 @@ from dsv2.model.quant import INFERENCE_FORMATS
 from dsv2.tokenizer import TokenizerError
 from dsv2.weights import CheckpointError
 
+DTYPE_HELP = "auto: bf16 where the CPU multiplies bf16 natively (AVX-512 BF16, AMX) or on a GPU, else fp32"
 
 def _billions(n: int) -> str:
     return f"{n:,} ({n / 1e9:.2f}B)"
@@ -318,7 +320,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization)
     name = args.served_model_name or Path(args.model).name
     engine = llm.engine
-    print(f"dsv2 serve: {name} ({args.dtype}) on http://{args.host}:{args.port}/v1 - latent cache "
+    dtype = str(llm.model.embed.weight.dtype).removeprefix("torch.")
+    print(f"dsv2 serve: {name} ({dtype}) on http://{args.host}:{args.port}/v1 - latent cache "
           f"{engine.cache.num_blocks} blocks x {engine.cache.block_size} tokens "
           f"({engine.cache.bytes_allocated() / 2**20:.0f} MiB, {args.kv_cache_dtype}: "
           f"{engine.cache.bytes_per_token():,} bytes per token)", file=sys.stderr)
@@ -336,7 +339,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="auto", choices=list(DTYPES), help=DTYPE_HELP)
     _add_inference_format_args(p)
 
 
@@ -550,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", dest="api_key", help="require `Authorization: Bearer KEY` on /v1/*")
     serve.add_argument("--served-model-name", dest="served_model_name", help="model id (default: folder name)")
-    serve.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    serve.add_argument("--dtype", default="auto", choices=list(DTYPES), help=DTYPE_HELP)
     _add_inference_format_args(serve)
     serve.add_argument("--max-running", dest="max_running", type=int, default=32, help="sequences per batch")
     serve.add_argument("--cache-mb", dest="cache_mb", type=float, help="latent cache memory (default 1024 MiB)")

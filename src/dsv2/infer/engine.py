@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from dsv2.config import PRESETS
+from dsv2.hardware import resolve_dtype
 from dsv2.infer.cache import PagedLatentCache
 from dsv2.infer.kv_quant import check_kv_cache_dtype
 from dsv2.infer.sampling import SamplingError, SamplingParams, sample
@@ -346,18 +347,20 @@ class LLM:
     """Offline batched generation: every prompt of a call becomes a request of one `LLMEngine`.
 
     quantization: the weights' format, "int8" / "int4" (weight-only, quantized at load unless the checkpoint
-    is stored so) or "fp8" (a block-FP8 checkpoint kept in FP8); None: `dtype` as loaded. kv_cache_dtype:
-    how the latent cache stores tokens ("auto", "fp8", "6bit")."""
+    is stored so) or "fp8" (a block-FP8 checkpoint kept in FP8); None: `dtype` as loaded. dtype: "auto" (bf16
+    on a GPU or a CPU with native bf16, else fp32: `dsv2.hardware`), "bfloat16", "float32" or a torch.dtype;
+    a model passed as a module keeps its own. kv_cache_dtype: how the latent cache stores tokens ("auto",
+    "fp8", "6bit")."""
 
     def __init__(
-        self, model: str | Path | Transformer, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
+        self, model: str | Path | Transformer, dtype: str | torch.dtype = "auto", device: str = "cpu",
         max_batch_size: int = 32, tokenizer: Tokenizer | None = None, skip_tokenizer_init: bool = False,
         cache_bytes: int | None = None, block_size: int = 16, kv_cache_dtype: str = "auto",
         quantization: str | None = None,
     ):
         check_kv_cache_dtype(kv_cache_dtype)  # both before a checkpoint loads
         quant.check_quantization(quantization)
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        dtype = resolve_dtype(dtype, device)
         net = model if isinstance(model, Transformer) else load_model(
             model, dtype=dtype, device=device, seed=0, fp8="keep" if quantization == "fp8" else "dequantize")
         net = quant.for_inference(net, quantization)
@@ -369,7 +372,7 @@ class LLM:
         self.engine = LLMEngine(net, tokenizer, max_running=max_batch_size, cache_bytes=cache_bytes,
                                 block_size=block_size, kv_cache_dtype=kv_cache_dtype)
         self.model, self.config, self.tokenizer = net, net.config, tokenizer
-        self._stats: dict[str, float] = {}
+        self._stats: dict[str, float | str] = {}
 
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None) -> list[RequestOutput]:
         requests = self._requests(prompts, params or SamplingParams())
@@ -384,8 +387,9 @@ class LLM:
     def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None) -> RequestOutput:
         return self.generate([self.engine._tokenizer().apply_chat_template(messages)], params)[0]
 
-    def stats(self) -> dict[str, float]:
-        """Figures of the last call: tokens, seconds, tokens/s, latent-cache bytes (per token, peak, allocated)."""
+    def stats(self) -> dict[str, float | str]:
+        """Figures of the last call: tokens, seconds, tokens/s, latent-cache bytes (per token, peak, allocated),
+        and the dtype the model computes in (what `dtype="auto"` chose)."""
         return dict(self._stats)
 
     def _requests(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams) -> list[Request]:
@@ -426,4 +430,5 @@ class LLM:
             "kv_cache_peak_bytes_in_use": peak_tokens * after.cache_bytes_per_token,
             "kv_cache_peak_blocks": peak_blocks,
             "kv_cache_bytes_allocated": after.cache_bytes_allocated,
+            "dtype": str(self.model.embed.weight.dtype).removeprefix("torch."),
         }

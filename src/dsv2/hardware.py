@@ -1,0 +1,55 @@
+"""What the machine computes fast: the CPU's instruction-set level and the dtype inference should use there.
+
+On a CPU, bf16 matmuls are fast only where the hardware multiplies bf16 natively (AVX-512 BF16, AMX); on
+AVX2 they are emulated and several times slower than fp32 (measured: ../docs/benchmarks.md). So
+`dtype="auto"`, the default of `LLM` and the inference commands, is bf16 on a GPU and on a CPU with native
+bf16, and fp32 on any other CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = ("auto", "bfloat16", "float32")
+
+
+def cpu_capability() -> str:
+    """The CPU's level in words: "AMX", "AVX-512 BF16", "AVX-512", "AVX2" or torch's own name for it."""
+    cpu = torch.cpu
+    if cpu._is_amx_tile_supported():
+        return "AMX"
+    if cpu._is_avx512_bf16_supported():
+        return "AVX-512 BF16"
+    if cpu._is_avx512_supported():
+        return "AVX-512"
+    if cpu._is_avx2_supported():
+        return "AVX2"
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX tiles)."""
+    return cpu_capability() in ("AMX", "AVX-512 BF16")
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """"auto" -> bf16 on a GPU or a CPU with native bf16, else fp32; a dtype or its name -> that dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(map(repr, DTYPES))} or a torch.dtype, got {dtype!r}")
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if torch.device(device).type != "cpu" or has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def describe() -> str:
+    """One line naming the machine for a benchmark's output."""
+    import platform
+
+    torch_level = torch.backends.cpu.get_cpu_capability()
+    return (f"{platform.machine()} CPU, capability {cpu_capability()} (torch: {torch_level}), "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"dtype auto = {str(resolve_dtype('auto')).removeprefix('torch.')}")
