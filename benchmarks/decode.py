@@ -203,26 +203,6 @@ def worker(which: str, path: str, dtype: torch.dtype, device: str, grid: dict[st
 
 
 # ----------------------------------------------------------------------------------------- roofline
-def read_bandwidth_gbs(device: str, repeats: int = 7) -> float:
-    """The machine's read bandwidth: the fastest full read of a 512 MiB tensor, best of `repeats`, over a
-    few reductions (int64 max, int32 max, fp32 sum), as whichever one the vector units keep up with best
-    is the one limited by memory alone. Random data: pages of identical content (torch.ones) can be merged
-    by the hypervisor and then read from cache."""
-    x = torch.rand(128 * 2**20, device=device)  # 512 MiB
-    reads: list[Callable[[], torch.Tensor]] = [
-        lambda: x.view(torch.int64).max(), lambda: x.view(torch.int32).max(), lambda: x.sum()]
-    best = float("inf")
-    for read in reads:
-        read()
-        for _ in range(repeats):
-            sync(device)
-            t = time.perf_counter()
-            read()
-            sync(device)
-            best = min(best, time.perf_counter() - t)
-    return x.numel() * x.element_size() / best / 1e9
-
-
 def expected_distinct_experts(n_experts: int, top_k: int, batch: int) -> float:
     """Distinct experts B tokens pick when each picks K of E uniformly: E·(1 - (1 - K/E)^B)."""
     return n_experts * (1 - (1 - top_k / n_experts) ** batch)
@@ -330,7 +310,7 @@ def print_run(run: dict[str, Any], saved: dict[str, Any]) -> None:
 def collect(args: argparse.Namespace) -> dict[str, Any]:
     """Measure the bandwidth, then every model and dtype in worker processes, printing each as it is done."""
     gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
-    bandwidth = read_bandwidth_gbs(args.device)
+    bandwidth = hardware.read_bandwidth_gbs(args.device)
     header = (f"machine: {hardware.describe()}{gpu}\nread bandwidth {bandwidth:.1f} GB/s (fastest read of 512 MiB "
               f"on {args.device}); every figure the median of {args.repeats} runs of its point after a warm-up run")
     load = os.getloadavg()[0]

@@ -11,12 +11,11 @@
 from __future__ import annotations
 
 import argparse
-import platform
 
 import torch
 
 import dsv2
-from dsv2 import LLM, SamplingParams
+from dsv2 import LLM, SamplingParams, hardware
 from dsv2.model import quant
 
 MODELS = {
@@ -39,8 +38,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--context", type=int, default=8192)
     args = p.parse_args()
-    print(f"machine: {platform.machine()}, torch {torch.__version__}, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
+    print(f"machine: {hardware.describe()}")
     for name in args.models:
         config = MODELS[name]()
         results = {}

@@ -108,6 +108,23 @@ def test_quantized_experts_grouped_path_equals_a_loop_on_dequantized_weights(met
     assert rel_err(grouped, twin.loop_experts(x, weights, indices)) <= 1e-5  # 2e-7 measured
 
 
+@torch.no_grad()
+def test_int4_takes_a_smaller_group_where_k_is_not_a_multiple(tmp_path):
+    assert quant.int4_group_size((2048, 10944), 128) == 64  # V2-Lite's dense down_proj: 10944 = 171 * 64
+    assert quant.int4_group_size((48, 96), 128) == 32 and quant.int4_group_size((48, 96), 32) == 32
+    assert quant.int4_group_size((48, 80), 128) is None and quant.int4_group_size((40, 256), 128) is None
+    model = quant.quantize_model(random_model("lite_like"), "int4", group_size=128)
+    groups = {name: m.group_size for name, m in model.named_modules() if isinstance(m, Int4Linear)}
+    shapes = {name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, Int4Linear)}
+    assert groups == {name: quant.int4_group_size(shapes[name], 128) for name in groups}
+    assert set(groups.values()) != {128}  # the case exercises the fallback: some K is not a multiple of 128
+    tokens = torch.randint(0, 320, (2, 9))
+    quant.save_quantized(model, tmp_path)
+    loaded = quant.load_quantized(tmp_path, dtype=torch.float32)
+    assert {n: m.group_size for n, m in loaded.named_modules() if isinstance(m, Int4Linear)} == groups
+    assert torch.equal(loaded(tokens), model(tokens))
+
+
 @pytest.mark.parametrize("case", ["v2_like", "lite_like"])
 @pytest.mark.parametrize("method", ["int8", "int4"])
 @torch.no_grad()

@@ -8,6 +8,8 @@ bf16, and fp32 on any other CPU.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 DTYPES = ("auto", "bfloat16", "float32")
@@ -53,3 +55,25 @@ def describe() -> str:
     return (f"{platform.machine()} CPU, capability {cpu_capability()} (torch: {torch_level}), "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
             f"dtype auto = {str(resolve_dtype('auto')).removeprefix('torch.')}")
+
+
+def read_bandwidth_gbs(device: str | torch.device = "cpu", repeats: int = 7) -> float:
+    """The machine's read bandwidth in GB/s, for rooflines: the fastest full read of a 512 MiB tensor, best of
+    `repeats`, over a few reductions (int64 max, int32 max, fp32 sum), as whichever one the vector units keep
+    up with best is the one limited by memory alone (on the 2-core AVX-512 machine int64 max alone is
+    compute-bound). Random data: pages of identical content (torch.ones) can be merged by the hypervisor and
+    then read from cache."""
+    x = torch.rand(128 * 2**20, device=device)  # 512 MiB
+    reads = [lambda: x.view(torch.int64).max(), lambda: x.view(torch.int32).max(), lambda: x.sum()]
+    best = float("inf")
+    for read in reads:
+        read()
+        for _ in range(repeats):
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            read()
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+    return x.numel() * x.element_size() / best / 1e9

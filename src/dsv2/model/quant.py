@@ -48,7 +48,9 @@ Checkpoints (`save_quantized` / `load_quantized`): config.json with
 and safetensors with DeepSeek's HF names, routed experts one tensor per expert, for each converted module:
     int8: <module>.weight int8 [N,K], <module>.weight_scale [N] (model dtype)
     int4: <module>.weight uint8 [N,K/2] (q[:, 2j] in the low nibble of byte j, q[:, 2j+1] in the high one),
-          <module>.weight_scale [N,K/G] (model dtype), <module>.weight_zero_point uint8 [N,K/G]
+          <module>.weight_scale [N,K/G] (model dtype), <module>.weight_zero_point uint8 [N,K/G]; a matrix
+          whose K is not a multiple of G uses the largest smaller group size that divides K
+          (`int4_group_size`), so its K/G columns say which
 int4 is stored unpacked because the CPU packed layout is a kernel detail; loading packs it again.
 """
 
@@ -323,11 +325,22 @@ def _check_method(method: str, group_size: int) -> None:
         raise ValueError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}")
 
 
+def int4_group_size(shape: tuple[int, ...], group_size: int) -> int | None:
+    """The group size an [N,K] matrix gets in int4: `group_size`, or where K is not a multiple of it the
+    largest smaller one of GROUP_SIZES that divides K (V2-Lite's dense down_proj: K = 10944 = 171·64, so it
+    takes groups of 64 under 128 rather than staying in bf16, where it was 12% of an int4 decode step);
+    None where none fits. A function of the shape and the recorded group_size, so loading finds it again."""
+    for g in sorted((g for g in GROUP_SIZES if g <= group_size), reverse=True):
+        if Int4Linear.fits(shape[0], shape[1], g):
+            return g
+    return None
+
+
 def _keeps(name: str, shape: tuple[int, ...], method: str, group_size: int) -> bool:
     """Whether the weight matrix `name` stays in the model dtype (see the module docstring)."""
     if name.endswith("attn.wkv_b"):
         return True
-    return method == "int4" and not Int4Linear.fits(shape[0], shape[1], group_size)
+    return method == "int4" and int4_group_size(shape, group_size) is None
 
 
 def _not_converted(model: Transformer) -> list[str]:
@@ -349,7 +362,9 @@ def quantize_model(model: Transformer, method: str, group_size: int = 128) -> Tr
     def convert(name: str, weight: torch.Tensor) -> nn.Module | None:
         if _keeps(name, tuple(weight.shape), method, group_size):
             return None
-        return Int8Linear.quantize(weight) if method == "int8" else Int4Linear.quantize(weight, group_size)
+        if method == "int8":
+            return Int8Linear.quantize(weight)
+        return Int4Linear.quantize(weight, int4_group_size(tuple(weight.shape), group_size))
 
     _swap(model, convert)
     model.config = model.config.replace(quantization_config={
@@ -455,7 +470,9 @@ def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.bfloat1
         if hf_module_name(name) in kept:
             return None
         n, k = weight.shape
-        return Int8Linear(k, n, dtype, "meta") if method == "int8" else Int4Linear(k, n, group_size, dtype, "meta")
+        if method == "int8":
+            return Int8Linear(k, n, dtype, "meta")
+        return Int4Linear(k, n, int4_group_size((n, k), group_size), dtype, "meta")
 
     with torch.device("meta"):
         model = Transformer(config)
