@@ -24,6 +24,7 @@ import torch
 from dsv2 import hardware
 from dsv2.model.quant import Int4Linear, Int8Linear
 
+THREADS = torch.get_num_threads()  # all threads: the second column of every row
 SHAPES = {  # [N, K] of V2-Lite's weight matrices
     "expert gate/up 1408x2048": (1408, 2048),
     "expert down 2048x1408": (2048, 1408),
@@ -64,9 +65,6 @@ def per_call_s(modules: list[torch.nn.Module], x: torch.Tensor, threads: int) ->
         return median_s(lambda: [m(x) for m in modules]) / len(modules)
     finally:
         torch.set_num_threads(THREADS)
-
-
-THREADS = torch.get_num_threads()
 
 
 @torch.no_grad()

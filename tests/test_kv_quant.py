@@ -82,12 +82,16 @@ def groups(x: torch.Tensor, size: int) -> torch.Tensor:
     return g.expand(*g.shape[:-1], size).flatten(-2)
 
 
-def test_fp8_round_trip_error(latents):
-    layout = cache_layout("fp8", dims(512, 64))
+def round_trip(latents: torch.Tensor, kv_cache_dtype: str, width: int) -> tuple[torch.Tensor, ...]:
+    """Encode and decode V2-dim latents; checks the stored bytes; -> c_KV, k^R, and both decoded."""
+    layout = cache_layout(kv_cache_dtype, dims(512, 64))
     stored = layout.encode(latents)
-    assert stored.dtype == torch.uint8 and stored.shape == (latents.shape[0], 656)
-    back = layout.decode(stored)
-    c, k, c_back, k_back = *latents.split([512, 64], -1), *back.split([512, 64], -1)
+    assert stored.dtype == torch.uint8 and stored.shape == (latents.shape[0], width)
+    return *latents.split([512, 64], -1), *layout.decode(stored).split([512, 64], -1)
+
+
+def test_fp8_round_trip_error(latents):
+    c, k, c_back, k_back = round_trip(latents, "fp8", 656)
     # e4m3 keeps 3 mantissa bits: half an ulp is 2^-4 of the value, or 2^-10 of the scale below e4m3's normals
     scale = groups(c, 128) / FP8_MAX
     assert ((c_back - c).abs() <= 2**-4 * c.abs() + 2**-10 * scale + 1e-7).all()
@@ -96,11 +100,7 @@ def test_fp8_round_trip_error(latents):
 
 
 def test_6bit_round_trip_error(latents):
-    layout = cache_layout("6bit", dims(512, 64))
-    stored = layout.encode(latents)
-    assert stored.dtype == torch.uint8 and stored.shape == (latents.shape[0], 430)
-    back = layout.decode(stored)
-    c, k, c_back, k_back = *latents.split([512, 64], -1), *back.split([512, 64], -1)
+    c, k, c_back, k_back = round_trip(latents, "6bit", 430)
     # rounding to the nearest code costs at most half a step; a step is at most 2^(1/8) · amax / qmax
     assert ((c_back - c).abs() <= 2 ** (1 / 8) * groups(c, 128) / (2 * 31) + 1e-6).all()
     assert ((k_back - k).abs() <= 2 ** (1 / 8) * groups(k, 32) / (2 * 15) + 1e-6).all()

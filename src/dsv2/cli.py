@@ -20,6 +20,7 @@ from dsv2.weights import CheckpointError
 
 DTYPE_HELP = "auto: bf16 where the CPU multiplies bf16 natively (AVX-512 BF16, AMX) or on a GPU, else fp32"
 
+
 def _billions(n: int) -> str:
     return f"{n:,} ({n / 1e9:.2f}B)"
 

@@ -8,6 +8,7 @@ bf16, and fp32 on any other CPU.
 
 from __future__ import annotations
 
+import platform
 import time
 
 import torch
@@ -49,8 +50,6 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
 
 def describe() -> str:
     """One line naming the machine for a benchmark's output."""
-    import platform
-
     torch_level = torch.backends.cpu.get_cpu_capability()
     return (f"{platform.machine()} CPU, capability {cpu_capability()} (torch: {torch_level}), "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
