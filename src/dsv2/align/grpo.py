@@ -366,8 +366,5 @@ def stage(cfg: GRPOConfig, dist: Distributed | None = None) -> core.Stage:
 
 
 def train(cfg: GRPOConfig) -> dict[str, Any]:
-    dist = Distributed.from_env()
-    try:
+    with Distributed.from_env() as dist:
         return core.run(stage(cfg, dist), dist)
-    finally:
-        dist.close()

@@ -98,12 +98,9 @@ def stage(cfg: SFTConfig, dist: Distributed | None = None) -> tuple[core.Stage, 
 
 def train(cfg: SFTConfig) -> tuple[dict[str, Any], dict[str, int]]:
     """Fine-tune (or resume); returns the last step's metrics and the data counts (also in RUN/sft_data.json)."""
-    dist = Distributed.from_env()
-    try:
+    with Distributed.from_env() as dist:
         sft_stage, counts = stage(cfg, dist)
         last = core.run(sft_stage, dist)
         if dist.is_main:
             write_text_atomic(Path(cfg.out) / DATA_REPORT, json.dumps(counts, indent=1))
         return last, counts
-    finally:
-        dist.close()

@@ -74,7 +74,19 @@ class Distributed:
         if self.world > 1:
             dist.barrier()
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Destroy the group this object made. With `wait`, first once every rank has reached here: a gloo rank
+        that destroys its group while a peer is still working (rank 0 writing the final model) can abort at exit
+        with "terminate called without an active exception". Without it (a rank that failed), at once: its
+        peers may never arrive."""
         if self.owns_group:
+            if wait:
+                dist.barrier()
             dist.destroy_process_group()
             self.owns_group = False
+
+    def __enter__(self) -> Distributed:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        self.close(wait=exc_type is None)

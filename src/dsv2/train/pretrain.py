@@ -76,9 +76,6 @@ def stage(cfg: PretrainConfig, dist: Distributed) -> core.Stage:
 
 def train(cfg: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) pretraining; under torchrun, on every rank."""
-    dist = Distributed.from_env()
-    try:
+    with Distributed.from_env() as dist:
         return core.run(stage(cfg, dist), dist)
-    finally:
-        dist.close()
 
