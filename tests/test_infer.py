@@ -10,7 +10,7 @@ from conftest import CASES, PROMPTS, random_model, randomize_, require
 
 import dsv2
 from dsv2 import LLM, SamplingError, SamplingParams
-from dsv2.infer.cache import LatentCache
+from dsv2.infer.cache import LatentCache, PagedLatentCache
 from dsv2.infer.engine import LLMEngine, releasable
 from dsv2.infer.generate import generate
 from dsv2.infer.sampling import filter_logits, sample
@@ -67,6 +67,41 @@ def test_cached_decoding_equals_full_forward(case):
         cache.advance(stop - start)
     assert rel_err(torch.cat(chunks, 1), full) <= 1e-5
     assert cache.bytes_in_use() == 2 * 120 * model.config.num_hidden_layers * model.config.kv_cache_dim * 4
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("paged", [False, True])
+@torch.no_grad()
+def test_packed_forward_equals_rows_one_at_a_time(case, paged):
+    """Several rows' chunks packed end to end into one forward (`segments`) = each row's own forward: a
+    70-token chunk from position 0 (naive path), a 3-token chunk after 40 cached tokens and a single token
+    after 100 (absorbed path), each written into its own row of the cache, which decoding then reads."""
+    model = random_model(case)
+    x = torch.randint(0, model.config.vocab_size, (3, 102))
+    full = model(x)
+    parts = [(0, 0, 70), (1, 40, 43), (2, 100, 101)]  # (row, first position, end)
+    packed = torch.cat([x[row, start:stop] for row, start, stop in parts])[None]
+    segments = [stop - start for _, start, stop in parts]
+
+    def prefilled_cache():
+        if paged:
+            pool = PagedLatentCache(model.config, num_blocks=64, block_size=8)
+            cache = pool.view([list(range(0, 16)), list(range(16, 32)), list(range(32, 48))], [0, 0, 0])
+        else:
+            cache = LatentCache(model.config, 3, 128)
+        for row, start, _ in parts[1:]:  # rows 1 and 2 already hold a prefix, cached alone
+            model(x[row : row + 1, :start], cache=cache.row(row))
+            cache.row(row).lengths += start
+        return cache
+
+    cache = prefilled_cache()
+    logits = model(packed, cache=cache, segments=segments)
+    assert rel_err(logits, torch.cat([full[row, start:stop] for row, start, stop in parts])[None]) <= 1e-5
+    cache.lengths += torch.tensor(segments)
+    nxt = torch.tensor([70, 43, 101])  # then one decode step of all three rows reads what the packed forward wrote
+    assert rel_err(model(x[torch.arange(3), nxt][:, None], cache=cache)[:, 0], full[torch.arange(3), nxt]) <= 1e-5
+    ends = model(packed, cache=prefilled_cache(), segments=segments, logits_index=torch.tensor([69, 72, 73]))
+    assert rel_err(ends, full[torch.arange(3), torch.tensor([69, 42, 100])]) <= 1e-5
 
 
 def cached_logits(model, x: torch.Tensor) -> torch.Tensor:

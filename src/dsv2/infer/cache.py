@@ -10,6 +10,7 @@ Two layouts, one interface (what `Transformer.forward` and `MLA.forward` use):
     cache.capacity               positions a row can hold
     cache.layer(i).write(positions [B,S], entries [B,S,D])   store the new tokens' latents
     cache.layer(i).read(span) -> [B,span,D]                  latents of positions 0..span-1
+    cache.row(j)                 row j alone, on the same storage (a packed forward attends row by row)
 
 - `LatentCache`: one contiguous [layer, row, position, D] tensor; simple, the slow twin.
 - `PagedLatentCache`: a pool of fixed-size blocks [layer, block, slot, D] shared by all sequences, each
@@ -63,6 +64,11 @@ class LatentCache:
 
     def layer(self, i: int) -> _ContiguousLayer:
         return _ContiguousLayer(self.kv[i], self.layout)
+
+    def row(self, j: int) -> LatentCache:
+        row = object.__new__(LatentCache)
+        row.layout, row.kv, row.lengths = self.layout, self.kv[:, j : j + 1], self.lengths[j : j + 1]
+        return row
 
     def positions(self, n_new: int) -> torch.Tensor:
         """Positions [B, n_new] of the next n_new tokens of every row."""
@@ -157,6 +163,9 @@ class PagedBatch:
 
     def layer(self, i: int) -> _PagedLayer:
         return _PagedLayer(self.pool[i], self.tables, self.layout)
+
+    def row(self, j: int) -> PagedBatch:
+        return PagedBatch(self.pool, self.tables[j : j + 1], self.lengths[j : j + 1], self.layout)
 
     def positions(self, n_new: int) -> torch.Tensor:
         return self.lengths[:, None] + torch.arange(n_new, device=self.lengths.device)

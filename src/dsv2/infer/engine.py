@@ -5,9 +5,9 @@
     for event in llm.stream(["Hello"], SamplingParams(max_tokens=32)): print(event.text_delta, end="")
 
 `LLMEngine` is the loop a server drives: `add_request` (validated before anything is queued), `step`
-(one scheduler plan: one batched decode forward for every sequence in decode, then the planned prefill
-chunks, then sampling), `abort`. Requests join the running batch at the next step and leave it the step
-they finish, giving their cache blocks back. The cache holds only latents (`PagedLatentCache`);
+(one scheduler plan: one batched decode forward for every sequence in decode, then one packed forward
+of the planned prefill chunks, then sampling), `abort`. Requests join the running batch at the next step
+and leave it the step they finish, giving their cache blocks back. The cache holds only latents (`PagedLatentCache`);
 decode goes through the absorbed MLA path, on the layouts `Transformer.prepare_for_inference` made.
 
 It is also all a server needs to know of the engine: the rules a request must meet (`check_context`,
@@ -253,17 +253,24 @@ class LLMEngine:
                 self.scheduler.computed(s, 1)
             sampled.append(("decode", requests, logits, time.perf_counter() - t))
             self._totals["decode_tokens"] += len(seqs)
-        for seq, n in plan.prefill:
+        if plan.prefill:  # every planned chunk in one packed forward (`Transformer.forward(segments=...)`)
             t = time.perf_counter()
-            start = seq.num_computed
-            view = self.cache.view([seq.blocks], [start])
-            tokens = torch.tensor([seq.tokens[start : start + n]], device=self.device)
-            request = self.requests[seq.request_id]
-            logits = self._forward([request], tokens, view, [start], torch.tensor([n - 1], device=self.device))
-            self.scheduler.computed(seq, n)
-            self._totals["prefill_tokens"] += n
-            if seq.num_computed == len(seq.tokens):  # all cached: the last token's logits give the next token
-                sampled.append(("prefill", [request], logits, time.perf_counter() - t))
+            seqs, counts = [seq for seq, _ in plan.prefill], [n for _, n in plan.prefill]
+            starts = [seq.num_computed for seq in seqs]
+            view = self.cache.view([seq.blocks for seq in seqs], starts)
+            tokens = torch.tensor([[tok for seq, start, n in zip(seqs, starts, counts, strict=True)
+                                    for tok in seq.tokens[start : start + n]]], device=self.device)
+            requests = [self.requests[seq.request_id] for seq in seqs]
+            last = torch.tensor(list(itertools.accumulate(counts)), device=self.device) - 1
+            logits = self._forward(requests, tokens, view, starts, last, counts)
+            done = []  # rows whose prompt is now all cached: their last token's logits give the next token
+            for row, (seq, n) in enumerate(plan.prefill):
+                self.scheduler.computed(seq, n)
+                if seq.num_computed == len(seq.tokens):
+                    done.append(row)
+            self._totals["prefill_tokens"] += sum(counts)
+            if done:
+                sampled.append(("prefill", [requests[row] for row in done], logits[done], time.perf_counter() - t))
             else:
                 self._totals["prefill_s"] += time.perf_counter() - t
         self._step_usage = (self.cache.num_blocks - self.scheduler.allocator.num_free, self._cached_tokens())
@@ -276,15 +283,18 @@ class LLMEngine:
         return events
 
     def _forward(self, requests: list[Request], tokens: torch.Tensor, view, starts: list[int],
-                 logits_index: torch.Tensor | None = None) -> torch.Tensor:
-        """The model on one batch of rows; the routing of the rows that record it is kept by position."""
+                 logits_index: torch.Tensor | None = None, segments: list[int] | None = None) -> torch.Tensor:
+        """The model on one batch of rows, or on rows packed end to end (`segments`); the routing of the
+        rows that record it is kept by position."""
         if all(r.routing is None for r in requests):
-            return self.model(tokens, cache=view, logits_index=logits_index)
-        logits, routings = self.model(tokens, cache=view, logits_index=logits_index, return_routing=True)
+            return self.model(tokens, cache=view, logits_index=logits_index, segments=segments)
+        logits, routings = self.model(tokens, cache=view, logits_index=logits_index, return_routing=True,
+                                      segments=segments)
         B, S = tokens.shape
         chosen = (torch.stack([r.indices for r in routings], dim=2).cpu() if routings  # [B,S,L,K]
                   else torch.empty(B, S, 0, 0, dtype=torch.long))  # a dense model routes nothing
-        for r, start, row in zip(requests, starts, chosen, strict=True):
+        rows = chosen if segments is None else chosen[0].split(segments)
+        for r, start, row in zip(requests, starts, rows, strict=True):
             if r.routing is not None:
                 r.routing.update({start + i: experts for i, experts in enumerate(row)})
         return logits

@@ -20,6 +20,7 @@ the query and applies W_UV after attention, so a decode step reads only the late
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -37,6 +38,24 @@ class LayerCache(Protocol):
     def write(self, positions: torch.Tensor, entries: torch.Tensor) -> None: ...  # [B,S], [B,S,D]
 
     def read(self, span: int) -> torch.Tensor: ...  # latents of positions 0..span-1: [B,span,D]
+
+
+@dataclass
+class CachedRows:
+    """Queries x[:, tokens] of a forward and the cache rows they belong to: written at `positions` [B,S],
+    attending to cached positions 0..span-1 where `mask` [B,S,span] is true. None: in every row the new
+    tokens are the last S of the span, so causal masking is the same for all rows (plain causal from
+    position 0, no mask at all for one new token).
+
+    A forward over a batch of rows is one `CachedRows` covering all its tokens; a packed forward (several
+    sequences' prefill chunks in one row of tokens, `Transformer.forward(segments=...)`) is one per sequence,
+    so the projections and experts run once over all the tokens and only attention runs per sequence."""
+
+    tokens: slice
+    cache: LayerCache
+    positions: torch.Tensor
+    span: int
+    mask: torch.Tensor | None
 
 
 class MLA(nn.Module):
@@ -73,27 +92,34 @@ class MLA(nn.Module):
         c_kv, k_pe = self.wkv_a(x).split([self.kv_rank, self.rope_dim], dim=-1)
         return self.kv_norm(c_kv), apply_rope(k_pe, cos, sin)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        cache: LayerCache | None = None, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                rows: list[CachedRows] | None = None) -> torch.Tensor:
         """Self-attention of x [B,S,d] (causal). Without a cache: over x itself, naive path.
 
-        With `cache` (this layer's latent cache), the new tokens' latents are written at `positions`
-        [B,S], then the queries attend to the cached prefix where `mask` [B,S,T] is true (None:
-        positions are 0..S-1 in every row, plain causal), through whichever path is cheaper for S
-        queries (`absorbed_is_cheaper`).
+        With `rows` (where this layer's latent cache keeps each part of x), every part's new latents are
+        written at its positions, then its queries attend to its cached prefix through whichever path is
+        cheaper for that many queries (`absorbed_is_cheaper`). W_O runs once over all the parts.
         """
         q_nope, q_pe = self.queries(x, cos, sin)
         c_kv, k_pe = self.latents(x, cos, sin)
-        if cache is None:
-            return self.naive(q_nope, q_pe, c_kv, k_pe, None)
-        cache.write(positions, torch.cat([c_kv, k_pe], dim=-1))
-        history = cache.read(x.shape[1] if mask is None else mask.shape[-1])  # [B,T,d_c + d_h^R]
-        if self.absorbed_is_cheaper(x.shape[1]):
-            if mask is None:
-                B, S = x.shape[:2]
-                mask = torch.ones(S, S, dtype=torch.bool, device=x.device).tril().expand(B, S, S)
+        if rows is None:
+            return self.wo(self.naive(q_nope, q_pe, c_kv, k_pe, None))
+        entries = torch.cat([c_kv, k_pe], dim=-1)
+        parts = [self.attend(q_nope[:, r.tokens], q_pe[:, r.tokens], entries[:, r.tokens], r) for r in rows]
+        return self.wo(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+
+    def attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, entries: torch.Tensor, rows: CachedRows,
+               ) -> torch.Tensor:
+        """Write one part's latents `entries` [B,S,d_c + d_h^R] into its cache, attend over what the cache
+        now holds -> [B,S,H·d_v], before W_O."""
+        rows.cache.write(rows.positions, entries)
+        B, S = q_nope.shape[:2]
+        T = rows.span
+        history = rows.cache.read(T)  # [B,T,d_c + d_h^R]
+        absorbed, mask = self.absorbed_is_cheaper(S), rows.mask
+        if mask is None and S > 1 and (absorbed or T > S):  # the shared causal mask, aligned to the span's end
+            mask = torch.ones(S, T, dtype=torch.bool, device=q_nope.device).tril(T - S).expand(B, S, T)
+        if absorbed:
             return self.absorbed(q_nope, q_pe, history, mask)
         c_kv, k_pe = history.split([self.kv_rank, self.rope_dim], dim=-1)
         return self.naive(q_nope, q_pe, c_kv, k_pe, mask)
@@ -105,6 +131,7 @@ class MLA(nn.Module):
         """Decompress k^C, v^C for every attended token (Eqs. 10-11), then ordinary attention (Eqs. 17-19).
 
         q_* [B,S,H,·]; c_kv [B,T,d_c], k_pe [B,T,d_h^R]; mask [B,S,T] (None: causal with S == T).
+        -> the heads' outputs [B,S,H·d_v], before W_O.
         """
         k_nope, v = self.wkv_b(c_kv).unflatten(-1, (self.n_heads, -1)).split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
@@ -114,15 +141,18 @@ class MLA(nn.Module):
             attn_mask=None if mask is None else mask.unsqueeze(1),
             is_causal=mask is None and q.shape[1] > 1, scale=self.softmax_scale,
         )  # [B,H,S,d_v]
-        return self.wo(o.transpose(1, 2).flatten(2))
+        return o.transpose(1, 2).flatten(2)
 
-    def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, history: torch.Tensor, mask: torch.Tensor):
+    def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, history: torch.Tensor,
+                 mask: torch.Tensor | None) -> torch.Tensor:
         """Attend in latent space (paper appendix C, reference-spec §10): never decompress the cache.
 
         q^C_h·k^C_h = q^C_h·(W_UK_h c) = (W_UK_hᵀ q^C_h)·c, so W_UK folds into the query; and
         Σ_t p_t W_UV_h c_t = W_UV_h Σ_t p_t c_t, so W_UV applies after attending over the latents.
         All H·S queries then share one key/value "head" of width d_c + d_h^R: multi-query attention,
         written out as two batched matmuls (the cache slices are strided; SDPA would copy them).
+        mask [B,S,T] (None: every query sees every key), shared by the H heads of a query.
+        -> the heads' outputs [B,S,H·d_v], before W_O.
         """
         B, S, H, _ = q_nope.shape
         w_uk, w_uv = self.absorbed_weights()
@@ -135,11 +165,12 @@ class MLA(nn.Module):
             # upcast included), so attend in fp32: one upcast of the latents read, and more accurate too.
             q, history = q.float(), history.float()
         scores = torch.matmul(q, history.transpose(1, 2)) * self.softmax_scale  # [B,S·H,T]
-        scores = scores.masked_fill(~mask.repeat_interleave(H, dim=1), float("-inf"))
+        if mask is not None:  # broadcast over the heads, never copied per head
+            scores = scores.view(B, S, H, -1).masked_fill(~mask.unsqueeze(2), float("-inf")).flatten(1, 2)
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
         o_latent = torch.matmul(probs, history[..., : self.kv_rank]).to(w_uv.dtype)  # [B,S·H,d_c]
         o = torch.einsum("bshc,hvc->bshv", o_latent.view(B, S, H, self.kv_rank), w_uv)
-        return self.wo(o.flatten(2).to(dtype))
+        return o.flatten(2).to(dtype)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK, W_UV: the copies `prepare_for_inference` made, unless there are none or this forward

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -9,7 +11,7 @@ from torch import nn
 
 from dsv2.config import ModelConfig
 from dsv2.model.layers import MLP, RMSNorm
-from dsv2.model.mla import MLA, LayerCache
+from dsv2.model.mla import MLA, CachedRows, LayerCache
 from dsv2.model.moe import MoE, Routing
 from dsv2.model.rope import RotaryEmbedding
 
@@ -26,6 +28,8 @@ class Cache(Protocol):
 
     def layer(self, i: int) -> LayerCache: ...
 
+    def row(self, j: int) -> Cache: ...  # row j alone, on the same storage
+
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
@@ -35,11 +39,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ffn = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None,
-                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: list[CachedRows] | None = None,
                 replay: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing | None]:
         """-> (h after the block, the MoE layer's routing or None for a dense layer)."""
-        h = h + self.attn(self.attn_norm(h), cos, sin, cache, positions, mask)
+        h = h + self.attn(self.attn_norm(h), cos, sin, rows)
         x = self.ffn_norm(h)
         if isinstance(self.ffn, MoE):
             y, routing = self.ffn(x, replay)
@@ -60,6 +63,7 @@ class Transformer(nn.Module):
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: Cache | None = None,
         logits_index: torch.Tensor | None = None, return_routing: bool = False, replay: torch.Tensor | None = None,
+        segments: Sequence[int] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[Routing]]:
         """tokens [B,S] -> logits [B,S,vocab] in the model dtype.
 
@@ -67,8 +71,13 @@ class Transformer(nn.Module):
         cache: the caller's latent cache (B rows); the tokens' latents are written into it at their
             positions and attention covers everything cached up to each query's position. The caller
             advances `cache.lengths`.
-        logits_index: [B] index along S of the one position per row whose logits to return ([B,vocab]);
-            prefill needs only the last prompt token's, and the full [B,S,vocab] can be large.
+        segments: packing. tokens [1,N] are several sequences' next tokens end to end: the first
+            segments[0] are row 0's of `cache`, the next segments[1] row 1's, and so on (sum = N). Every
+            projection and expert runs once over all N tokens; attention runs per sequence over its own
+            cache row. No padding, so nothing but real tokens reaches the cache or the experts.
+        logits_index: the one position per row whose logits to return: [B] along S ([B,vocab]), or with
+            `segments` [R] along the packed N ([R,vocab]); prefill needs only the last prompt token's, and
+            the full [B,S,vocab] can be large.
         return_routing: also return each MoE layer's `Routing` (router scores and choices, and which
             slots token dropping kept), in layer order: what `dsv2.train.balance` computes its losses from.
         replay: [B,S,L,K] the experts each token is to be routed to in each of the L MoE layers (layer
@@ -77,31 +86,53 @@ class Transformer(nn.Module):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
         B, S = tokens.shape
-        if positions is None:
+        if segments is not None:
+            if cache is None or B != 1 or sum(segments) != S or len(segments) != len(cache.lengths):
+                raise ValueError(f"segments {list(segments)} must split tokens [1, N] over the cache's rows, "
+                                 f"got tokens {tuple(tokens.shape)}")
+            parts = [(cache.row(j), n) for j, n in enumerate(segments)]
+            positions = torch.cat([row.positions(n) for row, n in parts], dim=1)  # [1,N]
+        elif positions is None:
             positions = cache.positions(S) if cache is not None else torch.arange(S, device=tokens.device)
         cos, sin = self.rope(positions)
-        mask = None
+        attended = None  # per part of the tokens: (tokens, cache rows, positions, span, mask)
         if cache is not None:
-            positions = positions.expand(B, S)
-            span = int(positions.max()) + 1
-            if span > cache.capacity:
-                raise ValueError(f"position {span - 1} does not fit a cache of {cache.capacity} positions")
-            if span != S or not bool((positions == torch.arange(S, device=tokens.device)).all()):
-                mask = torch.arange(span, device=tokens.device) <= positions.unsqueeze(-1)  # [B,S,T]
-            # else: every row starts at 0, so plain causal masking (None) is exact and needs no [S,S] mask
+            if segments is None:
+                attended = [self._attended(slice(None), cache, positions.expand(B, S))]
+            else:
+                starts = [0, *itertools.accumulate(segments)]  # part j is tokens starts[j]:starts[j + 1]
+                attended = [self._attended(slice(a, b), row, positions[:, a:b])
+                            for (row, _), a, b in zip(parts, starts[:-1], starts[1:], strict=True)]
         h = self.embed(tokens)
         if replay is not None and replay.shape[:2] != (B, S):
             raise ValueError(f"replay must be [batch, seq, moe layers, k] = [{B}, {S}, ...], got {tuple(replay.shape)}")
         routings = []
         for i, layer in enumerate(self.layers):
             moe_replay = None if replay is None or not isinstance(layer.ffn, MoE) else replay[:, :, len(routings)]
-            h, routing = layer(h, cos, sin, None if cache is None else cache.layer(i), positions, mask, moe_replay)
+            rows = None if attended is None else [
+                CachedRows(part, rows_cache.layer(i), at, span, mask) for part, rows_cache, at, span, mask in attended]
+            h, routing = layer(h, cos, sin, rows, moe_replay)
             if routing is not None:
                 routings.append(routing)
         if logits_index is not None:
-            h = h[torch.arange(B, device=h.device), logits_index]
+            h = h[0, logits_index] if segments is not None else h[torch.arange(B, device=h.device), logits_index]
         logits = self.head(self.norm(h))
         return (logits, routings) if return_routing else logits
+
+    @staticmethod
+    def _attended(tokens: slice, cache: Cache, positions: torch.Tensor,
+                  ) -> tuple[slice, Cache, torch.Tensor, int, torch.Tensor | None]:
+        """What rows `cache` of the tokens at `positions` [B,S] attend to: the span of cached positions and
+        the mask, None when every row's new tokens end the span (then causal masking is the same for all)."""
+        B, S = positions.shape
+        span = int(positions.max()) + 1
+        if span > cache.capacity:
+            raise ValueError(f"position {span - 1} does not fit a cache of {cache.capacity} positions")
+        tail = torch.arange(span - S, span, device=positions.device)
+        mask = None
+        if not bool((positions == tail).all()):
+            mask = torch.arange(span, device=positions.device) <= positions.unsqueeze(-1)  # [B,S,span]
+        return tokens, cache, positions, span, mask
 
     def prepare_for_inference(self) -> None:
         """Make the inference-only layouts of the weights once, where they are: W_UK / W_UV split out of
