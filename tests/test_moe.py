@@ -21,8 +21,9 @@ def make_moe(case: str = "v2_like", dtype=torch.float32, **overrides) -> MoE:
 
 @pytest.mark.parametrize("case", ["v2_like", "lite_like", "dense2_groups_yarn_ratio"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_tokens", [37, 300])  # 300: slabs past RoutedExperts.ROW_BUCKET rows run padded in bf16
 @torch.no_grad()
-def test_grouped_equals_loop(case, dtype):
+def test_grouped_equals_loop(case, dtype, n_tokens):
     """On the CPU both paths run each expert's GEMMs on the same rows in the same order and form the same fp32
     products w_k·FFN_k(x), so they differ only in the order each token's K products are summed in fp32: slot
     order here, expert order in the loop. For K = 2 order cannot matter (fp32 addition is commutative), so
@@ -30,7 +31,7 @@ def test_grouped_equals_loop(case, dtype):
     one times Σ_k |w_k·FFN_k(x)| (u = 2^-24, fp32's unit roundoff), and each side is then rounded once to
     the output dtype, by at most its unit roundoff (2^-8 for bf16, none for fp32) times its own magnitude."""
     moe = make_moe(case, dtype)
-    x = torch.randn(37, moe.gate.weight.shape[1], dtype=dtype)
+    x = torch.randn(n_tokens, moe.gate.weight.shape[1], dtype=dtype)
     w, idx, _ = moe.gate(x)
     grouped = moe.experts(x, w, idx)
     loop = moe.experts.loop_experts(x, w, idx)

@@ -117,6 +117,18 @@ class RoutedExperts(nn.Module):
     def expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
         return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
 
+    ROW_BUCKET = 16
+
+    def expert_on(self, slab: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+        """One expert on its slab of rows. On the CPU in half precision, a slab of more than ROW_BUCKET rows
+        runs padded with zero rows to a multiple of it: oneDNN builds (JIT-compiles) a kernel for every new
+        GEMM shape, 0.3-1.6 ms each against ~0.1 ms for the GEMM itself, and the rows an expert gets change
+        every step, so exact shapes would keep compiling; bucketed, a few dozen shapes cover every slab."""
+        rows, bucket = len(slab), self.ROW_BUCKET
+        if slab.device.type != "cpu" or slab.dtype == torch.float32 or rows <= bucket or rows % bucket == 0:
+            return self.expert(slab, w1, w2, w3)
+        return self.expert(F.pad(slab, (0, 0, 0, -rows % bucket)), w1, w2, w3)[:rows]
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Grouped: x [N,d], weights/indices [N,K] -> Σ_k w·FFN_idx(x) [N,d]. A slot whose expert id is -1
         (dropped by token dropping) is computed by no expert and contributes nothing.
@@ -138,7 +150,7 @@ class RoutedExperts(nn.Module):
         else:
             w1, w2, w3 = self.per_expert()
             slabs = x_sorted.split(counts.tolist())
-            outs = [self.expert(slab, w1[e], w2[e], w3[e]) for e, slab in enumerate(slabs[:n_experts]) if len(slab)]
+            outs = [self.expert_on(slab, w1[e], w2[e], w3[e]) for e, slab in enumerate(slabs[:n_experts]) if len(slab)]
             out_sorted = torch.cat([*outs, x_sorted.new_zeros(len(slabs[n_experts]), x.shape[-1])])
         out = torch.empty_like(out_sorted).index_copy(0, order, out_sorted)  # back to slot order
         # Σ_k w_k·out_k as one batched [1,K]x[K,d] product per token: the same fp32 sum over k in slot order,
