@@ -46,6 +46,19 @@ def test_long_prompt_is_chunked_while_others_decode():
     assert run_plan(sched)[0] == ["short", "long"]
 
 
+def test_prefill_budget_is_one_chunk_while_anyone_decodes():
+    """A step that decodes does at most `prefill_chunk` tokens of prefill (the tail of the inter-token latency);
+    with nobody decoding the whole `max_prefill_tokens` budget runs."""
+    sched = Scheduler(num_blocks=64, block_size=4, prefill_chunk=8, max_prefill_tokens=24)
+    for name in "abc":
+        sched.add(seq(name, 8))
+    assert run_plan(sched) == ([], [("a", 8), ("b", 8), ("c", 8)], [])
+    for name, n in (("d", 5), ("e", 3), ("f", 2)):
+        sched.add(seq(name, n))
+    assert run_plan(sched) == (["a", "b", "c"], [("d", 5), ("e", 3)], [])  # 8 tokens; f waits its turn
+    assert run_plan(sched) == (["a", "b", "c", "d", "e"], [("f", 2)], [])
+
+
 def test_chunks_are_cut_at_fixed_offsets_of_each_sequence():
     sched = Scheduler(num_blocks=64, block_size=4, prefill_chunk=8, max_prefill_tokens=12)
     sched.add(seq("a", 19))

@@ -135,7 +135,7 @@ class LLMEngine:
     def __init__(
         self, model: Transformer, tokenizer: Tokenizer | None = None, *, max_running: int = 32,
         cache_bytes: int | None = None, num_blocks: int | None = None, block_size: int = 16,
-        prefill_chunk: int = 512, max_prefill_tokens: int = 1024, kv_cache_dtype: str = "auto",
+        prefill_chunk: int = 256, max_prefill_tokens: int = 1024, kv_cache_dtype: str = "auto",
     ):
         check_kv_cache_dtype(kv_cache_dtype)
         self.model = model.eval()

@@ -12,8 +12,10 @@ Policy, in order:
    where it stopped, from a fresh prefill. The oldest sequences therefore always make progress.
 2. Prefill runs in chunks of at most `prefill_chunk` tokens, cut at fixed offsets of each sequence
    (0, chunk, 2·chunk, ...), so a sequence computes the same chunks whoever it shares the step with
-   (batch invariance). Whole chunks of at most `max_prefill_tokens` tokens in all run per step, so a
-   long prompt does not stall the decoders: it is spread over several steps while they keep decoding.
+   (batch invariance). Whole chunks run per step within a token budget: `max_prefill_tokens` while
+   nobody decodes, but only `prefill_chunk` tokens while anyone does, so a step that decodes costs at
+   most one chunk's prefill more than a decode step (this bounds the inter-token latency's tail), and a
+   long prompt is spread over several steps while the decoders keep going.
    Sequences part-way through prefill go first, then waiting ones are admitted first come, first
    served, while a running slot (`max_running`) and blocks for their first chunk are free.
 
@@ -81,7 +83,7 @@ class StepPlan:
 
 class Scheduler:
     def __init__(
-        self, num_blocks: int, block_size: int, max_running: int = 32, prefill_chunk: int = 512,
+        self, num_blocks: int, block_size: int, max_running: int = 32, prefill_chunk: int = 256,
         max_prefill_tokens: int = 1024,
     ):
         for name, value in (("num_blocks", num_blocks), ("block_size", block_size), ("max_running", max_running),
@@ -180,7 +182,7 @@ class Scheduler:
         # a chunk runs whole or waits for the next step (never cut by the budget), so chunk boundaries
         # never depend on the other requests; the budget is at least one chunk, so someone always runs
         prefill: list[tuple[Sequence, int]] = []
-        budget = self.max_prefill_tokens
+        budget = self.prefill_chunk if decode else self.max_prefill_tokens
         for seq in self.running:
             n = self._chunk(seq)
             if not seq.in_decode and n <= budget and self._grow(seq, seq.num_computed + n):
