@@ -311,16 +311,20 @@ def print_run(run: dict[str, Any], saved: dict[str, Any]) -> None:
            saved["new_tokens"], saved["context_tokens"])
 
 
+def busy_warning() -> str:
+    """A header line when the machine is busy at the start (load average >= 1), else ""."""
+    load = os.getloadavg()[0]
+    return (f"\nWARNING: the machine is busy (load average {load:.1f} at the start): other processes share the "
+            "cores and skew every figure") if load >= 1 else ""
+
+
 def collect(args: argparse.Namespace) -> dict[str, Any]:
     """Measure the bandwidth, then every model and dtype in worker processes, printing each as it is done."""
     gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
     bandwidth = hardware.read_bandwidth_gbs(args.device)
     header = (f"machine: {hardware.describe()}{gpu}\nread bandwidth {bandwidth:.1f} GB/s (fastest read of 512 MiB "
               f"on {args.device}); every figure the median of {args.repeats} runs of its point after a warm-up run")
-    load = os.getloadavg()[0]
-    if load >= 1:
-        header += (f"\nWARNING: the machine is busy (load average {load:.1f} at the start): other processes share "
-                   "the cores and skew every figure")
+    header += busy_warning()
     print(header)
     saved: dict[str, Any] = {"header": header, "bandwidth_gbs": bandwidth, "new_tokens": args.new_tokens,
                              "context_tokens": args.context_tokens, "runs": {}}

@@ -282,7 +282,8 @@ def main() -> None:
                  "(docs/benchmarks.md, llama.cpp)")
     bandwidth = hardware.read_bandwidth_gbs()
     print(f"machine: {hardware.describe()}\nllama.cpp {llama.version()} ({llama.source}); read bandwidth "
-          f"{bandwidth:.1f} GB/s; every figure the median of {args.repeats} runs after a warm-up")
+          f"{bandwidth:.1f} GB/s; every figure the median of {args.repeats} runs after a warm-up"
+          f"{decode.busy_warning()}")
     saved: dict[str, Any] = {"machine": hardware.describe(), "llama.cpp": llama.version(), "bandwidth_gbs": bandwidth,
                              "models": {}}
     for name in args.models:
