@@ -104,15 +104,17 @@ def test_greedy_tokens_and_logits_equal(llama, tmp_path, case):
 
 # Where llama.cpp computes something else than DeepSeek-V2 does (strict: a llama.cpp that fixes one fails here)
 DIFFERENCES = [
-    pytest.param(hub_config("v2_like"), marks=pytest.mark.xfail(strict=True, reason=(
+    pytest.param(hub_config("v2_like"), marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
         "llama.cpp ranks expert groups by the sum of each group's top-2 scores (DeepSeek-V3's rule, "
         "src/llama-graph.cpp build_moe_ffn) for every deepseek2 model; V2's group_limited_greedy ranks them by the "
         "best score (transformers' DeepseekV2, dsv2), so a token whose ranking differs goes to other experts. The "
         "same shapes with greedy routing pass above.")), id="group_limited_routing"),
-    pytest.param(hub_config("yarn_mscale_only"), marks=pytest.mark.xfail(strict=True, reason=(
-        "llama.cpp assumes YaRN's mscale equals mscale_all_dim for deepseek2 (src/llama-context.cpp, its own TODO), "
-        "so a config where they differ gets another rope magnitude and softmax scale; the released V2 configs "
-        "have both 0.707.")), id="yarn_mscale_not_mscale_all_dim"),
+    pytest.param(dict(BASE, rope_scaling=dict(BASE["rope_scaling"], mscale=1.0)), marks=pytest.mark.xfail(
+        strict=True, raises=AssertionError, reason=(
+            "llama.cpp assumes YaRN's mscale equals mscale_all_dim for deepseek2 (src/llama-context.cpp, its own "
+            "TODO), so a config where they differ gets another rope magnitude and softmax scale; the released V2 "
+            "configs have both 0.707. The same config with both 0.707 passes above.")),
+        id="yarn_mscale_not_mscale_all_dim"),
 ]
 
 
