@@ -59,12 +59,14 @@ from dsv2 import hardware
 from dsv2.config import ModelConfig
 from dsv2.infer.engine import LLMEngine
 from dsv2.info import summarize
+from dsv2.model import quant
 
 MODELS: dict[str, Callable[[], ModelConfig]] = {
     "nano": lambda: dsv2.preset("nano").replace(max_position_embeddings=16384),
     "small": lambda: dsv2.preset("small"),
-    # V2-Lite's shapes cut to 4 layers (1 dense + 3 MoE): hidden 2048, 16 heads, 64+2 experts, top-6
-    "lite4": lambda: dsv2.preset("deepseek-v2-lite").replace(num_hidden_layers=4),
+    # V2-Lite's shapes cut to 4 layers (1 dense + 3 MoE): hidden 2048, 16 heads, 64+2 experts, top-6; with V2's
+    # q_lora_rank 1536, as llama.cpp takes a cut-down Lite only with it (it treats 26/27 layers as V2-Lite)
+    "lite4": lambda: dsv2.preset("deepseek-v2-lite").replace(num_hidden_layers=4, q_lora_rank=1536),
     "lite": lambda: dsv2.preset("deepseek-v2-lite"),  # the full 15.7B shape: for a GPU
 }
 SHAPES = [(1, 128), (1, 1024), (8, 128), (8, 1024)]  # (batch, prompt) of the shape table
@@ -101,9 +103,11 @@ def sync(device: str) -> None:
 
 
 # ----------------------------------------------------------------------------------- the two runners
-def dsv2_runner(path: str, dtype: torch.dtype, device: str, max_batch: int) -> tuple[Run, int]:
-    """dsv2's engine on the checkpoint; also its latent-cache bytes per token."""
-    net = dsv2.load_model(path, dtype=dtype, device=device, progress=False)
+def dsv2_runner(path: str, dtype: torch.dtype, device: str, max_batch: int,
+                quantization: str | None = None) -> tuple[Run, int]:
+    """dsv2's engine on the checkpoint (its weights quantized as `LLM(quantization=...)` does); also its
+    latent-cache bytes per token."""
+    net = quant.for_inference(dsv2.load_model(path, dtype=dtype, device=device, progress=False), quantization)
     # one chunk per sequence per step fits the budget, so equal prompts prefill in lock-step
     engine = LLMEngine(net, max_running=max_batch, prefill_chunk=PREFILL_CHUNK,
                        max_prefill_tokens=max_batch * PREFILL_CHUNK)
@@ -307,16 +311,20 @@ def print_run(run: dict[str, Any], saved: dict[str, Any]) -> None:
            saved["new_tokens"], saved["context_tokens"])
 
 
+def busy_warning() -> str:
+    """A header line when the machine is busy at the start (load average >= 1), else ""."""
+    load = os.getloadavg()[0]
+    return (f"\nWARNING: the machine is busy (load average {load:.1f} at the start): other processes share the "
+            "cores and skew every figure") if load >= 1 else ""
+
+
 def collect(args: argparse.Namespace) -> dict[str, Any]:
     """Measure the bandwidth, then every model and dtype in worker processes, printing each as it is done."""
     gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
     bandwidth = hardware.read_bandwidth_gbs(args.device)
     header = (f"machine: {hardware.describe()}{gpu}\nread bandwidth {bandwidth:.1f} GB/s (fastest read of 512 MiB "
               f"on {args.device}); every figure the median of {args.repeats} runs of its point after a warm-up run")
-    load = os.getloadavg()[0]
-    if load >= 1:
-        header += (f"\nWARNING: the machine is busy (load average {load:.1f} at the start): other processes share "
-                   "the cores and skew every figure")
+    header += busy_warning()
     print(header)
     saved: dict[str, Any] = {"header": header, "bandwidth_gbs": bandwidth, "new_tokens": args.new_tokens,
                              "context_tokens": args.context_tokens, "runs": {}}

@@ -1,0 +1,298 @@
+"""dsv2 against llama.cpp on the same checkpoint and threads: prefill and decode, bf16 / int8 / int4 weights.
+
+For each model (`benchmarks/decode.py`'s MODELS: random bf16 weights, seed 0, saved by dsv2 with a
+byte-level BPE tokenizer), llama.cpp's own converter writes a BF16 GGUF and `llama-quantize` makes Q8_0
+and Q4_0 from it. Then, with the same thread count everywhere, on a prompt of P tokens and N new tokens:
+
+- llama.cpp, batch 1: `llama-bench -p P -n N -r R` (its warm-up run, then R repetitions; each figure the
+  median of the repetitions): prefill = pp (P prompt tokens in one batch), decode = tg (N tokens one at a
+  time, no sampling: llama-bench feeds its own tokens).
+- llama.cpp, batch B: `llama-batched-bench -npp P -ntg N -npl 1,B` (B sequences, each with its own prompt,
+  decoded together one token each per step), run R times, the median of its S_PP and S_TG. Its batch-1
+  figure is printed beside llama-bench's as a check that the two tools agree.
+- dsv2 (weights as loaded, int8 and int4 as `LLM(quantization=...)` makes them) and transformers (bf16),
+  each in its own process, timed by decode.py's `measure` (a warm-up run, then the median of R runs) at
+  (1, P, N) and (B, P, N): prefill tok/s = B·P / seconds to the first token; decode tok/s = B / step time.
+
+The pairs are dsv2 bf16 / llama.cpp BF16, dsv2 int8 / Q8_0, dsv2 int4 / Q4_0. They are not the same formats:
+dsv2's int8 has one scale per output channel and its int4 one per group of 128, both weight-only; Q8_0 and
+Q4_0 have one fp16 scale per block of 32 and quantize the activations to 8 bits for their dot products.
+
+The converter identifies a tokenizer's pre-tokenizer by hashing the ids a known model's tokenizer gives for a
+test string, so a tokenizer trained here is never in its table; this script names it "gpt-2", which is what
+it is (tokenizers' ByteLevel split, GPT-2's regex). tests/test_llamacpp.py checks the two tokenize alike.
+
+    DSV2_LLAMA_CPP=/path/to/llama.cpp DSV2_LLAMA_CPP_BIN=/path/to/build/bin \\
+        python benchmarks/llamacpp.py --models small lite4      # README "Benchmarks" says how to build it
+
+Time it alone on the machine (another process on the cores skews both sides): the project's runs take
+`flock -x /tmp/cpu.lock`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import decode  # benchmarks/decode.py: the checkpoints and the clock both scripts use
+import torch
+
+import dsv2
+from dsv2 import hardware
+from dsv2.config import ModelConfig
+from dsv2.data.corpus import Corpus
+from dsv2.data.prepare import SPECIAL_TOKENS
+from dsv2.info import summarize
+from dsv2.tokenizer import Tokenizer, train_bpe
+
+SOURCE_ENV, BIN_ENV = "DSV2_LLAMA_CPP", "DSV2_LLAMA_CPP_BIN"
+TOOLS = ("llama-bench", "llama-batched-bench", "llama-quantize")
+# dsv2 weight format -> the llama.cpp type it is compared with
+PAIRS = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
+TOKENIZER_DOCUMENTS = 100  # stdlib files the benchmark tokenizer learns its merges from
+
+# Runs llama.cpp's converter with the pre-tokenizer named (see the module docstring); argv: the llama.cpp
+# source folder, then the converter's own arguments.
+_CONVERT = """
+import runpy, sys
+source = sys.argv[1]
+sys.path[:0] = [source, source + "/gguf-py"]
+import conversion.base
+conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+sys.argv = [source + "/convert_hf_to_gguf.py", *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+class LlamaCppError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class LlamaCpp:
+    """A llama.cpp source folder (`convert_hf_to_gguf.py`, `gguf-py/`) and the folder its build put the tools in."""
+
+    source: Path
+    bin: Path
+
+    @classmethod
+    def from_env(cls) -> LlamaCpp | None:
+        """From DSV2_LLAMA_CPP (the source) and DSV2_LLAMA_CPP_BIN (default: its build/bin); None when the first
+        is unset. LlamaCppError naming the variable when a folder lacks what it should hold."""
+        source = os.environ.get(SOURCE_ENV)
+        if not source:
+            return None
+        found = cls(Path(source), Path(os.environ.get(BIN_ENV) or Path(source) / "build" / "bin"))
+        if not (found.source / "convert_hf_to_gguf.py").is_file():
+            raise LlamaCppError(f"{SOURCE_ENV}={source}: no convert_hf_to_gguf.py there; point it at the llama.cpp "
+                                "source folder")
+        missing = [t for t in TOOLS if not (found.bin / t).is_file()]
+        if missing:
+            raise LlamaCppError(f"{found.bin} (${BIN_ENV}, default ${SOURCE_ENV}/build/bin) has no "
+                                f"{', '.join(missing)}: build them (cmake --build BUILD --target {' '.join(TOOLS)})")
+        return found
+
+    def version(self) -> str:
+        """e.g. "0.5.0-dev (build 1, commit 0c1e570)", as llama-bench reports it."""
+        out = subprocess.run([str(self.bin / "llama-bench"), "--version"], capture_output=True, text=True,
+                             errors="replace")
+        lines = (out.stdout + out.stderr).splitlines()  # it prints the version on stderr
+        return next((line.removeprefix("version: ") for line in lines if line.startswith("version:")), "unknown")
+
+    def convert(self, folder: Path, out: Path, outtype: str) -> Path:
+        """The checkpoint folder as a GGUF file of `outtype` (f32, bf16, q8_0, ...), by llama.cpp's converter."""
+        _run([sys.executable, "-c", _CONVERT, str(self.source), str(folder), "--outtype", outtype,
+              "--outfile", str(out)])
+        return out
+
+    def quantize(self, gguf: Path, out: Path, kind: str, threads: int) -> Path:
+        _run([str(self.bin / "llama-quantize"), str(gguf), str(out), kind, str(threads)])
+        return out
+
+    def bench(self, gguf: Path, threads: int, prompt: int, new_tokens: int, repeats: int) -> dict[str, Any]:
+        """Batch 1: llama-bench's prefill and decode tok/s, each the median of its repetitions."""
+        out = _run([str(self.bin / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt),
+                    "-n", str(new_tokens), "-r", str(repeats), "-o", "json"])
+        tests = json.loads(out)
+        pp = next(t for t in tests if t["n_prompt"] == prompt and t["n_gen"] == 0)
+        tg = next(t for t in tests if t["n_gen"] == new_tokens and t["n_prompt"] == 0)
+        return {"prefill_tok_s": statistics.median(pp["samples_ts"]),
+                "decode_tok_s": statistics.median(tg["samples_ts"]),
+                "spread": max(tg["samples_ts"]) / min(tg["samples_ts"]),
+                "flash_attn": tg.get("flash_attn")}  # -1: auto
+
+    def batched_bench(self, gguf: Path, threads: int, prompt: int, new_tokens: int, batches: list[int],
+                      repeats: int) -> dict[int, dict[str, float]]:
+        """llama-batched-bench's S_PP and S_TG (tok/s of all sequences together) per batch size, each the
+        median of `repeats` runs."""
+        cmd = [str(self.bin / "llama-batched-bench"), "-m", str(gguf), "-t", str(threads), "-tb", str(threads),
+               "-c", str(max(batches) * (prompt + new_tokens)), "-b", "2048", "-ub", "512", "-npp", str(prompt),
+               "-ntg", str(new_tokens), "-npl", ",".join(map(str, batches)), "--output-format", "jsonl"]
+        runs = []
+        for _ in range(repeats):
+            lines = _run(cmd).splitlines()
+            runs.append({r["pl"]: r for r in map(json.loads, (line for line in lines if line.startswith("{")))})
+        return {b: {"prefill_tok_s": statistics.median(r[b]["speed_pp"] for r in runs),
+                    "decode_tok_s": statistics.median(r[b]["speed_tg"] for r in runs)} for b in batches}
+
+
+def _run(cmd: list[str]) -> str:
+    out = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    if out.returncode:
+        raise LlamaCppError(f"{Path(cmd[0]).name} {' '.join(cmd[1:3])}... failed ({out.returncode}):\n"
+                            f"{out.stderr[-3000:]}")
+    return out.stdout
+
+
+def bpe_tokenizer(config: ModelConfig, documents: int = TOKENIZER_DOCUMENTS) -> Tokenizer:
+    """A byte-level BPE with merges (llama.cpp loads no tokenizer without) learned from the first `documents`
+    files of Python's standard library, up to the model's vocab_size (a model with a larger vocabulary than
+    that text gives is padded by the converter). SPECIAL_TOKENS take ids 0 and 1, where the small presets have
+    BOS and EOS; the Lite shape's are elsewhere, which a benchmark that feeds token ids does not notice."""
+    texts = [d.text for d in itertools.islice(Corpus(None), documents)]
+    return Tokenizer(train_bpe(texts, vocab_size=config.vocab_size, special_tokens=SPECIAL_TOKENS), 0, 1)
+
+
+def save_checkpoint(model: dsv2.Transformer, folder: Path) -> Path:
+    """The model as dsv2 saves it, with a tokenizer llama.cpp's converter takes."""
+    dsv2.save_model(model, folder, progress=False)
+    bpe_tokenizer(model.config).save(folder)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------- dsv2 side
+def worker(which: str, path: str, quantization: str | None, pts: list[decode.Point], repeats: int) -> dict:
+    """dsv2 (in `quantization`) or transformers on the checkpoint in bf16, every point timed by decode.measure."""
+    max_batch = max(b for b, _, _ in pts)
+    if which == "dsv2":
+        run, _ = decode.dsv2_runner(path, torch.bfloat16, "cpu", max_batch, quantization)
+    else:
+        run = decode.transformers_runner(path, torch.bfloat16, "cpu")
+    vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
+    out: dict[str, Any] = {}
+    for b, p, n in pts:
+        row = decode.measure(run, (b, p, n), vocab, repeats)
+        out[str(b)] = {"prefill_tok_s": row["prefill_tok_s"], "decode_tok_s": 1000 * b / row["step_ms"],
+                       "spread": row["spread"]}
+    out["peak_rss_mb"] = decode.peak_memory_mb("cpu")
+    return out
+
+
+def run_worker(which: str, path: Path, fmt: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--threads", str(args.threads), "--prompt", str(args.prompt),
+           "--new-tokens", str(args.new_tokens), "--batch", str(args.batch), "--repeats", str(args.repeats),
+           "--worker", which, str(path), fmt]
+    out = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    if out.returncode:
+        raise SystemExit(f"{which} {path} {fmt} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------- driver
+def measure_model(llama: LlamaCpp, name: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Save, convert and quantize the model, then time llama.cpp on each GGUF and dsv2 / transformers."""
+    folder = save_checkpoint(dsv2.random_model(decode.MODELS[name](), dtype=torch.bfloat16, seed=0), tmp / name)
+    ggufs = {"BF16": llama.convert(folder, tmp / f"{name}-bf16.gguf", "bf16")}
+    for kind in ("Q8_0", "Q4_0"):
+        ggufs[kind] = llama.quantize(ggufs["BF16"], tmp / f"{name}-{kind}.gguf", kind, args.threads)
+    result: dict[str, Any] = {"llama.cpp": {}, "dsv2": {}}
+    for kind, gguf in ggufs.items():
+        result["llama.cpp"][kind] = {
+            "bench": llama.bench(gguf, args.threads, args.prompt, args.new_tokens, args.repeats),
+            "batched": llama.batched_bench(gguf, args.threads, args.prompt, args.new_tokens, [1, args.batch],
+                                           args.repeats),
+            "file_mb": gguf.stat().st_size / 2**20}
+    for fmt in PAIRS:
+        result["dsv2"][fmt] = run_worker("dsv2", folder, fmt, args)
+    result["transformers"] = run_worker("transformers", folder, "bf16", args)
+    return result
+
+
+def report(name: str, r: dict[str, Any], args: argparse.Namespace, bandwidth_gbs: float) -> None:
+    config = decode.MODELS[name]()
+    params = summarize(config)["total_params"]
+    b, p, n = args.batch, args.prompt, args.new_tokens
+    print(f"\n### {name} ({params / 1e6:.0f}M params), prompt {p}, {n} new tokens, {args.threads} threads")
+    print("tok/s; ratios are dsv2 / the other (above 1: dsv2 faster). transformers runs bf16 only.")
+    print("| dsv2 weights / llama.cpp | batch | prefill dsv2 | llama.cpp | ratio | decode dsv2 | llama.cpp | ratio "
+          "| transformers prefill | ratio | transformers decode | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for fmt, kind in PAIRS.items():
+        ll = r["llama.cpp"][kind]
+        for batch in (1, b):
+            ours = r["dsv2"][fmt][str(batch)]
+            theirs = ll["bench"] if batch == 1 else ll["batched"][batch]
+            cells = [f"{ours['prefill_tok_s']:.0f}", f"{theirs['prefill_tok_s']:.0f}",
+                     f"**{ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f}**", f"{ours['decode_tok_s']:.1f}",
+                     f"{theirs['decode_tok_s']:.1f}", f"**{ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}**"]
+            if fmt == "bf16":
+                hf = r["transformers"][str(batch)]
+                cells += [f"{hf['prefill_tok_s']:.0f}", f"{ours['prefill_tok_s'] / hf['prefill_tok_s']:.2f}",
+                          f"{hf['decode_tok_s']:.1f}", f"{ours['decode_tok_s'] / hf['decode_tok_s']:.2f}"]
+            else:
+                cells += ["", "", "", ""]
+            print(f"| {fmt} / {kind} | {batch} | " + " | ".join(cells) + " |")
+    step_gb = decode.step_bytes(config, torch.bfloat16, 1, p + n / 2) / 1e9
+    ours, theirs = r["dsv2"]["bf16"]["1"]["decode_tok_s"], r["llama.cpp"]["BF16"]["bench"]["decode_tok_s"]
+    print(f"batch-1 bf16 decode reads the step's {step_gb:.2f} GB (decode.step_bytes) at {step_gb * ours:.1f} GB/s "
+          f"(dsv2) and {step_gb * theirs:.1f} GB/s (llama.cpp); read bandwidth probe: {bandwidth_gbs:.1f} GB/s")
+    checks = ", ".join(f"{kind} {ll['batched'][1]['decode_tok_s']:.1f} vs {ll['bench']['decode_tok_s']:.1f}"
+                       for kind, ll in r["llama.cpp"].items())
+    print(f"llama.cpp batch-1 decode, llama-batched-bench vs llama-bench: {checks}")
+    spread = max(x[k]["spread"] for side in (r["dsv2"].values(), [r["transformers"]]) for x in side
+                 for k in ("1", str(b)))
+    ll_spread = max(ll["bench"]["spread"] for ll in r["llama.cpp"].values())
+    print(f"largest spread of one point's repeats (slowest / fastest decode): dsv2 and transformers {spread:.2f}, "
+          f"llama-bench {ll_spread:.2f}; llama.cpp flash_attn: {r['llama.cpp']['BF16']['bench']['flash_attn']}; "
+          f"GGUF MB: " + ", ".join(f"{k} {v['file_mb']:.0f}" for k, v in r["llama.cpp"].items()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["small", "lite4"], choices=[m for m in decode.MODELS
+                                                                                 if m != "lite"])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=8, help="concurrent sequences of the batched point")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per point after a warm-up (median)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", help="also write all figures to this file")
+    ap.add_argument("--worker", nargs=3, metavar=("WHICH", "PATH", "FORMAT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.new_tokens < 2 or args.repeats < 1 or args.batch < 2:
+        ap.error("--new-tokens must be >= 2, --repeats >= 1, --batch >= 2")
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        which, path, fmt = args.worker
+        pts = [(1, args.prompt, args.new_tokens), (args.batch, args.prompt, args.new_tokens)]
+        print(json.dumps(worker(which, path, None if fmt == "bf16" else fmt, pts, args.repeats)))
+        return
+    llama = LlamaCpp.from_env()
+    if llama is None:
+        ap.error(f"set {SOURCE_ENV} to the llama.cpp source folder and {BIN_ENV} to its built tools "
+                 "(docs/benchmarks.md, llama.cpp)")
+    bandwidth = hardware.read_bandwidth_gbs()
+    print(f"machine: {hardware.describe()}\nllama.cpp {llama.version()} ({llama.source}); read bandwidth "
+          f"{bandwidth:.1f} GB/s; every figure the median of {args.repeats} runs after a warm-up"
+          f"{decode.busy_warning()}")
+    saved: dict[str, Any] = {"machine": hardware.describe(), "llama.cpp": llama.version(), "bandwidth_gbs": bandwidth,
+                             "models": {}}
+    for name in args.models:
+        with tempfile.TemporaryDirectory() as tmp:  # one model's GGUFs at a time on disk
+            saved["models"][name] = measure_model(llama, name, Path(tmp), args)
+        report(name, saved["models"][name], args, bandwidth)
+        if args.json:
+            Path(args.json).write_text(json.dumps(saved, indent=1))
+
+
+if __name__ == "__main__":
+    main()
