@@ -339,6 +339,7 @@ def _eval_long_context(args: argparse.Namespace) -> int:
     model = load_model(model_dir, dtype=torch.float32, progress=False)
     shards = TokenShards(data, "val", vocab_size=model.config.vocab_size)
     report: dict = {"model": str(model_dir), "data": str(data)}
+    out.mkdir(parents=True, exist_ok=True)
     if args.ppl_by_position:
         models = {str(model_dir): model}
         if args.baseline:
