@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -22,7 +23,7 @@ from dsv2.data.shards import TokenShards, document_windows
 from dsv2.eval import long_context
 from dsv2.infer.engine import LLMEngine
 from dsv2.tokenizer import Tokenizer
-from dsv2.train.extend import ExtendConfig, extension_overrides
+from dsv2.train.extend import ExtendConfig, WithRetrieval, extension_overrides
 from dsv2.train.pretrain import PackedText, PretrainConfig, train
 
 L0, FACTOR, SEQ = 32, 4, 64  # pretrain at L0, extend by FACTOR training at SEQ: context FACTOR * L0 = 128
@@ -109,6 +110,33 @@ def test_long_windows_lie_inside_one_document(runs):
         assert not (window[1:] == bos).any()  # no later document starts inside it
 
 
+def test_retrieval_rows_hold_a_passkey_document(runs):
+    model_dir = runs / "ext" / "model"
+    tokenizer = Tokenizer.from_folder(model_dir, ModelConfig.from_json(model_dir / "config.json"))
+    shards = TokenShards(runs / "ext" / "data", "train")
+
+    def source() -> WithRetrieval:
+        return WithRetrieval(PackedText(shards, SEQ, within_documents=True), tokenizer, 0.5, seed=0)
+
+    data = source()
+    first, second = data.next_batch(4), data.next_batch(4)
+    text = "".join(tokenizer.decode(row.tolist()) for row in second.inputs[:2])
+    assert text.count("Remember it.") == 2 and second.inputs.shape == (4, SEQ)
+    assert torch.equal(second.inputs[:, 1:], second.targets[:, :-1])
+    row = tokenizer.decode([*second.inputs[0].tolist(), int(second.targets[0, -1])])
+    key = re.search(r"The pass key is (\d{5})\. Remember it\.", row).group(1)
+    assert row.endswith(f"What is the pass key? The pass key is {key}")  # it ends with the key it asks for
+    plain = PackedText(shards, SEQ, within_documents=True)
+    plain.next_batch(4)
+    assert torch.equal(plain.next_batch(4).inputs[2:], second.inputs[2:])  # the rest is the text itself
+    resumed = source()
+    resumed.next_batch(4)
+    state = resumed.state_dict()
+    again = source()
+    again.load_state_dict(state)
+    assert torch.equal(again.next_batch(4).inputs, second.inputs) and not torch.equal(first.inputs, second.inputs)
+
+
 def test_needle_lands_at_the_requested_depth(runs):
     model_dir = runs / "ext" / "model"
     tokenizer = Tokenizer.from_folder(model_dir, ModelConfig.from_json(model_dir / "config.json"))
@@ -165,6 +193,9 @@ def test_loss_by_position_equals_a_direct_computation(runs):
                                 for p in positions] for b in batches for r in range(len(b))]).mean(0)
     assert got.shape == (4 * L0,)
     torch.testing.assert_close(got[positions], direct, rtol=1e-5, atol=1e-5)
+    pieces = long_context.cut(batches[0], L0)  # the second L0 tokens of row 0
+    assert torch.equal(pieces.inputs[1], batches[0].inputs[0, L0 : 2 * L0])
+    assert torch.equal(pieces.targets[1], batches[0].targets[0, L0 : 2 * L0])
     bins = long_context.position_bins(got, 4)
     assert [(b["start"], b["end"]) for b in bins] == [(0, 32), (32, 64), (64, 96), (96, 128)]
     assert bins[1]["loss"] == pytest.approx(float(got[32:64].mean()))
@@ -179,7 +210,7 @@ def test_eval_cli_writes_needle_and_ppl_files(runs, tmp_path, capsys):
     assert main(["eval", ext, "--ppl-by-position", "--seq-len", "128", "--batches", "1", "--batch-size", "2",
                  "--bins", "8", "--baseline", base, "--out", str(tmp_path)]) == 0
     curves = json.loads((tmp_path / "ppl_by_position.json").read_text())["models"]
-    assert len(curves) == 2 and all(len(c["bins"]) == 8 for c in curves.values())
+    assert len(curves) == 2 and all(len(c["bins"]) == 8 and "cut_to_l0" in c for c in curves.values())
     for png in ("needle.png", "ppl_by_position.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert main(["eval", ext, "--needle", "--lengths", "64,x"]) == 2

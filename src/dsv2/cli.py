@@ -345,17 +345,16 @@ def _eval_long_context(args: argparse.Namespace) -> int:
         if args.baseline:
             models[args.baseline] = load_model(_evaluated_model(Path(args.baseline)), dtype=torch.float32,
                                                progress=False)
-        curves, summary = {}, {}
-        for name, net in models.items():
-            source = PackedText(shards, args.seq_len, shuffle=False, within_documents=True)
-            losses = long_context.loss_by_position(net, (source.next_batch(args.batch_size)
-                                                         for _ in range(args.batches)))
-            curves[name] = long_context.position_bins(losses, args.bins)
-            summary[name] = {"mean": float(losses.mean()), "bins": curves[name]}
-            print(f"{name}: loss {losses.mean():.4f} over {args.seq_len} positions ({args.batches} x "
-                  f"{args.batch_size} long-document windows); first bin {curves[name][0]['loss']:.4f}, last "
-                  f"{curves[name][-1]['loss']:.4f}")
         l0 = model.config.original_max_position_embeddings
+        source = PackedText(shards, args.seq_len, shuffle=False, within_documents=True)
+        batches = [source.next_batch(args.batch_size) for _ in range(args.batches)]
+        summary = long_context.ppl_by_position(models, batches, args.bins, l0)
+        for name, row in summary.items():
+            cut = f", the same tokens cut into {l0}-token pieces {row['cut_to_l0']:.4f}" if "cut_to_l0" in row else ""
+            print(f"{name}: loss {row['mean']:.4f} over {args.seq_len} positions ({args.batches} x {args.batch_size} "
+                  f"long-document windows){cut}; first bin {row['bins'][0]['loss']:.4f}, last "
+                  f"{row['bins'][-1]['loss']:.4f}")
+        curves = {name: row["bins"] for name, row in summary.items()}
         json_path = out / "ppl_by_position.json"
         write_text_atomic(json_path, json.dumps({**report, "seq_len": args.seq_len, "models": summary}, indent=1))
         png = plot_loss_by_position(curves, out / "ppl_by_position.png", {"L0": l0} if l0 else None)

@@ -50,6 +50,26 @@ def position_bins(losses: torch.Tensor, bins: int) -> list[dict[str, float]]:
             for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
 
+def cut(batch: Batch, length: int) -> Batch:
+    """The same target tokens as sequences of `length` (which divides S): each sees at most `length` tokens."""
+    return Batch(batch.inputs.reshape(-1, length), batch.targets.reshape(-1, length))
+
+
+def ppl_by_position(models: dict[str, Transformer], batches: list[Batch], bins: int,
+                    l0: int | None = None) -> dict[str, dict[str, Any]]:
+    """Per model, on the same batches: the mean loss, its `position_bins`, and with `l0` (dividing S, less
+    than it) the loss of the same tokens cut into l0-token sequences, "cut_to_l0": the loss at L0 on the
+    very text the long sequences hold, so that the two differ only by the context the model could use."""
+    out = {}
+    for name, model in models.items():
+        losses = loss_by_position(model, batches)
+        out[name] = {"mean": float(losses.mean()), "bins": position_bins(losses, bins)}
+        S = batches[0].inputs.shape[1]
+        if l0 is not None and l0 < S and S % l0 == 0:
+            out[name]["cut_to_l0"] = float(loss_by_position(model, [cut(b, l0) for b in batches]).mean())
+    return out
+
+
 @torch.no_grad()
 def needle_accuracy(
     model: Transformer, tokenizer: Tokenizer, haystack: Sequence[int], lengths: Sequence[int],
