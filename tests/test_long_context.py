@@ -22,6 +22,7 @@ from dsv2.data import longctx
 from dsv2.data.shards import TokenShards, document_windows
 from dsv2.eval import long_context
 from dsv2.infer.engine import LLMEngine
+from dsv2.model import mla
 from dsv2.tokenizer import Tokenizer
 from dsv2.train.extend import ExtendConfig, WithRetrieval, extension_overrides
 from dsv2.train.pretrain import PackedText, PretrainConfig, train
@@ -228,9 +229,11 @@ def long_prompt_logprobs(model: dsv2.Transformer, prompt: list[int], chunk: int)
 
 
 @pytest.mark.parametrize("length", [3000, pytest.param(16384, marks=pytest.mark.slow)])
-def test_chunked_long_prefill_equals_one_shot(length):
+def test_chunked_long_prefill_equals_one_shot(length, monkeypatch):
     """A prompt 45x past YaRN's original length, prefilled in 512-token chunks (queries against the latent
-    cache, the cheaper MLA path per chunk) or in one forward: the same greedy tokens and log-probabilities."""
+    cache, the cheaper MLA path per chunk, keys in tiles past KEY_TILE) or in one forward: the same greedy
+    tokens and log-probabilities."""
+    monkeypatch.setattr(mla, "KEY_TILE", 1024 if length < 8192 else mla.KEY_TILE)  # 3000: tiles of 1024 too
     config = ModelConfig.from_dict({**hub_config("v2_like"), "max_position_embeddings": length + 8})
     model = dsv2.random_model(config)
     randomize_(model)
