@@ -125,8 +125,8 @@ def test_stage_from_a_model_folder_with_overrides(tmp_path):
                            tokenizer_documents=40, progress=False)
     train(first)
     base = tmp_path / "first" / "model"  # a trained model folder with its own BPE tokenizer
-    yarn = {"type": "yarn", "factor": 16.0, "original_max_position_embeddings": 512, "beta_fast": 32,
-            "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}  # nano: factor 4, 2048 positions
+    yarn = {"type": "yarn", "factor": 16.0, "original_max_position_embeddings": 32, "beta_fast": 32,
+            "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}  # from the length `first` recorded
     overrides = {"max_position_embeddings": 8192, "rope_scaling": yarn}
     cfg = PretrainConfig(model=str(base), config_overrides=overrides, out=str(tmp_path / "run"), steps=2,
                          batch_size=2, seq_len=32, max_documents=120, tokenizer_documents=40, progress=False)

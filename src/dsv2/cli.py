@@ -186,6 +186,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extend(args: argparse.Namespace) -> int:
+    from dsv2.train.extend import ExtendConfig, train
+
+    cfg = _train_config(ExtendConfig, args)
+    last = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    config = resolve_config(f"{cfg.out}/model")
+    rs = config.rope_scaling
+    if last:
+        print(f"step {last['step']}: train loss {last['loss']:.3f}, val loss {last.get('val_loss', float('nan')):.3f} "
+              f"at {cfg.seq_len} tokens; model in {cfg.out}/model (YaRN factor {rs['factor']:g} from "
+              f"{rs['original_max_position_embeddings']}: {config.max_position_embeddings} positions)")
+    else:
+        print(f"{cfg.out} already holds {cfg.steps} steps; nothing to train (raise --steps to continue)")
+    return 0
+
+
 def cmd_sft(args: argparse.Namespace) -> int:
     from dsv2.align.sft import SFTConfig, train
 
@@ -262,6 +280,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.task is not None:
         return _eval_task(args)
+    if args.needle or args.ppl_by_position:
+        return _eval_long_context(args)
 
     from dsv2.data.shards import TokenShards
     from dsv2.train.core import evaluate
@@ -285,6 +305,72 @@ def _evaluated_model(run: Path) -> Path:
     from dsv2.train import checkpoint
 
     return run / "model" if (run / "model").is_dir() else checkpoint.latest_checkpoint(run) or run
+
+
+def _numbers(text: str, kind: type, what: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{what} {text!r}: expected comma-separated numbers") from None
+
+
+def _eval_long_context(args: argparse.Namespace) -> int:
+    """--needle: pass-key accuracy per (length, depth), JSON and heatmap; --ppl-by-position: loss by position
+    (beside --baseline's), JSON and plot. Both on the validation split of the shards (--data or RUN/data)."""
+    import torch
+
+    from dsv2.atomic import write_text_atomic
+    from dsv2.data import longctx
+    from dsv2.data.shards import TokenShards
+    from dsv2.eval import long_context
+    from dsv2.plots import plot_loss_by_position, plot_needle
+    from dsv2.tokenizer import Tokenizer
+    from dsv2.train.pretrain import PackedText
+    from dsv2.weights import load_model
+
+    run = Path(args.model)
+    lengths = _numbers(args.lengths, int, "--lengths") if args.needle else []
+    depths = _numbers(args.depths, float, "--depths") if args.needle else []
+    if args.needle and (not lengths or not depths):
+        raise ValueError("--needle needs --lengths and --depths")
+    data = Path(args.data) if args.data else run / "data"
+    out = Path(args.out) if args.out else run
+    model_dir = _evaluated_model(run)
+    model = load_model(model_dir, dtype=torch.float32, progress=False)
+    shards = TokenShards(data, "val", vocab_size=model.config.vocab_size)
+    report: dict = {"model": str(model_dir), "data": str(data)}
+    out.mkdir(parents=True, exist_ok=True)
+    if args.ppl_by_position:
+        models = {str(model_dir): model}
+        if args.baseline:
+            models[args.baseline] = load_model(_evaluated_model(Path(args.baseline)), dtype=torch.float32,
+                                               progress=False)
+        l0 = model.config.original_max_position_embeddings
+        source = PackedText(shards, args.seq_len, shuffle=False, within_documents=True)
+        batches = [source.next_batch(args.batch_size) for _ in range(args.batches)]
+        summary = long_context.ppl_by_position(models, batches, args.bins, l0)
+        for name, row in summary.items():
+            cut = f", the same tokens cut into {l0}-token pieces {row['cut_to_l0']:.4f}" if "cut_to_l0" in row else ""
+            print(f"{name}: loss {row['mean']:.4f} over {args.seq_len} positions ({args.batches} x {args.batch_size} "
+                  f"long-document windows){cut}; first bin {row['bins'][0]['loss']:.4f}, last "
+                  f"{row['bins'][-1]['loss']:.4f}")
+        curves = {name: row["bins"] for name, row in summary.items()}
+        json_path = out / "ppl_by_position.json"
+        write_text_atomic(json_path, json.dumps({**report, "seq_len": args.seq_len, "models": summary}, indent=1))
+        png = plot_loss_by_position(curves, out / "ppl_by_position.png", {"L0": l0} if l0 else None)
+        print(f"wrote {json_path} and {png}")
+    if args.needle:
+        tokenizer = Tokenizer.from_folder(model_dir, model.config)
+        haystack = longctx.haystack(shards, tokenizer, max(lengths))
+        result = long_context.needle_accuracy(model, tokenizer, haystack, lengths, depths, trials=args.trials,
+                                              seed=args.seed)
+        json_path = out / "needle.json"
+        write_text_atomic(json_path, json.dumps({**report, **result}, indent=1))
+        png = plot_needle(result, out / "needle.png", title=f"pass-key retrieval: {model_dir}")
+        for length, row in zip(result["lengths"], result["accuracy"], strict=True):
+            print(f"  {length:>7} tokens: " + " ".join(f"{a:.2f}" for a in row) + f"  (depths {args.depths})")
+        print(f"wrote {json_path} and {png}")
+    return 0
 
 
 def _eval_task(args: argparse.Namespace) -> int:
@@ -359,8 +445,8 @@ def _add_kv_cache_dtype_arg(p: argparse.ArgumentParser, what: str = "how the lat
 
 
 CHECKPOINT_HELP = f"checkpoint folder (with tokenizer.json) or preset ({', '.join(PRESETS)})"
-MODEL_RULE = ("Every command that works on a model (info, init, generate, chat, serve, train, data, eval, sft, "
-              "grpo, quantize) names it by its first positional argument MODEL or, equally, by --model MODEL. "
+MODEL_RULE = ("Every command that works on a model (info, init, generate, chat, serve, train, data, eval, extend, "
+              "sft, grpo, quantize) names it by its first positional argument MODEL or, equally, by --model MODEL. "
               "Given both ways they must agree; given neither, serve, train and data use nano and the others ask "
               "for one. plot takes a run folder, which is not a model.")
 
@@ -396,8 +482,9 @@ def _add_dedup_args(p: argparse.ArgumentParser) -> None:
                         f"duplicate (default {DEFAULT_THRESHOLD})")
 
 
-def _add_stage_args(p: argparse.ArgumentParser) -> None:
-    """The training options every fine-tuning stage shares; None when not given, so the stage's defaults apply."""
+def _add_stage_args(p: argparse.ArgumentParser, lora: bool = True) -> None:
+    """The training options every stage after pretraining shares (LoRA's with `lora`); None when not given,
+    so the stage's defaults apply."""
     p.add_argument("--out", help="run folder")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int)
@@ -405,8 +492,9 @@ def _add_stage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--warmup-steps", dest="warmup_steps", type=int)
     p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
-    p.add_argument("--lora-rank", dest="lora_rank", type=int, help="train LoRA factors of this rank (frozen base)")
-    p.add_argument("--lora-alpha", dest="lora_alpha", type=float, help="LoRA scaling alpha / rank (default 16)")
+    if lora:
+        p.add_argument("--lora-rank", dest="lora_rank", type=int, help="train LoRA factors of this rank (frozen base)")
+        p.add_argument("--lora-alpha", dest="lora_alpha", type=float, help="LoRA scaling alpha / rank (default 16)")
     p.add_argument("--eval-every", dest="eval_every", type=int)
     p.add_argument("--save-every", dest="save_every", type=int)
     p.add_argument("--seed", type=int)
@@ -530,7 +618,34 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=1234, help="problems' seed for --task")
     ev.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"], help="for --task")
     ev.add_argument("--json", action="store_true", help="print --task's result as JSON")
+    ev.add_argument("--needle", action="store_true",
+                    help="pass-key retrieval per (length, depth): needle.json and needle.png in --out")
+    ev.add_argument("--lengths", default="512,1024,2048", help="prompt lengths for --needle (comma-separated)")
+    ev.add_argument("--depths", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0",
+                    help="needle depths for --needle, 0 (start) to 1 (end)")
+    ev.add_argument("--trials", type=int, default=4, help="random keys per (length, depth) for --needle")
+    ev.add_argument("--ppl-by-position", dest="ppl_by_position", action="store_true",
+                    help="validation loss by token position over long-document windows of --seq-len: "
+                         "ppl_by_position.json and .png in --out")
+    ev.add_argument("--baseline", help="another run or model folder for --ppl-by-position's plot (e.g. the model "
+                                       "before extension)")
+    ev.add_argument("--bins", type=int, default=32, help="position bins for --ppl-by-position")
+    ev.add_argument("--out", help="folder for --needle / --ppl-by-position files (default: MODEL)")
     ev.set_defaults(func=cmd_eval)
+
+    ex = sub.add_parser("extend", help="extend a model's context with YaRN and long-document training")
+    _add_model_args(ex, "model folder pretrained with plain RoPE (e.g. RUN/model of dsv2 train)", required=True)
+    ex.add_argument("--seq-len", dest="seq_len", type=int, help="training length L (default 1024)")
+    ex.add_argument("--factor", type=float, help="YaRN scale s: the context becomes s x L0 (default L / L0)")
+    ex.add_argument("--original-length", dest="original_length", type=int,
+                    help="L0, the length MODEL was pretrained at, when its config does not record it")
+    ex.add_argument("--retrieval", type=float,
+                    help="share of each batch that is synthetic pass-key documents (default 0)")
+    ex.add_argument("--data", help="folder of text files or a JSONL file (default: Python's standard library); "
+                                   "only documents longer than --seq-len are trained on")
+    ex.add_argument("--max-documents", dest="max_documents", type=int, help="documents to tokenise")
+    _add_stage_args(ex, lora=False)
+    ex.set_defaults(func=cmd_extend)
 
     _add_sft_parser(sub)
     _add_grpo_parser(sub)

@@ -67,6 +67,10 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
+    # the sequence length a plain-RoPE model was pretrained at (`dsv2 train --seq-len` records it), L0 of a
+    # later YaRN extension (`dsv2 extend`); transformers reads the same top-level key (Phi-3's spelling) and
+    # puts it in the YaRN parameters, so an extended config keeps it equal to rope_scaling's
+    original_max_position_embeddings: int | None = None
     # misc
     hidden_act: str = "silu"
     rms_norm_eps: float = 1e-6
@@ -198,6 +202,9 @@ class ModelConfig:
                 fail("num_experts_per_tok", f"{k} exceeds the {m * (E // g)} experts in topk_group={m} groups")
 
     def _validate_rope_scaling(self, fail) -> None:
+        top = self.original_max_position_embeddings
+        if top is not None and (not isinstance(top, int) or isinstance(top, bool) or top <= 0):
+            fail("original_max_position_embeddings", f"must be null or a positive integer, got {top!r}")
         rs = self.rope_scaling
         if rs is None:
             return
@@ -212,6 +219,10 @@ class ModelConfig:
         orig = rs.get("original_max_position_embeddings", self.max_position_embeddings)
         if not isinstance(orig, int) or orig <= 0:
             fail("rope_scaling.original_max_position_embeddings", f"must be a positive integer, got {orig!r}")
+        if top is not None and "original_max_position_embeddings" in rs and top != orig:
+            # transformers would take the top-level value, dsv2's rope the nested one: refuse the ambiguity
+            fail("original_max_position_embeddings", f"{top} (the length the model was pretrained at) disagrees "
+                 f"with rope_scaling's {orig}")
         for name in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
             v = rs.get(name)
             if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
@@ -303,6 +314,12 @@ _YARN_V2 = {
     "mscale_all_dim": 0.707,
 }
 
+def yarn_v2(factor: float, original_max_position_embeddings: int) -> dict[str, Any]:
+    """DeepSeek-V2's YaRN settings (paper §3.1.4: α = 1, β = 32, mscale 0.707 on both sides, so the softmax
+    scale gains (0.0707 ln s + 1)²) for an extension by `factor` from a pretraining length."""
+    return dict(_YARN_V2, factor=factor, original_max_position_embeddings=original_max_position_embeddings)
+
+
 _V2_COMMON = dict(
     vocab_size=102400, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
     n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, moe_layer_freq=1,
@@ -325,6 +342,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None,
         n_routed_experts=64, routed_scaling_factor=1.0, topk_method="greedy", n_group=1, topk_group=1,
     ),
+    # The two small presets have plain RoPE, as V2 before its extension (paper §3.1.4): they pretrain at a
+    # length L0 (recorded as original_max_position_embeddings) and `dsv2 extend` adds YaRN afterwards.
     # ~200M total: big enough for meaningful CPU benchmarks, same structure as V2
     "small": dict(
         vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=256,
@@ -332,8 +351,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
         n_shared_experts=2, n_routed_experts=32, num_experts_per_tok=4, routed_scaling_factor=2.0,
         topk_method="group_limited_greedy", n_group=4, topk_group=2, first_k_dense_replace=1,
-        max_position_embeddings=16384, rope_scaling=dict(_YARN_V2, factor=4, original_max_position_embeddings=4096),
-        bos_token_id=0, eos_token_id=1,
+        max_position_embeddings=16384, bos_token_id=0, eos_token_id=1,
     ),
     # a few million parameters: tests and demos
     "nano": dict(
@@ -342,8 +360,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
         n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, routed_scaling_factor=1.0,
         topk_method="group_limited_greedy", n_group=4, topk_group=2, first_k_dense_replace=1,
-        max_position_embeddings=2048, rope_scaling=dict(_YARN_V2, factor=4, original_max_position_embeddings=512),
-        bos_token_id=0, eos_token_id=1,
+        max_position_embeddings=2048, bos_token_id=0, eos_token_id=1,
     ),
 }
 

@@ -1,5 +1,5 @@
-"""Plots of a training run (matplotlib, written as PNG files): losses, learning rate, expert load, and for a GRPO
-run the reward curve."""
+"""Plots (matplotlib, written as PNG files) of a training run: losses, learning rate, expert load, and for a GRPO
+run the reward curve; and of the long-context evaluations: loss by position, the needle heatmap."""
 
 from __future__ import annotations
 
@@ -87,6 +87,37 @@ def _reward_plot(steps: list[int], rows: list[dict], path: Path) -> Path:
         kl_ax.set_ylabel("KL to the reference (k3)", color="tab:red")
     ax.legend(loc="lower right")
     return _save(fig, path)
+
+
+def plot_loss_by_position(curves: dict[str, list[dict]], path: str | os.PathLike,
+                          marks: dict[str, int] | None = None) -> Path:
+    """Validation loss against token position, one line per model (`eval.long_context.position_bins` of
+    each), with vertical lines at `marks` (e.g. {"L0": 128}: the length a model was pretrained at)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, bins in curves.items():
+        ax.plot([(b["start"] + b["end"]) / 2 for b in bins], [b["loss"] for b in bins], "o-", ms=3, label=label)
+    for name, at in (marks or {}).items():
+        ax.axvline(at, color="grey", ls="--", lw=1)
+        ax.annotate(name, (at, 1), xycoords=("data", "axes fraction"), xytext=(3, -12), textcoords="offset points")
+    ax.set(xlabel="token position", ylabel="next-token loss (nats)", title="validation loss by position")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, Path(path))
+
+
+def plot_needle(result: dict, path: str | os.PathLike, title: str = "pass-key retrieval") -> Path:
+    """The needle-in-a-haystack heatmap in the style of the paper's Figure 4: context length across, the
+    needle's depth down, exact-match accuracy from red (0) to green (1)."""
+    acc = np.array(result["accuracy"]).T  # [depth, length]
+    fig, ax = plt.subplots(figsize=(1.5 + 0.7 * acc.shape[1], 1 + 0.35 * acc.shape[0]))
+    im = ax.imshow(acc, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(acc.shape[1]), [str(n) for n in result["lengths"]])
+    ax.set_yticks(range(acc.shape[0]), [f"{d:.0%}" for d in result["depths"]])
+    ax.set(xlabel="context length (tokens)", ylabel="needle depth", title=title)
+    for (i, j), v in np.ndenumerate(acc):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax, label="accuracy")
+    return _save(fig, Path(path))
 
 
 def _save(fig, path: Path) -> Path:

@@ -18,7 +18,9 @@ neither on the order the documents arrive in, nor on how many processes tokenize
 documents: adding files to a corpus never moves an existing document between splits.
 
 `Batches` cuts a split into windows of seq_len + 1 tokens, one starting every seq_len tokens, so each
-token after the first is a target exactly once per pass. It visits them in a seeded permutation per
+token after the first is a target exactly once per pass; or takes the windows it is given, e.g. those of
+`document_windows` that lie inside one document each (long-context training and evaluation: a window that
+spans several short documents has no long-range dependence to learn). It visits them in a seeded permutation per
 epoch, and its whole state is its place in that sequence, (epoch, index), which a checkpoint saves.
 """
 
@@ -270,6 +272,16 @@ class TokenShards:
         where = f"{str(self.folder)!r}, {self.split!r}"
         return f"TokenShards({where}): {self.num_tokens:,} tokens in {len(self._shards)} shards"
 
+    def document_starts(self) -> np.ndarray:
+        """The global position of every document's BOS token, ascending (a document straddling two shards
+        counts once)."""
+        bos = self.manifest.get("bos_id")
+        if not isinstance(bos, int):
+            raise DataError(f"{self.folder}: the manifest has no bos_id, so documents cannot be told apart")
+        return np.concatenate([np.empty(0, dtype=np.int64), *(
+            np.flatnonzero(np.asarray(shard) == bos) + start
+            for shard, start in zip(self._shards, self._starts[:-1], strict=True))])
+
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the split: a read-only view into one shard, or a copy joining
         the pieces when the range crosses shard boundaries."""
@@ -288,6 +300,21 @@ class TokenShards:
 
 
 # ------------------------------------------------------------------------------------------- batches
+def document_windows(shards: TokenShards, seq_len: int) -> np.ndarray:
+    """Start positions of the windows of seq_len + 1 tokens that lie inside one document each: one every
+    seq_len tokens from each document's BOS while the window fits before the next BOS (or the split's end).
+    Raises `DataError` when no document is that long."""
+    doc_starts = shards.document_starts()
+    doc_ends = np.append(doc_starts[1:], shards.num_tokens)
+    windows = [np.arange(s, e - seq_len, seq_len) for s, e in zip(doc_starts, doc_ends, strict=True)
+               if e - s >= seq_len + 1]
+    if not windows:
+        longest = int((doc_ends - doc_starts).max(initial=0))
+        raise DataError(f"{shards.folder}: split {shards.split!r} has no document of seq_len + 1 = {seq_len + 1} "
+                        f"tokens (the longest has {longest}); long-context data needs long documents")
+    return np.concatenate(windows)
+
+
 class Batches:
     """Endless (inputs, targets) batches from one split: int64 tensors [batch_size, seq_len], the targets
     being the inputs shifted by one token.
@@ -301,20 +328,23 @@ class Batches:
 
     The place in that sequence, (epoch, index within the epoch), is the whole state: `state_dict()` after
     a batch, then `load_state_dict()` on a fresh loader, resumes at exactly the next batch. `position`
-    starts that many windows in. `batch_size` may be changed between batches (a batch-size schedule)
+    starts that many windows in. `windows`: the windows' start positions instead (`document_windows`).
+    `batch_size` may be changed between batches (a batch-size schedule)
     without skipping or repeating a window, since the place is counted in windows, not batches.
     """
 
     def __init__(
         self, shards: TokenShards, batch_size: int, seq_len: int, seed: int = 0, position: int = 0, *,
-        shuffle: bool = True,
+        shuffle: bool = True, windows: np.ndarray | None = None,
     ):
         for name, value, low in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1), ("seed", seed, 0),
                                  ("position", position, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         self.shards, self.batch_size, self.seq_len, self.seed, self.shuffle = shards, batch_size, seq_len, seed, shuffle
-        self.num_windows = (shards.num_tokens - 1) // seq_len
+        self.starts = (np.arange((shards.num_tokens - 1) // seq_len) * seq_len if windows is None
+                       else np.asarray(windows, dtype=np.int64))
+        self.num_windows = len(self.starts)
         if self.num_windows < 1:
             raise DataError(
                 f"{shards.folder}: split {shards.split!r} has {shards.num_tokens} tokens, fewer than one window "
@@ -345,7 +375,7 @@ class Batches:
         rows = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
         for row in rows:
             window = int(self.order(self.epoch)[self.index])
-            row[:] = self.shards.read(window * self.seq_len, self.seq_len + 1)
+            row[:] = self.shards.read(int(self.starts[window]), self.seq_len + 1)
             self.index += 1
             if self.index == self.num_windows:
                 self.epoch, self.index = self.epoch + 1, 0

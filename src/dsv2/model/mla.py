@@ -31,6 +31,10 @@ from dsv2.config import ModelConfig
 from dsv2.model.layers import RMSNorm, differentiating
 from dsv2.model.rope import apply_rope
 
+# Keys per tile when a prefill chunk attends to a long cached prefix (`MLA.attend_in_key_tiles`): past it,
+# the chunk's scores would grow with the context (512 queries x 8 heads x 32K keys in fp32 = 512 MiB)
+KEY_TILE = 4096
+
 
 class LayerCache(Protocol):
     """One layer of the caller's latent cache (contiguous or paged: `dsv2.infer.cache`)."""
@@ -133,6 +137,8 @@ class MLA(nn.Module):
         q_* [B,S,H,·]; c_kv [B,T,d_c], k_pe [B,T,d_h^R]; mask [B,S,T] (None: causal with S == T).
         -> the heads' outputs [B,S,H·d_v], before W_O.
         """
+        if mask is not None and c_kv.shape[1] > KEY_TILE:
+            return self.attend_in_key_tiles(q_nope, q_pe, c_kv, k_pe, mask).flatten(2)
         k_nope, v = self.wkv_b(c_kv).unflatten(-1, (self.n_heads, -1)).split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
@@ -142,6 +148,33 @@ class MLA(nn.Module):
             is_causal=mask is None and q.shape[1] > 1, scale=self.softmax_scale,
         )  # [B,H,S,d_v]
         return o.transpose(1, 2).flatten(2)
+
+    def attend_in_key_tiles(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """The naive path's attention over a long cached prefix, KEY_TILE keys at a time: each tile is
+        decompressed, scored and folded into a running softmax (max, sum, weighted values, in fp32), so a
+        prefill chunk's memory is bounded by chunk x tile, not chunk x context. -> o [B,S,H,d_v]."""
+        q = torch.cat([q_nope, q_pe], dim=-1).float().transpose(1, 2)  # [B,H,S,d_h + d_h^R]
+        B, H, S, _ = q.shape
+        top = torch.full((B, H, S, 1), float("-inf"), device=q.device)
+        total = torch.zeros(B, H, S, 1, device=q.device)
+        acc = torch.zeros(B, H, S, self.v_dim, device=q.device)
+        for t in range(0, c_kv.shape[1], KEY_TILE):
+            tile = slice(t, t + KEY_TILE)
+            k_nope, v = self.wkv_b(c_kv[:, tile]).unflatten(-1, (H, -1)).split([self.nope_dim, self.v_dim], dim=-1)
+            k = torch.cat([k_nope, k_pe[:, tile].unsqueeze(2).expand(-1, -1, H, -1)], dim=-1)
+            scores = torch.matmul(q, k.float().permute(0, 2, 3, 1)) * self.softmax_scale  # [B,H,S,tile]
+            scores = scores.masked_fill(~mask[:, None, :, tile], float("-inf"))
+            new_top = torch.maximum(top, scores.amax(-1, keepdim=True))
+            # a row with no visible key yet keeps -inf: exp(-inf - -inf) would be nan, so shift by 0 there
+            shift = torch.where(torch.isinf(new_top), torch.zeros_like(new_top), new_top)
+            probs = (scores - shift).exp()
+            keep = (top - shift).exp()
+            total = total * keep + probs.sum(-1, keepdim=True)
+            acc = acc * keep + torch.matmul(probs, v.float().transpose(1, 2))
+            top = new_top
+        return (acc / total).transpose(1, 2).to(q_nope.dtype)
 
     def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, history: torch.Tensor,
                  mask: torch.Tensor | None) -> torch.Tensor:

@@ -33,7 +33,9 @@ def inv_frequencies(config: ModelConfig) -> torch.Tensor:
     if rs is None:
         return extrapolation
     factor = float(rs["factor"])
-    orig = rs.get("original_max_position_embeddings", config.max_position_embeddings)
+    # transformers takes the top-level pretraining length first (ModelConfig refuses the two disagreeing)
+    orig = config.original_max_position_embeddings or rs.get("original_max_position_embeddings",
+                                                             config.max_position_embeddings)
     low = yarn_correction_dim(rs.get("beta_fast") or 32, dim, base, orig)
     high = yarn_correction_dim(rs.get("beta_slow") or 1, dim, base, orig)
     if rs.get("truncate", True):

@@ -11,6 +11,7 @@ rank 0 prepares it and the others wait. Everything else is `core.run`.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,8 +20,8 @@ from typing import Any
 
 from dsv2.data.dedup import DEFAULT_THRESHOLD
 from dsv2.data.prepare import DEFAULT_MAX_DOCUMENTS, DEFAULT_TOKENIZER_DOCUMENTS, prepare_run_data
-from dsv2.data.shards import Batches, TokenShards
-from dsv2.tokenizer import TOKENIZER_FILE
+from dsv2.data.shards import Batches, TokenShards, document_windows
+from dsv2.tokenizer import TOKENIZER_FILE, Tokenizer
 from dsv2.train import core
 from dsv2.train.distributed import Distributed
 
@@ -35,10 +36,13 @@ class PretrainConfig(core.TrainConfig):
 
 
 class PackedText:
-    """A `core.DataSource` over one split of packed shards: windows of seq_len + 1 tokens in a seeded order."""
+    """A `core.DataSource` over one split of packed shards: windows of seq_len + 1 tokens in a seeded order;
+    with `within_documents`, only windows inside one document (`shards.document_windows`)."""
 
-    def __init__(self, shards: TokenShards, seq_len: int, seed: int = 0, shuffle: bool = True):
-        self.batches = Batches(shards, 1, seq_len, seed=seed, shuffle=shuffle)
+    def __init__(self, shards: TokenShards, seq_len: int, seed: int = 0, shuffle: bool = True,
+                 within_documents: bool = False):
+        windows = document_windows(shards, seq_len) if within_documents else None
+        self.batches = Batches(shards, 1, seq_len, seed=seed, shuffle=shuffle, windows=windows)
 
     def next_batch(self, batch_size: int) -> core.Batch:
         self.batches.batch_size = batch_size
@@ -52,9 +56,19 @@ class PackedText:
         self.batches.load_state_dict(state)
 
 
-def stage(cfg: PretrainConfig, dist: Distributed) -> core.Stage:
-    """Validate, prepare the data (rank 0; the others wait and read it), and describe the stage."""
-    cfg.validate(dist.world)
+def recording_length(cfg: PretrainConfig) -> PretrainConfig:
+    """`cfg` with the model's pretraining length set to its seq_len when it has plain RoPE (L0 of a later
+    `dsv2 extend`, paper §3.1.4: V2 pretrains at 4K), unless the overrides already say it."""
+    config = core.model_config(cfg)
+    if config.rope_scaling is not None or "original_max_position_embeddings" in cfg.config_overrides:
+        return cfg
+    return dataclasses.replace(cfg, config_overrides={**cfg.config_overrides,
+                                                      "original_max_position_embeddings": cfg.seq_len})
+
+
+def prepare_data(cfg: PretrainConfig, dist: Distributed) -> tuple[Tokenizer, TokenShards, TokenShards]:
+    """The run's tokenizer and train / validation shards: built by rank 0 (the others wait and read them);
+    a model folder's own tokenizer is kept."""
     config = core.model_config(cfg)
     if not dist.is_main:
         dist.barrier()
@@ -65,6 +79,14 @@ def stage(cfg: PretrainConfig, dist: Distributed) -> core.Stage:
     )
     if dist.is_main:
         dist.barrier()
+    return tokenizer, train_shards, val_shards
+
+
+def stage(cfg: PretrainConfig, dist: Distributed) -> core.Stage:
+    """Validate, record the pretraining length, prepare the data, and describe the stage."""
+    cfg.validate(dist.world)
+    cfg = recording_length(cfg)
+    tokenizer, train_shards, val_shards = prepare_data(cfg, dist)
 
     def validation() -> Iterator[core.Batch]:  # the same fixed batches at every evaluation
         source = PackedText(val_shards, cfg.seq_len, shuffle=False)

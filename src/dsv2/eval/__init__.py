@@ -1,0 +1,1 @@
+"""Evaluations of a trained model beyond the training loop's validation loss."""
