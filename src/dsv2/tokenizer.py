@@ -68,6 +68,10 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)
 
+    def token_text(self, token_id: int) -> str:
+        """One token's own text, special tokens spelled out (a piece of a UTF-8 character reads U+FFFD)."""
+        return self.hf.decode([token_id], skip_special_tokens=False)
+
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """DeepSeek-V2-Chat's template: BOS, then per message a system prompt as `…\\n\\n`, `User: …\\n\\n` or
         `Assistant: …<EOS>`; with `add_generation_prompt`, a final `Assistant:` for the model to continue.

@@ -51,6 +51,10 @@ class RequestOutput:
     # (log-softmax of its logits, before penalties, temperature and filters), and the top-n {id: log p}
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
+    # with SamplingParams.prompt_logprobs: the same for the prompt, given the tokens before each (the first
+    # token has none: None), from the prefill's logits
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
     # with make_request(record_routing=True), once finished: [T, L, K] the experts every token fed to the model
     # (prompt and generated, T = len(prompt) + len(generated) - 1) was routed to in each of the L MoE layers
     routing: torch.Tensor | None = None
@@ -182,6 +186,8 @@ class LLMEngine:
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
             raise ValueError(f"{what}: token ids must be integers in [0, {vocab})")
         self.check_context(len(ids), params.max_tokens, what)
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise SamplingError(f"sampling parameter `logit_bias`: token ids must be in [0, {vocab})")
         eos = self.config.eos_token_id
         eos_ids = set() if params.ignore_eos or eos is None else set(eos if isinstance(eos, list) else [eos])
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -190,6 +196,8 @@ class LLMEngine:
         out = RequestOutput(index, ids, text="" if self.tokenizer else None, request_id=request_id)
         if params.logprobs is not None:
             out.logprobs, out.top_logprobs = [], []
+        if params.prompt_logprobs is not None:
+            out.prompt_logprobs, out.prompt_top_logprobs = [None], [None]
         return Request(seq, out, params, params.generator(self.device), set(params.stop_token_ids) | eos_ids,
                        routing={} if record_routing else None)
 
@@ -259,7 +267,12 @@ class LLMEngine:
             view = self.cache.view([seq.blocks], [start])
             tokens = torch.tensor([seq.tokens[start : start + n]], device=self.device)
             request = self.requests[seq.request_id]
-            logits = self._forward([request], tokens, view, [start], torch.tensor([n - 1], device=self.device))
+            if self._wants_prompt_logprobs(request):  # every position's logits, not just the last
+                logits = self._forward([request], tokens, view, [start])[0]
+                self._record_prompt_logprobs(request, start, logits)
+                logits = logits[-1:]
+            else:
+                logits = self._forward([request], tokens, view, [start], torch.tensor([n - 1], device=self.device))
             self.scheduler.computed(seq, n)
             self._totals["prefill_tokens"] += n
             if seq.num_computed == len(seq.tokens):  # all cached: the last token's logits give the next token
@@ -289,22 +302,40 @@ class LLMEngine:
                 r.routing.update({start + i: experts for i, experts in enumerate(row)})
         return logits
 
+    @staticmethod
+    def _wants_prompt_logprobs(request: Request) -> bool:
+        """Whether the prompt has positions whose logprobs are not recorded yet
+        (a sequence recomputed after preemption has them already)."""
+        out = request.out
+        return out.prompt_logprobs is not None and len(out.prompt_logprobs) < len(out.prompt_token_ids)
+
+    @staticmethod
+    def _record_prompt_logprobs(request: Request, start: int, logits: torch.Tensor) -> None:
+        """logits [n, vocab] of positions start..start+n-1: row j predicts token start+j+1."""
+        out, n_top = request.out, request.params.prompt_logprobs
+        prompt = out.prompt_token_ids
+        end = min(start + len(logits), len(prompt) - 1)  # the last prompt position predicts a generated token
+        if len(out.prompt_logprobs) != start + 1 or end <= start:
+            return
+        targets = torch.tensor(prompt[start + 1 : end + 1], device=logits.device)
+        chosen, top = _logprobs(logits[: end - start], targets, n_top)
+        out.prompt_logprobs += chosen
+        out.prompt_top_logprobs += top
+
     def _emit(self, requests: list[Request], logits: torch.Tensor) -> list[StreamEvent]:
         """Sample one token per request, update its output, retire finished ones, return the events."""
-        plain_greedy = [r.params.greedy and r.params.repetition_penalty == 1.0 for r in requests]
+        plain_greedy = [r.params.plain_greedy for r in requests]
         argmax = logits.argmax(dim=-1).tolist() if any(plain_greedy) else None  # one op for the batch
         events = []
         for i, (r, row) in enumerate(zip(requests, logits, strict=True)):
             seq, out = r.seq, r.out
-            token = argmax[i] if plain_greedy[i] else sample(row, r.params, seq.tokens, r.generator)
+            token = argmax[i] if plain_greedy[i] else sample(row, r.params, seq.tokens, seq.prompt_len, r.generator)
             seq.tokens.append(token)
             out.token_ids.append(token)
             if r.params.logprobs is not None:
-                logprobs = row.float().log_softmax(-1)
-                out.logprobs.append(float(logprobs[token]))
-                top = logprobs.topk(r.params.logprobs) if r.params.logprobs else None
-                out.top_logprobs.append({} if top is None else dict(zip(top.indices.tolist(), top.values.tolist(),
-                                                                        strict=True)))
+                chosen, top = _logprobs(row[None], torch.tensor([token], device=row.device), r.params.logprobs)
+                out.logprobs += chosen
+                out.top_logprobs += top
             if token in r.stop_ids:
                 out.finish_reason = "stop"
             elif seq.num_generated >= seq.max_tokens:
@@ -341,6 +372,19 @@ class LLMEngine:
 
     def _cached_tokens(self) -> int:
         return sum(s.num_computed for s in list(self.scheduler.running))  # waiting sequences have none cached
+
+
+def _logprobs(logits: torch.Tensor, targets: torch.Tensor, n_top: int) -> tuple[list[float], list[dict[int, float]]]:
+    """Rows of raw logits [n, vocab] and the token each was followed by [n] -> log p of those tokens under
+    the model's own distribution (log-softmax, before any penalty or filter) and each row's top-`n_top`
+    {id: log p} (empty for 0)."""
+    logprobs = logits.float().log_softmax(-1)
+    chosen = logprobs.gather(-1, targets[:, None])[:, 0].tolist()
+    if not n_top:
+        return chosen, [{} for _ in chosen]
+    top = logprobs.topk(n_top, dim=-1)
+    return chosen, [dict(zip(i, v, strict=True)) for i, v in zip(top.indices.tolist(), top.values.tolist(),
+                                                                  strict=True)]
 
 
 class LLM:
