@@ -68,12 +68,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """A checkpoint in another weight format, written so that it loads back without quantizing again."""
-    import shutil
-
     import torch
 
     from dsv2.model import quant
-    from dsv2.tokenizer import TOKENIZER_FILE
+    from dsv2.tokenizer import TOKENIZER_FILE, Tokenizer
     from dsv2.weights import load_model, save_model
 
     src, out = Path(args.model), Path(args.out)
@@ -87,7 +85,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     else:
         quant.save_quantized(quant.quantize_model(model, args.format, args.group_size), out)
     if (src / TOKENIZER_FILE).is_file():
-        shutil.copyfile(src / TOKENIZER_FILE, out / TOKENIZER_FILE)
+        Tokenizer.from_folder(src, model.config).save(out)
 
     def size(folder: Path) -> int:
         return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
