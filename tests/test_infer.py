@@ -282,7 +282,8 @@ def test_stats_report_latent_cache_bytes(llm):
     per_token = llm.config.num_hidden_layers * llm.config.kv_cache_dim * 4
     assert s["kv_cache_bytes_per_token"] == per_token
     assert s["kv_cache_peak_bytes_in_use"] == (3 + 41 + 2 * 5 - 2) * per_token  # the last token is never cached
-    assert s["decode_tokens"] == 2 * 4 and s["prefill_tokens"] == 44
+    assert s["decode_tokens"] == 2 * 4 and s["prefix_queried_tokens"] == 44
+    assert s["prefill_tokens"] + s["prefix_hit_tokens"] == 44  # what earlier tests left cached is not recomputed
 
 
 # ------------------------------------------------------------------------------------------ sampling

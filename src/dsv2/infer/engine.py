@@ -97,13 +97,15 @@ class EngineStats:
     running: int  # admitted requests, prefilling or decoding
     waiting: int  # queued requests, preempted ones included
     blocks_total: int
-    blocks_used: int
+    blocks_used: int  # held by a running request (the rest are free, or evictable prefix-cache blocks)
+    blocks_cached: int  # holding a shareable prefix (held or evictable)
     cached_tokens: int  # latent entries in the cache
     step_blocks_used: int  # blocks used and tokens cached at the end of the last step's forwards, before
     step_cached_tokens: int  # its finished requests gave their blocks back: what peaks are taken over
     cache_bytes_per_token: int
     cache_bytes_allocated: int
-    totals: dict[str, float]  # prefill_tokens, decode_tokens, prefill_s, decode_s, preemptions, steps
+    totals: dict[str, float]  # prefill_tokens, decode_tokens, prefill_s, decode_s, preemptions, steps,
+    # prefix_queried_tokens (prompt tokens of admitted requests), prefix_hit_tokens (of those, found cached)
 
 
 class ContextLengthError(SamplingError):
@@ -132,7 +134,8 @@ class LLMEngine:
     sequences can use); or give `num_blocks` directly. kv_cache_dtype: how the cache stores latents, "auto"
     (the model dtype), "fp8" or "6bit" (`infer/kv_quant.py`); the budget buys blocks at the layout's real
     bytes, so a quantized cache holds more tokens. `prefill_chunk` / `max_prefill_tokens`: see
-    `infer/scheduler.py`. The model is prepared for inference here; whoever changes its weights
+    `infer/scheduler.py`. prefix_caching: requests start from the cached blocks of a prompt prefix others
+    computed (`infer/block_pool.py`). The model is prepared for inference here; whoever changes its weights
     afterwards must call `model.prepare_for_inference()` again.
     """
 
@@ -140,6 +143,7 @@ class LLMEngine:
         self, model: Transformer, tokenizer: Tokenizer | None = None, *, max_running: int = 32,
         cache_bytes: int | None = None, num_blocks: int | None = None, block_size: int = 16,
         prefill_chunk: int = 512, max_prefill_tokens: int = 1024, kv_cache_dtype: str = "auto",
+        prefix_caching: bool = True,
     ):
         check_kv_cache_dtype(kv_cache_dtype)
         self.model = model.eval()
@@ -157,8 +161,10 @@ class LLMEngine:
                 raise ValueError(f"cache_bytes={cache_bytes} does not hold one block of {block_size} tokens")
         self.cache = PagedLatentCache(self.config, num_blocks, block_size, dtype=dtype, device=self.device,
                                       kv_cache_dtype=kv_cache_dtype)
-        self.scheduler = Scheduler(num_blocks, block_size, max_running, prefill_chunk, max_prefill_tokens)
+        self.scheduler = Scheduler(num_blocks, block_size, max_running, prefill_chunk, max_prefill_tokens,
+                                   prefix_caching=prefix_caching)
         self.requests: dict[str, Request] = {}
+        self._weights = model.inference_version  # the weights the cached prefixes were computed with
         self._ids = itertools.count()
         self._totals = {"prefill_tokens": 0, "decode_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0,
                         "preemptions": 0, "steps": 0}
@@ -191,7 +197,9 @@ class LLMEngine:
         eos = self.config.eos_token_id
         eos_ids = set() if params.ignore_eos or eos is None else set(eos if isinstance(eos, list) else [eos])
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        seq = CacheSequence(request_id, list(ids), len(ids), params.max_tokens)
+        # a request that needs every prompt position's logits, or every token's routing, computes them all
+        seq = CacheSequence(request_id, list(ids), len(ids), params.max_tokens,
+                            reuse_prefix=params.prompt_logprobs is None and not record_routing)
         self.scheduler.check_fits(seq, what)
         out = RequestOutput(index, ids, text="" if self.tokenizer else None, request_id=request_id)
         if params.logprobs is not None:
@@ -247,6 +255,9 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[StreamEvent]:
         """Run one scheduler plan; the events of the tokens it produced (finished requests have left)."""
+        if self.model.inference_version != self._weights:  # prepared again on new weights
+            self.scheduler.forget_prefixes()
+            self._weights = self.model.inference_version
         plan = self.scheduler.schedule()
         self._totals["preemptions"] += len(plan.preempted)
         sampled: list[tuple[str, list[Request], torch.Tensor, float]] = []  # (counter, requests, logits, seconds)
@@ -365,9 +376,11 @@ class LLMEngine:
         return EngineStats(
             running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
             blocks_total=self.cache.num_blocks, blocks_used=self.cache.num_blocks - self.scheduler.allocator.num_free,
+            blocks_cached=self.scheduler.allocator.num_cached,
             cached_tokens=self._cached_tokens(), step_blocks_used=step_blocks, step_cached_tokens=step_tokens,
             cache_bytes_per_token=self.cache.bytes_per_token(), cache_bytes_allocated=self.cache.bytes_allocated(),
-            totals=dict(self._totals),
+            totals={**self._totals, "prefix_queried_tokens": self.scheduler.allocator.queried_tokens,
+                    "prefix_hit_tokens": self.scheduler.allocator.hit_tokens},
         )
 
     def _cached_tokens(self) -> int:
@@ -394,13 +407,13 @@ class LLM:
     is stored so) or "fp8" (a block-FP8 checkpoint kept in FP8); None: `dtype` as loaded. dtype: "auto" (bf16
     on a GPU or a CPU with native bf16, else fp32: `dsv2.hardware`), "bfloat16", "float32" or a torch.dtype;
     a model passed as a module keeps its own. kv_cache_dtype: how the latent cache stores tokens ("auto",
-    "fp8", "6bit")."""
+    "fp8", "6bit"). prefix_caching: share the cache blocks of common prompt prefixes (`LLMEngine`)."""
 
     def __init__(
         self, model: str | Path | Transformer, dtype: str | torch.dtype = "auto", device: str = "cpu",
         max_batch_size: int = 32, tokenizer: Tokenizer | None = None, skip_tokenizer_init: bool = False,
         cache_bytes: int | None = None, block_size: int = 16, kv_cache_dtype: str = "auto",
-        quantization: str | None = None,
+        quantization: str | None = None, prefix_caching: bool = True,
     ):
         check_kv_cache_dtype(kv_cache_dtype)  # both before a checkpoint loads
         quant.check_quantization(quantization)
@@ -414,7 +427,7 @@ class LLM:
             elif str(model) in PRESETS:
                 tokenizer = Tokenizer.byte_level(net.config)  # random weights: any byte tokenizer will do
         self.engine = LLMEngine(net, tokenizer, max_running=max_batch_size, cache_bytes=cache_bytes,
-                                block_size=block_size, kv_cache_dtype=kv_cache_dtype)
+                                block_size=block_size, kv_cache_dtype=kv_cache_dtype, prefix_caching=prefix_caching)
         self.model, self.config, self.tokenizer = net, net.config, tokenizer
         self._stats: dict[str, float | str] = {}
 

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API (FastAPI). It talks only to the engine, through `AsyncEngine`.
 
     GET  /health                 liveness
-    GET  /metrics                Prometheus text: requests running / waiting, cache blocks, tokens/s
+    GET  /metrics                Prometheus text: requests running / waiting, cache blocks, prefix-cache
+                                 hits, tokens/s
     GET  /v1/models              the one model served
     POST /v1/completions         prompt(s) -> text; `stream: true` for server-sent events
     POST /v1/chat/completions    messages -> reply, DeepSeek-V2-Chat template
