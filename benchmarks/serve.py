@@ -6,7 +6,12 @@ from that many concurrent clients, and reports requests/s, output tokens/s, time
 inter-token latency (p50 / p99), errors (must be 0) and the peak cache blocks in use (scraped from
 /metrics while it runs). Concurrency 1 is the one-after-another baseline.
 
+`--shared-prefix N` starts every prompt with the same N random tokens (a system prompt), and reports the
+prompt tokens the server found in its prefix cache; `--no-prefix-caching` serves without it, for the
+comparison. The warm-up requests share nothing with the measured ones, so the cache starts cold.
+
     python benchmarks/serve.py [--model small] [--requests 64] [--concurrency 1 8 32 64] [--max-tokens 32]
+    python benchmarks/serve.py --requests 16 --concurrency 16 --shared-prefix 1024 [--no-prefix-caching]
 """
 
 from __future__ import annotations
@@ -43,12 +48,16 @@ async def one_request(http: httpx.AsyncClient, body: dict) -> dict:
             "tokens": len(stamps), "end": stamps[-1]}
 
 
+async def scrape(http: httpx.AsyncClient) -> dict[str, float]:
+    return {line.split()[0]: float(line.split()[1]) for line in (await http.get("/metrics")).text.splitlines()
+            if line.startswith("dsv2_")}
+
+
 async def peaks(http: httpx.AsyncClient, stop: asyncio.Event) -> tuple[int, int]:
     """Peak cache blocks in use and peak sequences running, scraped from /metrics every 50 ms."""
     blocks = running = 0
     while not stop.is_set():
-        values = {line.split()[0]: float(line.split()[1]) for line in (await http.get("/metrics")).text.splitlines()
-                  if line.startswith("dsv2_")}
+        values = await scrape(http)
         blocks = max(blocks, int(values["dsv2_cache_blocks_used"]))
         running = max(running, int(values["dsv2_requests_running"]))
         await asyncio.sleep(0.05)
@@ -58,6 +67,7 @@ async def peaks(http: httpx.AsyncClient, stop: asyncio.Event) -> tuple[int, int]
 async def run_level(base: str, bodies: list[dict], concurrency: int) -> dict:
     limits = httpx.Limits(max_connections=concurrency + 2)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as http:
+        hits_before = (await scrape(http))["dsv2_prefix_cache_hit_tokens_total"]
         stop = asyncio.Event()
         watcher = asyncio.create_task(peaks(http, stop))
         queue = list(bodies)
@@ -72,6 +82,7 @@ async def run_level(base: str, bodies: list[dict], concurrency: int) -> dict:
         elapsed = time.perf_counter() - t0
         stop.set()
         peak, running = await watcher
+        hits = (await scrape(http))["dsv2_prefix_cache_hit_tokens_total"] - hits_before
     ok = [r for r in results if "error" not in r]
     ttft = sorted(r["ttft"] for r in ok)
     itl = sorted(x for r in ok for x in r["itl"])
@@ -83,7 +94,7 @@ async def run_level(base: str, bodies: list[dict], concurrency: int) -> dict:
         "concurrency": concurrency, "requests": len(results), "errors": len(results) - len(ok),
         "seconds": elapsed, "req_per_s": len(ok) / elapsed, "out_tok_per_s": sum(r["tokens"] for r in ok) / elapsed,
         "ttft_p50_ms": pct(ttft, 0.5), "ttft_p99_ms": pct(ttft, 0.99), "itl_p50_ms": pct(itl, 0.5),
-        "itl_p99_ms": pct(itl, 0.99), "peak_blocks": peak, "peak_running": running,
+        "itl_p99_ms": pct(itl, 0.99), "peak_blocks": peak, "peak_running": running, "prefix_hit_tokens": int(hits),
         "first_error": next((r["error"] for r in results if "error" in r), None),
     }
 
@@ -99,6 +110,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "6bit"])
     ap.add_argument("--cache-mb", type=float, help="latent cache memory (default: the server's)")
+    ap.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with")
+    ap.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
 
@@ -109,7 +122,8 @@ def main() -> None:
     server = subprocess.Popen(
         [sys.executable, "-m", "dsv2.cli", "serve", "--model", args.model, "--dtype", args.dtype, "--port", str(port),
          "--served-model-name", "bench", "--max-running", str(max(args.concurrency)), "--log-level", "warning",
-         "--kv-cache-dtype", args.kv_cache_dtype, *(["--cache-mb", str(args.cache_mb)] if args.cache_mb else [])],
+         "--kv-cache-dtype", args.kv_cache_dtype, *(["--cache-mb", str(args.cache_mb)] if args.cache_mb else []),
+         *([] if args.prefix_caching else ["--no-prefix-caching"])],
         env=env,
     )
     base = f"http://127.0.0.1:{port}"
@@ -126,11 +140,15 @@ def main() -> None:
             time.sleep(0.5)
         rng = random.Random(0)
         vocab = min(resolve_config(args.model).vocab_size, 30000)
-        lengths = [rng.randint(*args.prompt_tokens) for _ in range(args.requests)]
-        bodies = [{"model": "bench", "prompt": [rng.randrange(10, vocab) for _ in range(n)],
+        lengths = [rng.randint(*args.prompt_tokens) for _ in range(args.requests + 2)]
+        shared = [rng.randrange(10, vocab) for _ in range(args.shared_prefix)]
+        prompts = [(shared if i >= 2 else []) + [rng.randrange(10, vocab) for _ in range(n)]
+                   for i, n in enumerate(lengths)]
+        bodies = [{"model": "bench", "prompt": prompt,
                    "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
-                  for n in lengths]
-        asyncio.run(run_level(base, bodies[:2], 1))  # warm-up
+                  for prompt in prompts]
+        warmup, bodies = bodies[:2], bodies[2:]
+        asyncio.run(run_level(base, warmup, 1))  # shares no prefix with what is measured
         rows = [asyncio.run(run_level(base, bodies, c)) for c in args.concurrency]
     finally:
         server.terminate()
@@ -139,14 +157,15 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads; "
           f"model {args.model} {args.dtype}, {args.kv_cache_dtype} cache"
           f"{f' of {args.cache_mb} MiB' if args.cache_mb else ''}; {args.requests} requests, prompts "
-          f"{args.prompt_tokens[0]}-{args.prompt_tokens[1]} tokens, {args.max_tokens} new tokens each, streaming")
+          f"{args.prompt_tokens[0]}-{args.prompt_tokens[1]} tokens after a shared prefix of {args.shared_prefix}, "
+          f"{args.max_tokens} new tokens each, streaming; prefix caching {'on' if args.prefix_caching else 'off'}")
     print("| clients | req/s | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors | peak cache blocks | "
-          "peak running |")
-    print("|---|---|---|---|---|---|---|---|")
+          "peak running | prefix-cache hit tokens |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['concurrency']} | {r['req_per_s']:.2f} | {r['out_tok_per_s']:.1f} | "
               f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f} | "
-              f"{r['errors']} | {r['peak_blocks']} | {r['peak_running']} |")
+              f"{r['errors']} | {r['peak_blocks']} | {r['peak_running']} | {r['prefix_hit_tokens']:,} |")
     for r in rows[1:]:
         ratio = r["out_tok_per_s"] / max(rows[0]["out_tok_per_s"], 1e-9)
         print(f"{r['concurrency']} clients: {ratio:.2f}x the output tokens/s of {rows[0]['concurrency']}")

@@ -56,7 +56,7 @@ def test_init_then_generate_on_a_folder(tmp_path):
     folder = tmp_path / "nano"
     run = lambda *a: subprocess.run([sys.executable, "-m", "dsv2.cli", *a], capture_output=True, text=True)  # noqa: E731
     assert run("init", "nano", str(folder), "--dtype", "float32").returncode == 0
-    assert (folder / "tokenizer.json").is_file() and (folder / "config.json").is_file()
+    assert all((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "config.json"))
     greedy = ("--prompt", "def f():", "--max-tokens", "5", "--temperature", "0")
     out = run("generate", str(folder), *greedy, "-v")
     assert out.returncode == 0, out.stderr

@@ -99,6 +99,7 @@ def test_a_short_run_raises_the_reward_and_resumes_exactly(tmp_path):
     assert last > first + 0.15, (first, last)
     assert lines[-1]["kl"] > 0  # the policy moved away from the reference
     assert (run / "model" / "config.json").is_file() and (run / "model" / "tokenizer.json").is_file()
+    assert (run / "model" / "tokenizer_config.json").is_file()
     assert run / "reward.png" in plot_run(run)
 
     # lose the last checkpoint: the resumed run redoes steps 9..12 exactly

@@ -13,7 +13,7 @@ from dsv2 import LLM, SamplingError, SamplingParams
 from dsv2.infer.cache import LatentCache, PagedLatentCache
 from dsv2.infer.engine import LLMEngine, releasable
 from dsv2.infer.generate import generate
-from dsv2.infer.sampling import filter_logits, sample
+from dsv2.infer.sampling import apply_openai_penalties, filter_logits, sample
 from dsv2.model.mla import MLA
 from dsv2.model.moe import MoE
 from dsv2.tokenizer import Tokenizer
@@ -317,7 +317,8 @@ def test_stats_report_latent_cache_bytes(llm):
     per_token = llm.config.num_hidden_layers * llm.config.kv_cache_dim * 4
     assert s["kv_cache_bytes_per_token"] == per_token
     assert s["kv_cache_peak_bytes_in_use"] == (3 + 41 + 2 * 5 - 2) * per_token  # the last token is never cached
-    assert s["decode_tokens"] == 2 * 4 and s["prefill_tokens"] == 44
+    assert s["decode_tokens"] == 2 * 4 and s["prefix_queried_tokens"] == 44
+    assert s["prefill_tokens"] + s["prefix_hit_tokens"] == 44  # what earlier tests left cached is not recomputed
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -333,7 +334,7 @@ def test_filters_never_emit_outside_their_set():
     for params, allowed in [
         (SamplingParams(top_k=5), top5), (SamplingParams(top_p=0.6), nucleus), (SamplingParams(min_p=0.2), above_min),
     ]:
-        drawn = {sample(logits, params, [], g) for _ in range(400)}
+        drawn = {sample(logits, params, [], 0, g) for _ in range(400)}
         assert drawn <= allowed and len(drawn) > 1
     assert torch.isinf(filter_logits(logits, top_k=5)).sum() == 45
 
@@ -341,14 +342,32 @@ def test_filters_never_emit_outside_their_set():
 def test_repetition_penalty_and_greedy():
     logits = torch.tensor([3.0, 2.9, -1.0])
     g = torch.Generator()
-    assert sample(logits, SamplingParams(temperature=0), [], g) == 0
-    assert sample(logits, SamplingParams(temperature=0, repetition_penalty=2.0), [0], g) == 1
+    assert sample(logits, SamplingParams(temperature=0), [], 0, g) == 0
+    assert sample(logits, SamplingParams(temperature=0, repetition_penalty=2.0), [0], 0, g) == 1
+
+
+def test_openai_penalties_and_logit_bias_follow_the_definition():
+    """logit[j] - c[j]·frequency - (c[j] > 0)·presence + bias[j], c counting generated tokens only."""
+    logits = torch.tensor([3.0, 2.9, 2.5, -1.0])
+    seen, prompt_len = [2, 2, 0, 0, 0, 1], 2  # the prompt's two 2s are not counted
+    got = apply_openai_penalties(logits, seen[prompt_len:], presence=0.5, frequency=0.25, bias={3: 10.0, 2: -1.0})
+    assert torch.allclose(got, torch.tensor([3.0 - 3 * 0.25 - 0.5, 2.9 - 0.25 - 0.5, 2.5 - 1.0, -1.0 + 10.0]))
+    g = torch.Generator()
+    assert sample(logits, SamplingParams(temperature=0, presence_penalty=0.2), [0], 1, g) == 0  # prompt only
+    assert sample(logits, SamplingParams(temperature=0, presence_penalty=0.2), [0], 0, g) == 1
+    assert sample(logits, SamplingParams(temperature=0, frequency_penalty=0.1), [3, 0], 1, g) == 0  # 3 - 0.1 > 2.9
+    assert sample(logits, SamplingParams(temperature=0, frequency_penalty=0.1), [0, 0], 0, g) == 1  # 3 - 0.2
+    assert sample(logits, SamplingParams(logit_bias={3: 100}), [], 0, g) == 3  # sampled: bias dominates
+    assert not SamplingParams(temperature=0, logit_bias={3: 0.5}).plain_greedy
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [
     ({"temperature": -0.5}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
     ({"max_tokens": 0}, "max_tokens"), ({"top_k": -3}, "top_k"), ({"min_p": 2}, "min_p"),
     ({"repetition_penalty": 0}, "repetition_penalty"), ({"stop": [""]}, "stop"),
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"logit_bias": {5: 101}}, "logit_bias"), ({"logit_bias": {-1: 1}}, "logit_bias"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs"), ({"logprobs": True}, "logprobs"),
 ])
 def test_invalid_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(SamplingError, match=f"`{field}`"):
@@ -394,6 +413,41 @@ def test_engine_records_logprobs_and_routing_of_every_token():
         assert out.routing.shape == (tokens.shape[1], len(routings), model.config.num_experts_per_tok)
         want = torch.stack([x.indices[0] for x in routings], dim=1)  # [T, L, K]
         assert torch.equal(out.routing.sort(-1).values, want.sort(-1).values)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("num_blocks", [64, 5])  # 5 blocks of 4 tokens: the three requests preempt one another
+def test_prompt_and_sampled_logprobs_equal_a_full_forward(num_blocks):
+    """Prompt logprobs come from chunked prefill (recomputed ones after preemption are not recorded twice),
+    sampled ones from decode; both are the raw log-softmax even when penalties and a bias pick the tokens."""
+    model = random_model("v2_like")
+    engine = LLMEngine(model, max_running=3, num_blocks=num_blocks, block_size=4, prefill_chunk=4,
+                       max_prefill_tokens=4)
+    params = SamplingParams(max_tokens=5, temperature=0.8, seed=1, logprobs=3, prompt_logprobs=2, ignore_eos=True,
+                            presence_penalty=1.0, frequency_penalty=0.5, logit_bias={7: 5.0}, repetition_penalty=1.2)
+    prompts = [[5, 17, 99, 4, 8, 15, 16, 23, 42], [200], list(range(100, 112))]
+    requests = [engine.make_request(p, params) for p in prompts]
+    for r in requests:
+        engine.add_request(r)
+    preempted = 0
+    while engine.has_unfinished():
+        engine.step()
+        preempted = engine.stats().totals["preemptions"]
+    assert (preempted > 0) == (num_blocks == 5)
+    for r in requests:
+        out = r.out
+        ids = out.prompt_token_ids + out.token_ids
+        expected = model(torch.tensor([ids[:-1]]))[0].float().log_softmax(-1)  # row i predicts ids[i + 1]
+        chosen = expected.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        P = len(out.prompt_token_ids)
+        assert out.prompt_logprobs[0] is None and out.prompt_top_logprobs[0] is None
+        assert len(out.prompt_logprobs) == P and len(out.logprobs) == len(out.token_ids)
+        assert torch.allclose(torch.tensor(out.prompt_logprobs[1:] + out.logprobs), chosen, atol=1e-4)
+        for i, top in enumerate(out.prompt_top_logprobs[1:] + out.top_logprobs):
+            k = 2 if i < P - 1 else 3
+            want = expected[i].topk(k)
+            assert list(top) == want.indices.tolist()
+            assert torch.allclose(torch.tensor(list(top.values())), want.values, atol=1e-4)
 
 
 def test_replayed_routing_reproduces_the_router_and_overrides_it():

@@ -31,7 +31,7 @@ def folder(tmp_path_factory):
 def test_quantized_checkpoint_loads_as_saved(folder, fmt, monkeypatch, tmp_path):
     out = tmp_path / fmt
     assert main(["quantize", str(folder), "--out", str(out), "--format", fmt, "--dtype", "float32"]) == 0
-    assert (out / "tokenizer.json").is_file()
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
     in_memory = LLM(folder, dtype="float32", quantization=fmt)
     monkeypatch.setattr(quant, "quantize_model", lambda *a, **k: pytest.fail("quantized again at load"))
     loaded = load_model(out, dtype=torch.float32, progress=False)

@@ -11,7 +11,8 @@ import torch
 from conftest import PROMPTS, random_model
 
 from dsv2 import SamplingParams
-from dsv2.infer.cache import LatentCache, PagedLatentCache
+from dsv2.infer.block_pool import ROOT, BlockPool
+from dsv2.infer.cache import LatentCache, PagedLatentCache, _PagedLayer
 from dsv2.infer.engine import ContextLengthError, LLMEngine
 from dsv2.infer.generate import generate
 from dsv2.infer.scheduler import Scheduler, Sequence
@@ -78,6 +79,17 @@ def test_preemption_recomputes_newest_and_keeps_progress():
     new = sched.waiting[0]
     assert new.num_computed == 0 and new.blocks == [] and new.num_generated == 2  # generated tokens kept
     assert sched.allocator.num_free == 1
+
+
+def test_two_prefills_on_a_full_pool_do_not_wait_for_each_other():
+    """Both admitted with blocks for their first chunk only; the pool then has too few for either's next
+    chunk: the older takes the newer's blocks (it is preempted) instead of both waiting forever."""
+    sched = Scheduler(num_blocks=5, block_size=4, prefill_chunk=8, max_prefill_tokens=16)
+    sched.add(seq("old", 16))
+    sched.add(seq("new", 16))
+    assert run_plan(sched) == ([], [("old", 8), ("new", 8)], [])  # 2 + 2 blocks, 1 free
+    assert run_plan(sched) == ([], [("old", 8)], ["new"])
+    assert sched.waiting[0].request_id == "new" and sched.waiting[0].num_computed == 0
 
 
 def test_refuses_what_can_never_fit_and_frees_on_abort():
@@ -230,3 +242,129 @@ def test_stats_count_requests_blocks_and_tokens(model):
     assert (s.running, s.waiting, s.blocks_used, s.cached_tokens) == (0, 0, 0, 0)
     assert s.totals["prefill_tokens"] == 45 and s.totals["decode_tokens"] == 3 * 2
     assert s.cache_bytes_allocated == 32 * 4 * s.cache_bytes_per_token
+
+
+# ------------------------------------------------------------------------------------- prefix caching
+def test_block_pool_keys_content_by_its_whole_prefix_and_evicts_least_recent():
+    pool = BlockPool(4)
+    a, b = pool.allocate(2)
+    first = pool.claim(a, ROOT, (1, 2))
+    pool.claim(b, first, (3, 4))
+    assert pool.match([1, 2, 3, 4, 5], 2, 2) == ([], [], True)  # pending: computed by its owner, not shared yet
+    pool.computed(a)
+    pool.computed(b)
+    assert pool.match([1, 2, 3, 4, 5], 2, 2)[0] == [a, b]
+    assert pool.match([3, 4, 1, 2], 2, 2)[0] == []  # the same tokens after another prefix are other content
+    assert pool.match([1, 2, 3, 9], 2, 2)[0] == [a]
+    pool.free([a, b])
+    assert pool.num_free == 4 and pool.num_cached == 2  # evictable: free to take, content kept
+    c, d = pool.allocate(2)  # the plainly free blocks go first
+    assert {c, d}.isdisjoint({a, b}) and pool.match([1, 2, 3, 4], 2, 2)[0] == [a, b]
+    (e,) = pool.allocate(1)  # then the least recently used: b (a prefix outlives its continuation)
+    assert e == b and pool.match([1, 2, 3, 4], 2, 2)[0] == [a] and pool.num_cached == 1
+    pending = pool.allocate(1)
+    pool.claim(pending[0], ROOT, (7, 7))
+    pool.free(pending)  # let go before it was computed: its content is forgotten, never shared
+    assert pool.match([7, 7, 0], 2, 1) == ([], [], False)
+
+
+def shared_seq(name: str, prefix: list[int], tail: list[int], max_tokens: int = 4) -> Sequence:
+    return Sequence(name, prefix + tail, len(prefix) + len(tail), max_tokens)
+
+
+def test_a_sequence_starts_after_the_prefix_others_computed_and_waits_for_one_in_progress():
+    sched = Scheduler(num_blocks=64, block_size=4, prefill_chunk=8, max_prefill_tokens=16, prefix_caching=True)
+    system = list(range(100, 116))  # 16 tokens: 4 full blocks
+    sched.add(shared_seq("a", system, [1, 2, 3]))
+    sched.add(shared_seq("b", system, [4, 5]))
+    # a computes the prefix in chunks of 8; b, whose first block a is computing, waits instead of recomputing it
+    assert run_plan(sched)[1] == [("a", 8)]
+    assert run_plan(sched)[1] == [("a", 8)]
+    assert run_plan(sched)[1] == [("a", 3), ("b", 2)]  # b starts at 16: only its own tail is computed
+    a, b = sched.running
+    assert b.blocks[:4] == a.blocks[:4] and all(sched.allocator.refs(x) == 2 for x in a.blocks[:4])
+    assert b.blocks[4] != a.blocks[4] and sched.allocator.hit_tokens == 16
+    for s in (a, b):
+        sched.finish(s)
+    assert sched.allocator.num_free == 64 and sched.allocator.num_cached > 0  # all free or evictable
+    sched.add(shared_seq("c", system, [1, 2, 3]))  # a's whole prompt cached but its last token: 16 + 0
+    assert run_plan(sched)[1] == [("c", 3)]
+    sched.add(shared_seq("d", system[:8], []))  # 8 tokens, 2 full blocks: the last one is computed anyway
+    assert run_plan(sched)[1] == [("d", 4)]
+
+
+def test_a_preempted_sequence_recomputes_only_what_was_evicted():
+    sched = Scheduler(num_blocks=4, block_size=4, prefill_chunk=16, max_prefill_tokens=16, prefix_caching=True)
+    sched.add(seq("old", 7, max_tokens=8))
+    sched.add(Sequence("new", list(range(50, 57)), 7, 8))
+    run_plan(sched)
+    run_plan(sched)
+    assert run_plan(sched)[2] == ["new"]  # its blocks become evictable, its first block's content kept
+    assert sched.allocator.num_cached >= 1
+    while sched.running:
+        run_plan(sched)
+        if sched.running[0].num_generated >= 8:
+            sched.finish(sched.running[0])
+    new = sched.running[0] if sched.running else sched.waiting[0]
+    assert new.request_id == "new" and new.num_computed - new.num_generated < 9
+
+
+# ------------------------------------------------------------------------------- prefix caching: engine
+_UNCHECKED_WRITE = _PagedLayer.write
+
+
+def no_shared_writes(monkeypatch, engine: LLMEngine) -> list[int]:
+    """Fail on any cache write into a block whose content others may read; the written blocks."""
+    pool, written = engine.scheduler.allocator, []
+    write = _UNCHECKED_WRITE
+
+    def checked(self, positions, entries):
+        blocks = self.tables.gather(1, positions // self.pool.shape[1]).flatten().tolist()
+        for b in blocks:
+            assert not pool.is_shared_content(b) and pool.refs(b) == 1, f"block {b} written while shared"
+        written.extend(blocks)
+        return write(self, positions, entries)
+
+    monkeypatch.setattr(_PagedLayer, "write", checked)
+    return written
+
+
+@pytest.mark.parametrize("num_blocks", [64, 9])  # 9 blocks of 8: preemption and eviction too
+def test_prefix_caching_gives_the_same_greedy_tokens_and_never_writes_a_shared_block(model, monkeypatch, num_blocks):
+    system = list(range(10, 50))  # 40 tokens shared by every prompt: 5 blocks of 8
+    prompts = [system + [200 + i] * (i + 1) for i in range(5)] + [system[:24], list(range(60, 75))]
+    params = [SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=10, temperature=0.9, seed=3, ignore_eos=True)]
+
+    def run(prefix_caching: bool) -> tuple[list[list[int]], LLMEngine, list[int]]:
+        engine = LLMEngine(model, num_blocks=num_blocks, block_size=8, prefill_chunk=16, max_prefill_tokens=32,
+                           max_running=4, prefix_caching=prefix_caching)
+        written = no_shared_writes(monkeypatch, engine)
+        requests = [engine.make_request(p, params[i % 2]) for i, p in enumerate(prompts)]
+        requests += [engine.make_request(system + [7], params[1]) for _ in range(3)]  # n = 3 samples of one prompt
+        drain(engine, requests)
+        again = [engine.make_request(p, params[0]) for p in prompts[:2]]  # after finishing: the cache is warm
+        drain(engine, again)
+        return [r.out.token_ids for r in requests + again], engine, written
+
+    plain, _, _ = run(False)
+    cached, engine, written = run(True)
+    assert cached == plain
+    s = engine.stats()
+    assert (s.totals["preemptions"] > 0) == (num_blocks == 9)
+    assert s.totals["prefix_hit_tokens"] >= 40 * 5 and s.totals["prefill_tokens"] < sum(map(len, prompts)) * 2
+    assert s.blocks_used == 0 and s.blocks_cached > 0 and written  # all free or evictable; the check ran
+    assert all(engine.scheduler.allocator.refs(b) == 0 for b in range(num_blocks))
+
+
+def test_prefix_caching_off_and_requests_that_need_every_position(model):
+    engine = LLMEngine(model, num_blocks=64, block_size=8, prefix_caching=False)
+    drain(engine, [engine.make_request(list(range(40)), SamplingParams(max_tokens=2)) for _ in range(2)])
+    assert engine.stats().totals["prefix_hit_tokens"] == 0 and engine.stats().blocks_cached == 0
+    engine = LLMEngine(model, num_blocks=64, block_size=8)
+    drain(engine, [engine.make_request(list(range(40)), SamplingParams(max_tokens=2))])
+    scored = engine.make_request(list(range(40)), SamplingParams(max_tokens=1, prompt_logprobs=0))
+    routed = engine.make_request(list(range(40)), SamplingParams(max_tokens=1), record_routing=True)
+    drain(engine, [scored, routed])
+    assert engine.stats().totals["prefix_hit_tokens"] == 0  # both computed every position
+    assert len(scored.out.prompt_logprobs) == 40 and routed.out.routing.shape[0] == 40

@@ -136,6 +136,91 @@ def test_concurrent_greedy_equals_sequential(client, llm):
     assert concurrent_texts == sequential
 
 
+# ---------------------------------------------------------------------------------- log-probabilities
+@torch.no_grad()
+def full_logprobs(llm, ids: list[int]) -> torch.Tensor:
+    """[len(ids) - 1, vocab]: row i is log p(· | ids[: i + 1]) from one plain forward."""
+    return llm.model(torch.tensor([ids[:-1]]))[0].float().log_softmax(-1)
+
+
+@pytest.mark.parametrize("max_tokens", [0, 1])  # 0: pure scoring; 1: what lm-eval's local-completions sends
+def test_echo_logprobs_score_the_prompt_like_a_full_forward(client, llm, max_tokens):
+    prompts = [llm.tokenizer.encode("The cat sat on the mat."), [0, 5, 9, 200, 31, 7]]
+    r = client.completions.create(model="nano", prompt=prompts, max_tokens=max_tokens, temperature=0, echo=True,
+                                  logprobs=3)
+    assert r.usage.completion_tokens == max_tokens * 2
+    for prompt, choice in zip(prompts, sorted(r.choices, key=lambda c: c.index), strict=True):
+        lp = choice.logprobs
+        ids = prompt + greedy(llm, prompt, max_tokens).token_ids if max_tokens else prompt
+        assert len(lp.tokens) == len(ids) and lp.tokens == [llm.tokenizer.token_text(t) for t in ids]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # the first token has no context
+        expected = full_logprobs(llm, ids)
+        want = expected.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(lp.token_logprobs[1:]), want, atol=1e-4)
+        for i, top in enumerate(lp.top_logprobs[1:]):
+            best = expected[i].topk(3)
+            assert {llm.tokenizer.token_text(t) for t in best.indices.tolist()} | {lp.tokens[i + 1]} == set(top)
+            assert max(top.values()) == pytest.approx(best.values[0].item(), abs=1e-4)
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(ids))]
+        assert choice.text == llm.tokenizer.decode(prompt) + (greedy(llm, prompt, 1).text if max_tokens else "")
+        assert choice.finish_reason == ("length" if max_tokens == 0 else greedy(llm, prompt, 1).finish_reason)
+
+
+def test_generated_logprobs_streamed_and_not_agree(client, llm):
+    kwargs = dict(model="nano", prompt="import os", max_tokens=8, temperature=0, logprobs=2)
+    whole = client.completions.create(**kwargs).choices[0]
+    out = greedy(llm, "import os", 8)
+    expected = full_logprobs(llm, out.prompt_token_ids + out.token_ids)[len(out.prompt_token_ids) - 1 :]
+    want = expected.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(whole.logprobs.token_logprobs), want, atol=1e-4)
+    assert whole.logprobs.text_offset[0] == len("import os")  # offsets continue the prompt's text
+    streamed = [c.choices[0].logprobs for c in client.completions.create(**kwargs, stream=True)]
+    assert sum((s.token_logprobs for s in streamed), []) == pytest.approx(whole.logprobs.token_logprobs, abs=1e-5)
+    assert sum((s.tokens for s in streamed), []) == whole.logprobs.tokens
+    assert sum((s.text_offset for s in streamed), []) == whole.logprobs.text_offset
+
+
+def test_chat_logprobs(client, llm):
+    messages = [{"role": "user", "content": "Hello"}]
+    ids = llm.tokenizer.apply_chat_template(messages)
+    out = greedy(llm, ids, 6)
+    r = client.chat.completions.create(model="nano", messages=messages, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=4)
+    content = r.choices[0].logprobs.content
+    assert [c.token for c in content] == [llm.tokenizer.token_text(t) for t in out.token_ids]
+    expected = full_logprobs(llm, ids + out.token_ids)[len(ids) - 1 :]
+    for c, row, t in zip(content, expected, out.token_ids, strict=True):
+        assert c.logprob == pytest.approx(row[t].item(), abs=1e-4) and c.bytes == list(c.token.encode())
+        assert [a.logprob for a in c.top_logprobs] == pytest.approx(row.topk(4).values.tolist(), abs=1e-4)
+    stream = client.chat.completions.create(model="nano", messages=messages, max_tokens=6, temperature=0,
+                                            logprobs=True, stream=True)
+    chunks = [c for c in stream if c.choices and c.choices[0].logprobs]
+    streamed = [c.choices[0].logprobs.content[0].logprob for c in chunks]  # its prompt's prefix came from the cache
+    assert streamed == pytest.approx([c.logprob for c in content], abs=1e-5)
+    plain = client.chat.completions.create(model="nano", messages=messages, max_tokens=6, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+# --------------------------------------------------------------------------------- penalties, refusals
+def test_penalties_and_logit_bias_are_honoured(client, llm):
+    """The server's penalised greedy output is the engine's; a +100 bias forces a token, -100 bans one."""
+    for kwargs in [dict(presence_penalty=1.5), dict(frequency_penalty=2.0), dict(presence_penalty=-1.0)]:
+        r = client.completions.create(model="nano", prompt="abc", max_tokens=12, temperature=0, **kwargs)
+        want = llm.generate("abc", SamplingParams(max_tokens=12, temperature=0, **kwargs))[0]
+        assert r.choices[0].text == want.text, kwargs
+    plain, penalised = greedy(llm, "abc", 12).token_ids, llm.generate(
+        "abc", SamplingParams(max_tokens=12, temperature=0, frequency_penalty=2.0))[0].token_ids
+    assert plain != penalised  # the penalty changed something: the comparison above is not vacuous
+    forced = llm.tokenizer.encode("z", add_bos=False)[0]
+    r = client.completions.create(model="nano", prompt=[0, 5], max_tokens=4, temperature=1.0, seed=0,
+                                  logit_bias={str(forced): 100})
+    assert r.choices[0].text == "zzzz"
+    banned = plain[0]
+    r = client.completions.create(model="nano", prompt="abc", max_tokens=1, temperature=0,
+                                  logit_bias={str(banned): -100}, logprobs=0)
+    assert r.choices[0].logprobs.tokens[0] != llm.tokenizer.token_text(banned)
+
+
 # ------------------------------------------------------------------------------- cancellation, burst
 def test_burst_with_disconnects_frees_every_block(server):
     base, _ = server
@@ -174,7 +259,8 @@ def post(base: str, path: str, content: str | bytes, key: str | None = KEY) -> h
     ("/v1/completions", '{"model": "nano", "prompt": "x"', KEY, 400, None, "not valid JSON"),
     ("/v1/completions", "[1, 2]", KEY, 400, None, "must be a JSON object"),
     ("/v1/completions", '{"model": "nano", "prompt": "x", "max_tokens": "many"}', KEY, 400, "max_tokens", "integer"),
-    ("/v1/completions", '{"model": "nano", "prompt": "x", "max_tokens": 0}', KEY, 400, "max_tokens", "greater"),
+    ("/v1/completions", '{"model": "nano", "prompt": "x", "max_tokens": 0}', KEY, 400, "max_tokens", "with echo"),
+    ("/v1/completions", '{"model": "nano", "prompt": "x", "max_tokens": -1}', KEY, 400, "max_tokens", "greater"),
     ("/v1/completions", '{"model": "nano", "prompt": "x", "max_tokens": 4000}', KEY, 400, "max_tokens", "context"),
     ("/v1/completions", '{"model": "nano", "prompt": "x", "temperature": -1}', KEY, 400, "temperature", "greater"),
     ("/v1/completions", '{"model": "nano", "prompt": "x", "top_p": 0}', KEY, 400, "top_p", "greater"),
@@ -189,6 +275,27 @@ def post(base: str, path: str, content: str | bytes, key: str | None = KEY) -> h
      "messages.0.role", "'system', 'user' or 'assistant'"),
     ("/v1/chat/completions", '{"model": "nano", "messages": [{"role": "user"}]}', KEY, 400,
      "messages.0.content", "required"),
+    ("/v1/completions", '{"model": "nano", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', KEY, 400, "stop",
+     "at most 4"),
+    ("/v1/completions", '{"model": "nano", "prompt": "x", "logprobs": 6}', KEY, 400, "logprobs", "less than"),
+    ("/v1/completions", '{"model": "nano", "prompt": "x", "suffix": "end"}', KEY, 400, "suffix", "cannot honour"),
+    ("/v1/completions", '{"model": "nano", "prompt": "x", "best_of": 3}', KEY, 400, "best_of", "best_of = n"),
+    ("/v1/completions", '{"model": "nano", "prompt": "x", "presence_penalty": 2.5}', KEY, 400, "presence_penalty",
+     "less than"),
+    ("/v1/completions", '{"model": "nano", "prompt": "x", "logit_bias": {"5000": 1}}', KEY, 400, "logit_bias",
+     "token ids"),
+    ("/v1/completions", '{"model": "nano", "prompt": "x", "logit_bias": {"5": 300}}', KEY, 400, "logit_bias",
+     "[-100, 100]"),
+    ("/v1/completions", '{"model": "nano", "prompt": "x", "logit_bias": {"five": 1}}', KEY, 400,
+     "logit_bias.five.[key]", "integer"),
+    ("/v1/chat/completions", '{"model": "nano", "messages": [{"role": "user", "content": "x"}], "tools": '
+     '[{"type": "function", "function": {"name": "f"}}]}', KEY, 400, "tools", "cannot honour"),
+    ("/v1/chat/completions", '{"model": "nano", "messages": [{"role": "user", "content": "x"}], "response_format": '
+     '{"type": "json_object"}}', KEY, 400, "response_format", "cannot honour"),
+    ("/v1/chat/completions", '{"model": "nano", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}',
+     KEY, 400, "top_logprobs", "logprobs: true"),
+    ("/v1/chat/completions", '{"model": "nano", "messages": [{"role": "user", "content": "x"}], "logprobs": true, '
+     '"top_logprobs": 21}', KEY, 400, "top_logprobs", "less than"),
     ("/v1/completions", '{"model": "nano", "prompt": "x"}', None, 401, None, "API key"),
     ("/v1/completions", '{"model": "nano", "prompt": "x"}', "sk-wrong", 401, None, "API key"),
 ])
@@ -203,9 +310,37 @@ def test_bad_requests_get_openai_errors_and_server_keeps_serving(server, path, b
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2
 
 
+def test_n_samples_and_later_requests_share_the_prompt_prefix(server, client, llm):
+    """One request's n samples wait for the first to compute the shared blocks, then reuse them; a later
+    request with the same system prompt reuses them too; the outputs are those of an engine without it."""
+    base, engine = server
+    # first: an engine prepares the model again, which makes the server's engine drop its cached prefixes
+    plain = LLMEngine(llm.model, llm.tokenizer, num_blocks=256, block_size=8, prefill_chunk=32, prefix_caching=False)
+    system = "You are a terse assistant. " * 4  # 108 tokens with BOS: 13 full blocks of 8
+    before = metrics(base)
+    r = client.completions.create(model="nano", prompt=system + "Q1", max_tokens=6, temperature=0.7, seed=1, n=4)
+    after = metrics(base)
+    prompt_len = len(llm.tokenizer.encode(system + "Q1"))
+    blocks = (prompt_len - 1) // 8
+    assert after["dsv2_prefix_cache_hit_tokens_total"] - before["dsv2_prefix_cache_hit_tokens_total"] == 3 * 8 * blocks
+    for choice in r.choices:
+        params = SamplingParams(max_tokens=6, temperature=0.7, seed=1 + choice.index)
+        request = plain.make_request(system + "Q1", params)
+        plain.add_request(request)
+        while plain.has_unfinished():
+            plain.step()
+        assert choice.text == request.out.text
+    again = client.completions.create(model="nano", prompt=system + "Q2", max_tokens=6, temperature=0)
+    assert again.choices[0].text == greedy(llm, system + "Q2", 6).text
+    final = metrics(base)
+    assert final["dsv2_prefix_cache_hit_tokens_total"] - after["dsv2_prefix_cache_hit_tokens_total"] >= 8 * 12
+    assert final["dsv2_cache_blocks_used"] == 0 and final["dsv2_cache_blocks_cached"] >= blocks
+
+
 def test_health_and_metrics_need_no_key(server):
     base, _ = server
     assert httpx.get(base + "/health").json() == {"status": "ok"}
     m = metrics(base)
-    names = {"requests_running", "requests_waiting", "cache_blocks_used", "cache_blocks_total", "tokens_per_second"}
+    names = {"requests_running", "requests_waiting", "cache_blocks_used", "cache_blocks_total", "tokens_per_second",
+             "cache_blocks_cached", "prefix_cache_hit_tokens_total", "prefix_cache_queried_tokens_total"}
     assert {f"dsv2_{name}" for name in names} <= m.keys()

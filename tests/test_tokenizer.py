@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from conftest import require
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
 
@@ -169,3 +170,21 @@ def test_byte_level_fallback_is_deterministic():
     assert a.encode(text) == b.encode(text) and a.decode(a.encode(text)) == text
     with pytest.raises(TokenizerError, match="too small"):
         Tokenizer.byte_level(cfg.replace(vocab_size=100))
+
+
+@pytest.mark.parametrize("kind", ["bpe", "bytes"])
+def test_saved_folder_gives_transformers_the_same_ids(kind, tmp_path):
+    """tokenizer_config.json beside tokenizer.json: AutoTokenizer encodes as `encode` (BOS once) and its
+    apply_chat_template, from the DeepSeek-V2-Chat template saved there, gives dsv2's chat ids."""
+    transformers = require("transformers")
+    tok = chat_bpe() if kind == "bpe" else Tokenizer.byte_level(dsv2.preset("nano"))
+    tok.save(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert (theirs.bos_token_id, theirs.eos_token_id) == (tok.bos_id, tok.eos_id)
+    for text in ["héllo wörld ✓", "User: What is 12+30?\n\nAssistant: 42."]:
+        assert theirs(text)["input_ids"] == tok.encode(text)
+    for messages in [[SYSTEM, *CHAT[:1]], CHAT[:3], [SYSTEM, *CHAT]]:
+        for prompt in (True, False):
+            ids = theirs.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=True)["input_ids"]
+            assert ids == tok.apply_chat_template(messages, add_generation_prompt=prompt), (messages, prompt)
+    assert Tokenizer.from_folder(tmp_path, dsv2.preset("nano")).encode("abc") == tok.encode("abc")  # still dsv2's

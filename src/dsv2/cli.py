@@ -68,12 +68,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """A checkpoint in another weight format, written so that it loads back without quantizing again."""
-    import shutil
-
     import torch
 
     from dsv2.model import quant
-    from dsv2.tokenizer import TOKENIZER_FILE
+    from dsv2.tokenizer import TOKENIZER_FILE, Tokenizer
     from dsv2.weights import load_model, save_model
 
     src, out = Path(args.model), Path(args.out)
@@ -87,7 +85,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     else:
         quant.save_quantized(quant.quantize_model(model, args.format, args.group_size), out)
     if (src / TOKENIZER_FILE).is_file():
-        shutil.copyfile(src / TOKENIZER_FILE, out / TOKENIZER_FILE)
+        Tokenizer.from_folder(src, model.config).save(out)
 
     def size(folder: Path) -> int:
         return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
@@ -404,14 +402,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--cache-mb must be positive, got {args.cache_mb}")
     llm = LLM(args.model, dtype=args.dtype, max_batch_size=args.max_running,
               cache_bytes=None if args.cache_mb is None else int(args.cache_mb * 2**20), block_size=args.block_size,
-              kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization)
+              kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+              prefix_caching=args.prefix_caching)
     name = args.served_model_name or Path(args.model).name
     engine = llm.engine
     dtype = str(llm.model.embed.weight.dtype).removeprefix("torch.")
     print(f"dsv2 serve: {name} ({dtype}) on http://{args.host}:{args.port}/v1 - latent cache "
           f"{engine.cache.num_blocks} blocks x {engine.cache.block_size} tokens "
           f"({engine.cache.bytes_allocated() / 2**20:.0f} MiB, {args.kv_cache_dtype}: "
-          f"{engine.cache.bytes_per_token():,} bytes per token)", file=sys.stderr)
+          f"{engine.cache.bytes_per_token():,} bytes per token), prefix caching "
+          f"{'on' if args.prefix_caching else 'off'}", file=sys.stderr)
     app = create_app(engine, name, api_key=args.api_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -674,6 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-running", dest="max_running", type=int, default=32, help="sequences per batch")
     serve.add_argument("--cache-mb", dest="cache_mb", type=float, help="latent cache memory (default 1024 MiB)")
     serve.add_argument("--block-size", dest="block_size", type=int, default=16, help="tokens per cache block")
+    serve.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                       help="compute every prompt from scratch instead of sharing the cache blocks of common prefixes")
     serve.add_argument("--log-level", dest="log_level", default="info")
     serve.set_defaults(func=cmd_serve)
 

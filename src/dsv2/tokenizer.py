@@ -8,17 +8,28 @@ post-processor, so it is added exactly once whatever the file says (reference-sp
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from dsv2.atomic import atomic_path
+from dsv2.atomic import atomic_path, write_text_atomic
 from dsv2.config import ModelConfig
 
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# DeepSeek-V2-Chat's template (reference-spec §12), for transformers' apply_chat_template; `_chat` is its twin
+CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
+    "{% elif message['role'] == 'system' %}{{ message['content'] + '\n\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
 ROLES = ("system", "user", "assistant")
 
 
@@ -58,8 +69,31 @@ class Tokenizer:
         return cls(hf, config.bos_token_id, _first(config.eos_token_id))
 
     def save(self, folder: str | os.PathLike) -> None:
+        """`tokenizer.json`, and the `tokenizer_config.json` that lets transformers' AutoTokenizer load it with
+        the chat template and BOS/EOS (what lm-evaluation-harness and other clients tokenise with)."""
+        hf = self.hf
+        if hf.post_processor is None and self.bos_id is not None:  # so that `AutoTokenizer(text)` adds BOS too
+            hf = HFTokenizer.from_str(hf.to_str())
+            bos = hf.id_to_token(self.bos_id)
+            hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                              special_tokens=[(bos, self.bos_id)])
         with atomic_path(Path(folder) / TOKENIZER_FILE) as tmp:
-            self.hf.save(str(tmp))
+            hf.save(str(tmp))
+        write_text_atomic(Path(folder) / TOKENIZER_CONFIG_FILE, json.dumps(self.hf_config(), indent=1))
+
+    def hf_config(self) -> dict[str, object]:
+        """transformers' tokenizer_config.json: the generic fast tokenizer over tokenizer.json (DeepSeek's own
+        says LlamaTokenizerFast, which transformers 5 may rebuild with a SentencePiece pre-tokenizer,
+        reference-spec §12), BOS added to every encoding as dsv2's `encode` does, and the chat template."""
+        def text(token_id: int | None) -> str | None:
+            return None if token_id is None else self.hf.id_to_token(token_id)
+
+        return {
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": text(self.bos_id),
+            "eos_token": text(self.eos_id), "pad_token": text(self.eos_id), "unk_token": None,
+            "add_bos_token": self.bos_id is not None, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+            "chat_template": CHAT_TEMPLATE,
+        }
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = self.hf.encode(text, add_special_tokens=False).ids
@@ -67,6 +101,10 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's own text, special tokens spelled out (a piece of a UTF-8 character reads U+FFFD)."""
+        return self.hf.decode([token_id], skip_special_tokens=False)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """DeepSeek-V2-Chat's template: BOS, then per message a system prompt as `…\\n\\n`, `User: …\\n\\n` or

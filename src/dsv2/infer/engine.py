@@ -51,6 +51,10 @@ class RequestOutput:
     # (log-softmax of its logits, before penalties, temperature and filters), and the top-n {id: log p}
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
+    # with SamplingParams.prompt_logprobs: the same for the prompt, given the tokens before each (the first
+    # token has none: None), from the prefill's logits
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
     # with make_request(record_routing=True), once finished: [T, L, K] the experts every token fed to the model
     # (prompt and generated, T = len(prompt) + len(generated) - 1) was routed to in each of the L MoE layers
     routing: torch.Tensor | None = None
@@ -93,13 +97,15 @@ class EngineStats:
     running: int  # admitted requests, prefilling or decoding
     waiting: int  # queued requests, preempted ones included
     blocks_total: int
-    blocks_used: int
+    blocks_used: int  # held by a running request (the rest are free, or evictable prefix-cache blocks)
+    blocks_cached: int  # holding a shareable prefix (held or evictable)
     cached_tokens: int  # latent entries in the cache
     step_blocks_used: int  # blocks used and tokens cached at the end of the last step's forwards, before
     step_cached_tokens: int  # its finished requests gave their blocks back: what peaks are taken over
     cache_bytes_per_token: int
     cache_bytes_allocated: int
-    totals: dict[str, float]  # prefill_tokens, decode_tokens, prefill_s, decode_s, preemptions, steps
+    totals: dict[str, float]  # prefill_tokens, decode_tokens, prefill_s, decode_s, preemptions, steps,
+    # prefix_queried_tokens (prompt tokens of admitted requests), prefix_hit_tokens (of those, found cached)
 
 
 class ContextLengthError(SamplingError):
@@ -128,7 +134,8 @@ class LLMEngine:
     sequences can use); or give `num_blocks` directly. kv_cache_dtype: how the cache stores latents, "auto"
     (the model dtype), "fp8" or "6bit" (`infer/kv_quant.py`); the budget buys blocks at the layout's real
     bytes, so a quantized cache holds more tokens. `prefill_chunk` / `max_prefill_tokens`: see
-    `infer/scheduler.py`. The model is prepared for inference here; whoever changes its weights
+    `infer/scheduler.py`. prefix_caching: requests start from the cached blocks of a prompt prefix others
+    computed (`infer/block_pool.py`). The model is prepared for inference here; whoever changes its weights
     afterwards must call `model.prepare_for_inference()` again.
     """
 
@@ -136,6 +143,7 @@ class LLMEngine:
         self, model: Transformer, tokenizer: Tokenizer | None = None, *, max_running: int = 32,
         cache_bytes: int | None = None, num_blocks: int | None = None, block_size: int = 16,
         prefill_chunk: int = 256, max_prefill_tokens: int = 1024, kv_cache_dtype: str = "auto",
+        prefix_caching: bool = True,
     ):
         check_kv_cache_dtype(kv_cache_dtype)
         self.model = model.eval()
@@ -153,8 +161,10 @@ class LLMEngine:
                 raise ValueError(f"cache_bytes={cache_bytes} does not hold one block of {block_size} tokens")
         self.cache = PagedLatentCache(self.config, num_blocks, block_size, dtype=dtype, device=self.device,
                                       kv_cache_dtype=kv_cache_dtype)
-        self.scheduler = Scheduler(num_blocks, block_size, max_running, prefill_chunk, max_prefill_tokens)
+        self.scheduler = Scheduler(num_blocks, block_size, max_running, prefill_chunk, max_prefill_tokens,
+                                   prefix_caching=prefix_caching)
         self.requests: dict[str, Request] = {}
+        self._weights = model.inference_version  # the weights the cached prefixes were computed with
         self._ids = itertools.count()
         self._totals = {"prefill_tokens": 0, "decode_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0,
                         "preemptions": 0, "steps": 0}
@@ -182,14 +192,20 @@ class LLMEngine:
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
             raise ValueError(f"{what}: token ids must be integers in [0, {vocab})")
         self.check_context(len(ids), params.max_tokens, what)
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise SamplingError(f"sampling parameter `logit_bias`: token ids must be in [0, {vocab})")
         eos = self.config.eos_token_id
         eos_ids = set() if params.ignore_eos or eos is None else set(eos if isinstance(eos, list) else [eos])
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        seq = CacheSequence(request_id, list(ids), len(ids), params.max_tokens)
+        # a request that needs every prompt position's logits, or every token's routing, computes them all
+        seq = CacheSequence(request_id, list(ids), len(ids), params.max_tokens,
+                            reuse_prefix=params.prompt_logprobs is None and not record_routing)
         self.scheduler.check_fits(seq, what)
         out = RequestOutput(index, ids, text="" if self.tokenizer else None, request_id=request_id)
         if params.logprobs is not None:
             out.logprobs, out.top_logprobs = [], []
+        if params.prompt_logprobs is not None:
+            out.prompt_logprobs, out.prompt_top_logprobs = [None], [None]
         return Request(seq, out, params, params.generator(self.device), set(params.stop_token_ids) | eos_ids,
                        routing={} if record_routing else None)
 
@@ -239,6 +255,9 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[StreamEvent]:
         """Run one scheduler plan; the events of the tokens it produced (finished requests have left)."""
+        if self.model.inference_version != self._weights:  # prepared again on new weights
+            self.scheduler.forget_prefixes()
+            self._weights = self.model.inference_version
         plan = self.scheduler.schedule()
         self._totals["preemptions"] += len(plan.preempted)
         sampled: list[tuple[str, list[Request], torch.Tensor, float]] = []  # (counter, requests, logits, seconds)
@@ -261,8 +280,16 @@ class LLMEngine:
             tokens = torch.tensor([[tok for seq, start, n in zip(seqs, starts, counts, strict=True)
                                     for tok in seq.tokens[start : start + n]]], device=self.device)
             requests = [self.requests[seq.request_id] for seq in seqs]
-            last = torch.tensor(list(itertools.accumulate(counts)), device=self.device) - 1
-            logits = self._forward(requests, tokens, view, starts, last, counts)
+            ends = list(itertools.accumulate(counts))
+            last = torch.tensor(ends, device=self.device) - 1
+            if any(self._wants_prompt_logprobs(r) for r in requests):  # every position's logits, not just the last
+                every = self._forward(requests, tokens, view, starts, segments=counts)[0]  # [N,vocab]
+                for r, start, n, end in zip(requests, starts, counts, ends, strict=True):
+                    if self._wants_prompt_logprobs(r):
+                        self._record_prompt_logprobs(r, start, every[end - n : end])
+                logits = every[last]
+            else:
+                logits = self._forward(requests, tokens, view, starts, last, counts)
             done = []  # rows whose prompt is now all cached: their last token's logits give the next token
             for row, (seq, n) in enumerate(plan.prefill):
                 self.scheduler.computed(seq, n)
@@ -299,22 +326,40 @@ class LLMEngine:
                 r.routing.update({start + i: experts for i, experts in enumerate(row)})
         return logits
 
+    @staticmethod
+    def _wants_prompt_logprobs(request: Request) -> bool:
+        """Whether the prompt has positions whose logprobs are not recorded yet
+        (a sequence recomputed after preemption has them already)."""
+        out = request.out
+        return out.prompt_logprobs is not None and len(out.prompt_logprobs) < len(out.prompt_token_ids)
+
+    @staticmethod
+    def _record_prompt_logprobs(request: Request, start: int, logits: torch.Tensor) -> None:
+        """logits [n, vocab] of positions start..start+n-1: row j predicts token start+j+1."""
+        out, n_top = request.out, request.params.prompt_logprobs
+        prompt = out.prompt_token_ids
+        end = min(start + len(logits), len(prompt) - 1)  # the last prompt position predicts a generated token
+        if len(out.prompt_logprobs) != start + 1 or end <= start:
+            return
+        targets = torch.tensor(prompt[start + 1 : end + 1], device=logits.device)
+        chosen, top = _logprobs(logits[: end - start], targets, n_top)
+        out.prompt_logprobs += chosen
+        out.prompt_top_logprobs += top
+
     def _emit(self, requests: list[Request], logits: torch.Tensor) -> list[StreamEvent]:
         """Sample one token per request, update its output, retire finished ones, return the events."""
-        plain_greedy = [r.params.greedy and r.params.repetition_penalty == 1.0 for r in requests]
+        plain_greedy = [r.params.plain_greedy for r in requests]
         argmax = logits.argmax(dim=-1).tolist() if any(plain_greedy) else None  # one op for the batch
         events = []
         for i, (r, row) in enumerate(zip(requests, logits, strict=True)):
             seq, out = r.seq, r.out
-            token = argmax[i] if plain_greedy[i] else sample(row, r.params, seq.tokens, r.generator)
+            token = argmax[i] if plain_greedy[i] else sample(row, r.params, seq.tokens, seq.prompt_len, r.generator)
             seq.tokens.append(token)
             out.token_ids.append(token)
             if r.params.logprobs is not None:
-                logprobs = row.float().log_softmax(-1)
-                out.logprobs.append(float(logprobs[token]))
-                top = logprobs.topk(r.params.logprobs) if r.params.logprobs else None
-                out.top_logprobs.append({} if top is None else dict(zip(top.indices.tolist(), top.values.tolist(),
-                                                                        strict=True)))
+                chosen, top = _logprobs(row[None], torch.tensor([token], device=row.device), r.params.logprobs)
+                out.logprobs += chosen
+                out.top_logprobs += top
             if token in r.stop_ids:
                 out.finish_reason = "stop"
             elif seq.num_generated >= seq.max_tokens:
@@ -344,13 +389,28 @@ class LLMEngine:
         return EngineStats(
             running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
             blocks_total=self.cache.num_blocks, blocks_used=self.cache.num_blocks - self.scheduler.allocator.num_free,
+            blocks_cached=self.scheduler.allocator.num_cached,
             cached_tokens=self._cached_tokens(), step_blocks_used=step_blocks, step_cached_tokens=step_tokens,
             cache_bytes_per_token=self.cache.bytes_per_token(), cache_bytes_allocated=self.cache.bytes_allocated(),
-            totals=dict(self._totals),
+            totals={**self._totals, "prefix_queried_tokens": self.scheduler.allocator.queried_tokens,
+                    "prefix_hit_tokens": self.scheduler.allocator.hit_tokens},
         )
 
     def _cached_tokens(self) -> int:
         return sum(s.num_computed for s in list(self.scheduler.running))  # waiting sequences have none cached
+
+
+def _logprobs(logits: torch.Tensor, targets: torch.Tensor, n_top: int) -> tuple[list[float], list[dict[int, float]]]:
+    """Rows of raw logits [n, vocab] and the token each was followed by [n] -> log p of those tokens under
+    the model's own distribution (log-softmax, before any penalty or filter) and each row's top-`n_top`
+    {id: log p} (empty for 0)."""
+    logprobs = logits.float().log_softmax(-1)
+    chosen = logprobs.gather(-1, targets[:, None])[:, 0].tolist()
+    if not n_top:
+        return chosen, [{} for _ in chosen]
+    top = logprobs.topk(n_top, dim=-1)
+    return chosen, [dict(zip(i, v, strict=True)) for i, v in zip(top.indices.tolist(), top.values.tolist(),
+                                                                  strict=True)]
 
 
 class LLM:
@@ -360,13 +420,13 @@ class LLM:
     is stored so) or "fp8" (a block-FP8 checkpoint kept in FP8); None: `dtype` as loaded. dtype: "auto" (bf16
     on a GPU or a CPU with native bf16, else fp32: `dsv2.hardware`), "bfloat16", "float32" or a torch.dtype;
     a model passed as a module keeps its own. kv_cache_dtype: how the latent cache stores tokens ("auto",
-    "fp8", "6bit")."""
+    "fp8", "6bit"). prefix_caching: share the cache blocks of common prompt prefixes (`LLMEngine`)."""
 
     def __init__(
         self, model: str | Path | Transformer, dtype: str | torch.dtype = "auto", device: str = "cpu",
         max_batch_size: int = 32, tokenizer: Tokenizer | None = None, skip_tokenizer_init: bool = False,
         cache_bytes: int | None = None, block_size: int = 16, kv_cache_dtype: str = "auto",
-        quantization: str | None = None,
+        quantization: str | None = None, prefix_caching: bool = True,
     ):
         check_kv_cache_dtype(kv_cache_dtype)  # both before a checkpoint loads
         quant.check_quantization(quantization)
@@ -380,7 +440,7 @@ class LLM:
             elif str(model) in PRESETS:
                 tokenizer = Tokenizer.byte_level(net.config)  # random weights: any byte tokenizer will do
         self.engine = LLMEngine(net, tokenizer, max_running=max_batch_size, cache_bytes=cache_bytes,
-                                block_size=block_size, kv_cache_dtype=kv_cache_dtype)
+                                block_size=block_size, kv_cache_dtype=kv_cache_dtype, prefix_caching=prefix_caching)
         self.model, self.config, self.tokenizer = net, net.config, tokenizer
         self._stats: dict[str, float | str] = {}
 

@@ -24,7 +24,7 @@ def generate(
     out: list[int] = []
     while len(out) < params.max_tokens and len(ids) < model.config.max_position_embeddings:
         logits = model(torch.tensor([ids], device=device))[0, -1]
-        token = sample(logits, params, ids, generator)
+        token = sample(logits, params, ids, len(prompt_ids), generator)
         out.append(token)
         ids.append(token)
         if token in stop_ids:

@@ -1,7 +1,9 @@
-"""Logits -> next token: repetition penalty, temperature, top-k, top-p, min-p, seeded sampling.
+"""Logits -> next token: penalties, logit bias, temperature, top-k, top-p, min-p, seeded sampling.
 
-The order follows transformers and vLLM: penalise repeats, divide by the temperature, then restrict
-the candidate set (top-k, then top-p, then min-p) and draw. Temperature 0 means greedy.
+The order follows vLLM: penalise repeats (repetition penalty over prompt and output; OpenAI's presence and
+frequency penalties over the output), add the logit bias, divide by the temperature, then restrict the
+candidate set (top-k, then top-p, then min-p) and draw. Temperature 0 means greedy (of the penalised,
+biased logits). Log-probabilities (`logprobs`, `prompt_logprobs`) are always those of the raw logits.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
     logprobs: int | None = None  # record each sampled token's log-probability, and the top n others' (0: none)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (given those before it)
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted from a token's logit once per time it was generated
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
 
     def __post_init__(self) -> None:
         def fail(name: str, msg: str) -> None:
@@ -51,15 +57,33 @@ class SamplingParams:
             fail("stop", f"must be a non-empty string or a list of them, got {self.stop!r}")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             fail("stop_token_ids", f"must be non-negative token ids, got {self.stop_token_ids!r}")
-        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
-                                          or self.logprobs < 0):
-            fail("logprobs", f"must be an integer >= 0 or None, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                fail(name, f"must be an integer >= 0 or None, got {value!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
+                fail(name, f"must be in [-2, 2], got {value!r}")
+        if self.logit_bias is not None:
+            bias = self.logit_bias
+            if not isinstance(bias, dict) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 and isinstance(b, (int, float))
+                and not isinstance(b, bool) and -100 <= b <= 100 for t, b in bias.items()
+            ):
+                fail("logit_bias", f"must map token ids to biases in [-100, 100], got {bias!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             fail("seed", f"must be an integer, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy on the raw logits: nothing changes them before the argmax."""
+        return (self.greedy and self.repetition_penalty == 1.0 and self.presence_penalty == 0
+                and self.frequency_penalty == 0 and not self.logit_bias)
 
     def generator(self, device: str | torch.device = "cpu") -> torch.Generator:
         g = torch.Generator(device)
@@ -74,6 +98,20 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: flo
     seen = torch.tensor(seen, device=logits.device)
     picked = logits.gather(-1, seen)
     return logits.scatter(-1, seen, torch.where(picked > 0, picked / penalty, picked * penalty))
+
+
+def apply_openai_penalties(logits: torch.Tensor, generated: list[int], presence: float, frequency: float,
+                           bias: dict[int, float] | None) -> torch.Tensor:
+    """OpenAI's definition: logit[j] -= c[j] · frequency + (c[j] > 0) · presence, c[j] = times token j was
+    generated so far; then logit[j] += bias[j]."""
+    if generated and (presence or frequency):
+        counts = torch.bincount(torch.tensor(generated, device=logits.device), minlength=logits.shape[-1])
+        counts = counts[: logits.shape[-1]].to(logits.dtype)
+        logits = logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
+    if bias:
+        ids = torch.tensor(list(bias), device=logits.device)
+        logits = logits.index_add(-1, ids, torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device))
+    return logits
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
@@ -93,9 +131,13 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, seen: list[int], generator: torch.Generator) -> int:
-    """One row: logits [vocab] (any float dtype), the ids seen so far, the row's generator -> token id."""
+def sample(logits: torch.Tensor, params: SamplingParams, seen: list[int], prompt_len: int,
+           generator: torch.Generator) -> int:
+    """One row: logits [vocab] (any float dtype), the ids seen so far (the first `prompt_len` the prompt's),
+    the row's generator -> token id."""
     logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    logits = apply_openai_penalties(logits, seen[prompt_len:], params.presence_penalty, params.frequency_penalty,
+                                    params.logit_bias)
     if params.greedy:
         return int(logits.argmax())
     logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)

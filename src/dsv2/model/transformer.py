@@ -59,6 +59,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope = RotaryEmbedding(config)
+        self.inference_version = 0  # counts `prepare_for_inference` calls: cached latents older than it are stale
 
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: Cache | None = None,
@@ -144,8 +145,10 @@ class Transformer(nn.Module):
         They are plain attributes made from the weights as they are now: not parameters or buffers, never
         in the state dict or a checkpoint, and not kept in step with the weights. Whatever changes the
         weights afterwards (an optimizer step, `load_state_dict`, in-place edits, `.to()`) invalidates
-        them: prepare again. Preparing again is always safe; it replaces them.
+        them: prepare again. Preparing again is always safe; it replaces them, and tells an engine caching
+        prompt prefixes (`inference_version`) that latents computed before are stale.
         """
+        self.inference_version += 1
         self.rope.prepare_for_inference(self.embed.weight.device)
         for block in self.layers:
             block.attn.prepare_for_inference()
