@@ -196,7 +196,9 @@ def test_same_bytes_buy_more_blocks_and_hold_more_tokens():
     per_entry = {"auto": 160, "fp8": 32 + 4 + 8 * 2, "6bit": 24 + 1 + 5 + 1}
     running = {}
     for kv, entry in per_entry.items():
-        engine = LLMEngine(model, max_running=4, cache_bytes=budget, block_size=4, kv_cache_dtype=kv)
+        # four copies of one prompt: without prefix caching each holds its own blocks, which is what is counted
+        engine = LLMEngine(model, max_running=4, cache_bytes=budget, block_size=4, kv_cache_dtype=kv,
+                           prefix_caching=False)
         assert engine.cache.num_blocks == budget // (3 * entry * 4)  # 12, 36, 61
         assert engine.cache.bytes_per_token() == 3 * entry
         assert engine.cache.bytes_allocated() <= budget
