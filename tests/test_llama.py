@@ -60,7 +60,8 @@ def hf_llama(path):
 def test_dsv2_saved_llama_loads_in_transformers_with_equal_logits(tmp_path, kv_heads, rope_scaling):
     """llm-nano (4 heads) as GQA, MHA and MQA, with plain RoPE and with V2's YaRN settings past the original
     length (transformers' Llama: YaRN's factor on cos/sin, none on the softmax scale)."""
-    config = preset("llm-nano").replace(num_key_value_heads=kv_heads, rope_scaling=rope_scaling)
+    config = preset("llm-nano").replace(num_key_value_heads=kv_heads, rope_scaling=rope_scaling,
+                                        max_position_embeddings=512 if rope_scaling else 2048)  # = factor x original
     model = dsv2.random_model(config)
     randomize_(model)
     dsv2.save_model(model, tmp_path, progress=False)
