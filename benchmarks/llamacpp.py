@@ -14,9 +14,10 @@ and Q4_0 from it. Then, with the same thread count everywhere, on a prompt of P 
   each in its own process, timed by decode.py's `measure` (a warm-up run, then the median of R runs) at
   (1, P, N) and (B, P, N): prefill tok/s = B·P / seconds to the first token; decode tok/s = B / step time.
 
-The pairs are dsv2 bf16 / llama.cpp BF16, dsv2 int8 / Q8_0, dsv2 int4 / Q4_0. They are not the same formats:
-dsv2's int8 has one scale per output channel and its int4 one per group of 128, both weight-only; Q8_0 and
-Q4_0 have one fp16 scale per block of 32 and quantize the activations to 8 bits for their dot products.
+The pairs are dsv2 bf16 / llama.cpp BF16, dsv2 int8 and w8a8 / Q8_0, dsv2 int4 / Q4_0. They are not the same
+formats: dsv2's int8 has one scale per output channel and its int4 one per group of 128, both weight-only; Q8_0
+and Q4_0 have one fp16 scale per block of 32 and quantize the activations to 8 bits for their dot products, as
+dsv2's w8a8 does per row (the same int8 weights as int8; model/quant.py).
 
 The converter identifies a tokenizer's pre-tokenizer by hashing the ids a known model's tokenizer gives for a
 test string, so a tokenizer trained here is never in its table; this script names it "gpt-2", which is what
@@ -57,7 +58,7 @@ from dsv2.tokenizer import Tokenizer, train_bpe
 SOURCE_ENV, BIN_ENV = "DSV2_LLAMA_CPP", "DSV2_LLAMA_CPP_BIN"
 TOOLS = ("llama-bench", "llama-batched-bench", "llama-quantize")
 # dsv2 weight format -> the llama.cpp type it is compared with
-PAIRS = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
+PAIRS = {"bf16": "BF16", "int8": "Q8_0", "w8a8": "Q8_0", "int4": "Q4_0"}
 TOKENIZER_DOCUMENTS = 100  # stdlib files the benchmark tokenizer learns its merges from
 
 # Runs llama.cpp's converter with the pre-tokenizer named (see the module docstring); argv: the llama.cpp

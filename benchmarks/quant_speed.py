@@ -1,4 +1,4 @@
-"""Decode speed of the weight formats (fp32, bf16, int8, int4) and of the latent-cache formats (auto, fp8,
+"""Decode speed of the weight formats (fp32, bf16, int8, w8a8, int4) and of the latent-cache formats (auto, fp8,
 6bit), dsv2's engine, random weights built in memory, greedy, EOS ignored, all in one process and one run.
 
 - weights: decode tok/s at batch 1 and 8 (prompt 128, 32 new tokens), and the ratio to bf16;
@@ -42,10 +42,9 @@ def main() -> None:
     for name in args.models:
         config = MODELS[name]()
         results = {}
-        for fmt in ("fp32", "bf16", "int8", "int4"):
-            model = quant.quantize_model(dsv2.weights.random_model(config, dtype=torch.bfloat16, seed=0), fmt, 128) \
-                if fmt in ("int8", "int4") else dsv2.weights.random_model(
-                    config, dtype=torch.float32 if fmt == "fp32" else torch.bfloat16, seed=0)
+        for fmt in ("fp32", "bf16", "int8", "w8a8", "int4"):
+            model = dsv2.weights.random_model(config, dtype=torch.float32 if fmt == "fp32" else torch.bfloat16, seed=0)
+            model = quant.for_inference(model, None if fmt in ("fp32", "bf16") else fmt)
             llm = LLM(model, skip_tokenizer_init=True, max_batch_size=8)
             results[fmt] = [decode_tok_s(llm, b, 128, args.new_tokens, config.vocab_size) for b in (1, 8)]
             del llm, model

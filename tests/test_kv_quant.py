@@ -90,6 +90,19 @@ def round_trip(latents: torch.Tensor, kv_cache_dtype: str, width: int) -> tuple[
     return *latents.split([512, 64], -1), *layout.decode(stored).split([512, 64], -1)
 
 
+def test_fp8_decodes_every_e4m3_code_as_torch_converts_it():
+    """The bit-moving decode (kv_quant.Fp8Groups) against torch's own e4m3 -> fp32, on all 254 finite codes
+    (subnormals and -0 included) at a scale of 1 and of 2^-7, through a layout's decode."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]  # 0x7F, 0xFF: e4m3fn's NaNs, which encode never writes
+    layout = cache_layout("fp8", dims(254, 2))
+    for scale in (1.0, 2.0**-7):
+        stored = torch.cat([codes, torch.tensor([scale] * 2).view(torch.uint8), torch.zeros(4, dtype=torch.uint8)])
+        decoded = layout.decode(stored[None])[0, :254]
+        expected = codes.view(torch.float8_e4m3fn).float() * scale
+        assert torch.equal(decoded, expected) and torch.equal(decoded.signbit(), expected.signbit())
+
+
 def test_fp8_round_trip_error(latents):
     c, k, c_back, k_back = round_trip(latents, "fp8", 656)
     # e4m3 keeps 3 mantissa bits: half an ulp is 2^-4 of the value, or 2^-10 of the scale below e4m3's normals
@@ -113,8 +126,8 @@ def test_round_trip_odd_dims_zeros_and_dtype(kv_cache_dtype):
     x = torch.randn(4, 7, 112)
     x[0] = 0.0  # an all-zero entry: every group's amax is 0
     back = layout.decode(layout.encode(x))
-    assert back.dtype == torch.bfloat16 and back.shape == x.shape
-    assert torch.equal(back[0], x[0].bfloat16())
+    assert back.dtype == torch.float32 and back.shape == x.shape  # quantized layouts decode to fp32
+    assert torch.equal(back[0], x[0])
     assert rel_rms(back[1:], x[1:]) <= 0.06
 
 

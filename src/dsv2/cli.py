@@ -423,7 +423,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     llm = LLM(args.model, dtype=args.dtype, max_batch_size=args.max_running,
               cache_bytes=None if args.cache_mb is None else int(args.cache_mb * 2**20), block_size=args.block_size,
               kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
-              prefix_caching=args.prefix_caching)
+              prefix_caching=args.prefix_caching, prefill_chunk=args.prefill_chunk,
+              max_prefill_tokens=args.max_prefill_tokens)
     name = args.served_model_name or Path(args.model).name
     engine = llm.engine
     dtype = str(llm.model.embed.weight.dtype).removeprefix("torch.")
@@ -698,6 +699,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--block-size", dest="block_size", type=int, default=16, help="tokens per cache block")
     serve.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                        help="compute every prompt from scratch instead of sharing the cache blocks of common prefixes")
+    serve.add_argument("--prefill-chunk", dest="prefill_chunk", type=int, default=256,
+                       help="prompt tokens a step may prefill while others decode (the tail of inter-token latency)")
+    serve.add_argument("--max-prefill-tokens", dest="max_prefill_tokens", type=int, default=1024,
+                       help="prompt tokens a step may prefill while nobody decodes")
     serve.add_argument("--log-level", dest="log_level", default="info")
     serve.set_defaults(func=cmd_serve)
 

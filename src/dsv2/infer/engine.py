@@ -420,13 +420,15 @@ class LLM:
     is stored so) or "fp8" (a block-FP8 checkpoint kept in FP8); None: `dtype` as loaded. dtype: "auto" (bf16
     on a GPU or a CPU with native bf16, else fp32: `dsv2.hardware`), "bfloat16", "float32" or a torch.dtype;
     a model passed as a module keeps its own. kv_cache_dtype: how the latent cache stores tokens ("auto",
-    "fp8", "6bit"). prefix_caching: share the cache blocks of common prompt prefixes (`LLMEngine`)."""
+    "fp8", "6bit"). prefix_caching: share the cache blocks of common prompt prefixes; prefill_chunk /
+    max_prefill_tokens: the prefill a step may do while others decode / while nobody does (`LLMEngine`)."""
 
     def __init__(
         self, model: str | Path | Transformer, dtype: str | torch.dtype = "auto", device: str = "cpu",
         max_batch_size: int = 32, tokenizer: Tokenizer | None = None, skip_tokenizer_init: bool = False,
         cache_bytes: int | None = None, block_size: int = 16, kv_cache_dtype: str = "auto",
-        quantization: str | None = None, prefix_caching: bool = True,
+        quantization: str | None = None, prefix_caching: bool = True, prefill_chunk: int = 256,
+        max_prefill_tokens: int = 1024,
     ):
         check_kv_cache_dtype(kv_cache_dtype)  # both before a checkpoint loads
         quant.check_quantization(quantization)
@@ -440,7 +442,8 @@ class LLM:
             elif str(model) in PRESETS:
                 tokenizer = Tokenizer.byte_level(net.config)  # random weights: any byte tokenizer will do
         self.engine = LLMEngine(net, tokenizer, max_running=max_batch_size, cache_bytes=cache_bytes,
-                                block_size=block_size, kv_cache_dtype=kv_cache_dtype, prefix_caching=prefix_caching)
+                                block_size=block_size, kv_cache_dtype=kv_cache_dtype, prefix_caching=prefix_caching,
+                                prefill_chunk=prefill_chunk, max_prefill_tokens=max_prefill_tokens)
         self.model, self.config, self.tokenizer = net, net.config, tokenizer
         self._stats: dict[str, float | str] = {}
 

@@ -125,7 +125,8 @@ class MLA(nn.Module):
             mask = torch.ones(S, T, dtype=torch.bool, device=q_nope.device).tril(T - S).expand(B, S, T)
         if absorbed:
             return self.absorbed(q_nope, q_pe, history, mask)
-        c_kv, k_pe = history.split([self.kv_rank, self.rope_dim], dim=-1)
+        # a quantized cache reads back in fp32 (infer/kv_quant.py); decompressing runs in the weights' dtype
+        c_kv, k_pe = history.to(q_nope.dtype).split([self.kv_rank, self.rope_dim], dim=-1)
         return self.naive(q_nope, q_pe, c_kv, k_pe, mask)
 
     def naive(
@@ -192,11 +193,14 @@ class MLA(nn.Module):
         dtype = q_nope.dtype
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope.to(w_uk.dtype), w_uk)
         q = torch.cat([q_latent, q_pe], dim=-1).flatten(1, 2)  # [B,S·H,d_c + d_h^R]
-        if history.device.type == "cpu" and history.dtype != torch.float32:
+        if history.device.type == "cpu":
             # On CPUs without native bf16 (AVX2) half-precision GEMMs that reduce over the T cached tokens
             # are very slow (torch 2.13: 132 ms for 16 heads x 8K tokens in bf16 against 5 ms in fp32,
-            # upcast included), so attend in fp32: one upcast of the latents read, and more accurate too.
+            # upcast included), so attend in fp32: one upcast of the latents read (none for a quantized
+            # cache, which decodes to fp32), and more accurate too.
             q, history = q.float(), history.float()
+        else:
+            history = history.to(q.dtype)
         scores = torch.matmul(q, history.transpose(1, 2)) * self.softmax_scale  # [B,S·H,T]
         if mask is not None:  # broadcast over the heads, never copied per head
             scores = scores.view(B, S, H, -1).masked_fill(~mask.unsqueeze(2), float("-inf")).flatten(1, 2)
