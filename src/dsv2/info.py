@@ -1,4 +1,5 @@
-"""Model facts from the config alone: parameter counts (total and active per token) and KV-cache size.
+"""Model facts from the config alone: parameter counts (total and active per token), KV-cache size and
+training FLOPs per token.
 
 Counted on a model built on the meta device, so the full DeepSeek-V2 shape costs no memory or time.
 "Active" follows the paper (§1 of paper-facts): everything a token touches, excluding the input
@@ -73,3 +74,15 @@ def summarize(config: ModelConfig, kv_cache_dtype: str = "auto") -> dict[str, An
         "reference_kv_cache_bytes_per_token": config.num_attention_heads
         * (config.qk_head_dim + config.v_head_dim) * layers * BF16_BYTES,
     }
+
+
+def train_flops_per_token(config: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token (forward + backward) at a context of `seq_len`, by PaLM's convention (its
+    Appendix B): 6·N for the N matmul parameters a token activates (the active parameters less the norms'
+    elementwise scales; the embedding is a lookup), plus 6·l·n_h·(d_qk + d_v)·S for the attention scores and
+    the weighted values over the full window of S keys. Mixture-of-experts models pay only for their K routed
+    experts, which is where DeepSeek-V2's lower cost per token against a dense model comes from (paper §3.2.3)."""
+    s = summarize(config)
+    matmul = s["active_params"] - s["params_by_part"].get("norms", 0)
+    attention = config.num_hidden_layers * config.num_attention_heads * (config.qk_head_dim + config.v_head_dim)
+    return 6 * matmul + 6 * attention * seq_len
