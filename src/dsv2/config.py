@@ -26,6 +26,21 @@ TOPK_METHODS = ("greedy", "group_limited_greedy")
 TOPK_METHOD_ALIASES = {"gready": "greedy"}
 SCORING_FUNCS = ("softmax",)
 ROPE_SCALING_TYPES = ("yarn",)
+# "mla": Multi-head Latent Attention (model/mla.py); the others are the baselines it is compared with
+# (model/attention_variants.py): n_kv = num_key_value_heads key/value heads shared by groups of query heads
+ATTENTIONS = ("mla", "mha", "gqa", "mqa")
+# The keys of a LlamaForCausalLM config.json (DeepSeek LLM's layout) that ModelConfig models: a "llama" config
+# writes only these (plus the file's unknown keys), none of the MLA or MoE fields
+LLAMA_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "rope_scaling",
+    "original_max_position_embeddings", "hidden_act", "rms_norm_eps", "initializer_range", "attention_bias",
+    "attention_dropout", "tie_word_embeddings", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id",
+    "pretraining_tp", "model_type", "architectures", "torch_dtype", "transformers_version", "quantization_config",
+})
+# fields only the attention variants read: an MLA config never writes them while they hold their defaults,
+# so DeepSeek's config.json round trip stays exact
+VARIANT_FIELDS = ("attention", "head_dim")
 
 
 class ConfigError(ValueError):
@@ -40,7 +55,11 @@ class ModelConfig:
     intermediate_size: int = 11008  # inner width of the dense SwiGLU MLP (first_k_dense_replace layers)
     num_hidden_layers: int = 30
     num_attention_heads: int = 32
-    num_key_value_heads: int | None = 32  # unused by MLA; kept for file fidelity
+    num_key_value_heads: int | None = 32  # unused by MLA (kept for file fidelity); n_kv of the variants
+    # which attention every layer has (ATTENTIONS). "mha" and "mqa" fix num_key_value_heads (to
+    # num_attention_heads, to 1); a "llama" config's is read off num_key_value_heads
+    attention: str = "mla"
+    head_dim: int | None = None  # d_h of the variants (HF Llama's name); None: hidden_size // num_attention_heads
     # mla (paper §2.1): latent ranks and per-head dims
     q_lora_rank: int | None = 1536  # d'_c; None = plain q_proj (V2-Lite)
     kv_lora_rank: int = 512  # d_c: the only per-head-independent thing the KV cache holds
@@ -102,6 +121,14 @@ class ModelConfig:
             v = getattr(self, name)
             if isinstance(v, int) and not isinstance(v, bool):
                 object.__setattr__(self, name, float(v))
+        if self.model_type == "llama" and self.attention == "mla":
+            # a LlamaForCausalLM file names no attention: its key/value heads say which variant it is
+            heads, kv = self.num_attention_heads, self.num_key_value_heads
+            object.__setattr__(self, "attention", "mha" if kv in (None, heads) else "mqa" if kv == 1 else "gqa")
+        if self.attention == "mha":
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        elif self.attention == "mqa":
+            object.__setattr__(self, "num_key_value_heads", 1)
         self.validate()
 
     # ----------------------------------------------------------------------------- derived sizes
@@ -110,9 +137,28 @@ class ModelConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
+    def attention_head_dim(self) -> int:
+        """d_h of the attention variants: `head_dim`, or hidden_size // num_attention_heads as in HF Llama."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Channels RoPE rotates per head: MLA's decoupled d_h^R, a variant's whole head."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.attention_head_dim
+
+    @property
+    def kv_cache_parts(self) -> tuple[int, int]:
+        """The two parts of a token's cache entry per layer (Table 1): MLA's c_KV and shared k^R; a variant's
+        n_kv keys and n_kv values."""
+        if self.attention == "mla":
+            return self.kv_lora_rank, self.qk_rope_head_dim
+        kv = self.num_key_value_heads * self.attention_head_dim
+        return kv, kv
+
+    @property
     def kv_cache_dim(self) -> int:
-        """Elements per token per layer in the latent cache: c_KV plus the shared RoPE key (Table 1)."""
-        return self.kv_lora_rank + self.qk_rope_head_dim
+        """Elements per token per layer in the KV cache: c_KV plus the shared RoPE key (MLA), 2·n_kv·d_h (variants)."""
+        return sum(self.kv_cache_parts)
 
     @property
     def routing_method(self) -> str:
@@ -129,10 +175,11 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """1/sqrt(d_h + d_h^R) (Eq. 18), times YaRN's mscale² when YaRN is on (reference-spec §6)."""
-        scale = self.qk_head_dim**-0.5
+        """1/sqrt(d_h + d_h^R) (Eq. 18; a variant's 1/sqrt(d_h)), times YaRN's mscale² when YaRN is on
+        (reference-spec §6). Not for a "llama" config: transformers' Llama puts YaRN's factor on cos/sin only."""
+        scale = (self.qk_head_dim if self.attention == "mla" else self.attention_head_dim) ** -0.5
         rs = self.rope_scaling
-        if rs is not None and rs.get("mscale_all_dim"):
+        if rs is not None and rs.get("mscale_all_dim") and self.model_type != "llama":
             m = yarn_mscale(float(rs["factor"]), float(rs["mscale_all_dim"]))
             scale *= m * m
         return scale
@@ -169,8 +216,34 @@ class ModelConfig:
             fail("attention_bias", "biased attention projections are not supported (DeepSeek-V2 has none)")
         if self.tie_word_embeddings:
             fail("tie_word_embeddings", "tied embeddings are not supported (DeepSeek-V2 unties them)")
+        self._validate_attention(fail)
         self._validate_moe(fail)
         self._validate_rope_scaling(fail)
+
+    def _validate_attention(self, fail) -> None:
+        if self.attention not in ATTENTIONS:
+            fail("attention", f"unknown value {self.attention!r}; supported: {', '.join(ATTENTIONS)}")
+        if self.model_type == "llama":
+            if self.n_routed_experts is not None:
+                fail("n_routed_experts", "a \"llama\" (LlamaForCausalLM) model is dense: must be null")
+            if self.extra.get("mlp_bias"):
+                fail("mlp_bias", "biased MLP projections are not supported")
+        if self.attention == "mla":
+            return
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool)
+                                          or self.head_dim <= 0):
+            fail("head_dim", f"must be null or a positive integer, got {self.head_dim!r}")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            fail("head_dim", f"null means hidden_size // num_attention_heads, but hidden_size={self.hidden_size} "
+                 f"is not divisible by num_attention_heads={self.num_attention_heads}")
+        if self.attention_head_dim % 2:
+            fail("head_dim", f"must be even (RoPE rotates pairs), got {self.attention_head_dim}")
+        kv = self.num_key_value_heads
+        if not isinstance(kv, int) or isinstance(kv, bool) or kv <= 0:
+            fail("num_key_value_heads", f"must be a positive integer for attention {self.attention!r}, got {kv!r}")
+        if self.num_attention_heads % kv:
+            fail("num_key_value_heads", f"num_attention_heads={self.num_attention_heads} is not divisible by {kv} "
+                 f"key/value heads")
 
     def _validate_moe(self, fail) -> None:
         if self.n_routed_experts is None:
@@ -254,6 +327,10 @@ class ModelConfig:
             v = getattr(self, f.name)
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             if f.name in self.absent_keys and v == default:
+                continue
+            if self.attention == "mla" and f.name in VARIANT_FIELDS and v == default:
+                continue
+            if self.model_type == "llama" and f.name not in LLAMA_FIELDS:
                 continue
             out[f.name] = v
         if "rope_parameters" in self.extra and {"rope_theta", "rope_scaling"} <= self.absent_keys:

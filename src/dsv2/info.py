@@ -20,13 +20,13 @@ from dsv2.model import Transformer
 BF16_BYTES = 2
 
 
-def _part(name: str) -> str:
+def _part(name: str, config: ModelConfig) -> str:
     if name.startswith("embed."):
         return "embedding"
     if name.startswith("head."):
         return "lm_head"
     if ".attn." in name:
-        return "attention (MLA)"
+        return f"attention ({config.attention.upper()})"
     if ".ffn.experts." in name:
         return "routed experts"
     if ".ffn.shared_experts." in name:
@@ -45,7 +45,7 @@ def summarize(config: ModelConfig, kv_cache_dtype: str = "auto") -> dict[str, An
         model = Transformer(config)
     parts: dict[str, int] = defaultdict(int)
     for name, p in model.named_parameters():
-        parts[_part(name)] += p.numel()
+        parts[_part(name, config)] += p.numel()
     total = sum(parts.values())
     routed_active = 0
     if parts["routed experts"]:

@@ -51,7 +51,8 @@ INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 REOPEN_BYTES = 128 * 1024**2
 
-# HF module name -> ours (DeepSeek-V3 inference naming), applied per dotted segment.
+# HF module name -> ours (DeepSeek-V3 inference naming), applied per dotted segment. The same map serves
+# DeepSeek-V2's layout and Llama's (DeepSeek LLM: k_proj / v_proj of the attention variants, dense MLPs).
 HF_TO_DSV2 = {
     "embed_tokens": "embed",
     "lm_head": "head",
@@ -59,6 +60,8 @@ HF_TO_DSV2 = {
     "post_attention_layernorm": "ffn_norm",
     "self_attn": "attn",
     "q_proj": "wq",
+    "k_proj": "wk",
+    "v_proj": "wv",
     "q_a_proj": "wq_a",
     "q_a_layernorm": "q_norm",
     "q_b_proj": "wq_b",

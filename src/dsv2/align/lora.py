@@ -9,7 +9,8 @@ so the adapted model starts exactly equal to the base one, and only r·(in + out
 The stacked routed experts get one pair of factors per expert e (A [E, r, in], B [E, out, r]).
 
 What `LoraConfig.targets` adapts, per block (a group whose weights a block lacks is skipped there):
-    attention        attn.wq (q_lora_rank None) | attn.wq_a, attn.wq_b; attn.wkv_a, attn.wkv_b, attn.wo
+    attention        attn.wq (q_lora_rank None) | attn.wq_a, attn.wq_b; attn.wkv_a, attn.wkv_b, attn.wo (MLA);
+                     attn.wq, attn.wk, attn.wv, attn.wo (the attention variants)
     shared_experts   ffn.shared_experts.w1 / w2 / w3
     routed_experts   ffn.experts.w1 / w3 / w2: gate and up share A_e,
                          W1'_e = W1_e + s·B1_e A_e,   W3'_e = W3_e + s·B3_e A_e,   W2'_e = W2_e + s·B2_e A2_e
@@ -61,6 +62,7 @@ LINEAR_TARGETS: dict[str, tuple[tuple[str, str], ...]] = {
     "attention": (
         ("attn.wq", "q_proj"), ("attn.wq_a", "q_a_proj"), ("attn.wq_b", "q_b_proj"),
         ("attn.wkv_a", "kv_a_proj_with_mqa"), ("attn.wkv_b", "kv_b_proj"), ("attn.wo", "o_proj"),
+        ("attn.wk", "k_proj"), ("attn.wv", "v_proj"),  # the attention variants' (model/attention_variants.py)
     ),
     "shared_experts": (
         ("ffn.shared_experts.w1", "shared_experts.gate_proj.weight"),

@@ -2,7 +2,9 @@
 
 Per layer and per cached token it holds the normalised latent c_KV (kv_lora_rank values) followed by the
 rotated shared RoPE key k^R (qk_rope_head_dim values): 576 numbers for DeepSeek-V2, nothing per head. Keys
-and values are never stored decompressed.
+and values are never stored decompressed. A model with an attention variant (`model/attention_variants.py`)
+stores its entries in the same caches: [n_kv rotated keys | n_kv values], 2·n_kv·d_h numbers
+(`ModelConfig.kv_cache_dim`; 2,048 for DeepSeek 67B).
 
 Two layouts, one interface (what `Transformer.forward` and `MLA.forward` use):
 

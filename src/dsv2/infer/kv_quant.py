@@ -3,7 +3,8 @@
 A `CacheLayout` turns entries [..., D] (D = kv_lora_rank + qk_rope_head_dim) into what the cache pool stores
 per token per layer and back. The pool holds `layout.width` elements of `layout.storage_dtype` per entry;
 `write` encodes the new entries and `read` decodes the attended ones into the compute dtype, so MLA (absorbed
-and naive paths alike) never sees the storage format.
+and naive paths alike) never sees the storage format. An attention variant's [keys | values] entries
+(`model/attention_variants.py`) are stored as "auto" only.
 
     "auto"  the model dtype, unchanged: D values (bf16: 2·576 = 1152 B for DeepSeek-V2)
     "fp8"   vLLM's fp8_ds_mla: 656 B for V2's dims
@@ -181,7 +182,7 @@ class CacheLayout:
 
     def __init__(self, name: str, config: ModelConfig, dtype: torch.dtype, parts: tuple[Part, Part] | None):
         self.name, self.dtype, self.parts = name, dtype, parts
-        self.dims = (config.kv_lora_rank, config.qk_rope_head_dim)
+        self.dims = config.kv_cache_parts  # MLA: (c_KV, k^R); an attention variant: (keys, values)
         if parts is None:
             self.storage_dtype, self.width = dtype, sum(self.dims)
         else:
@@ -219,4 +220,7 @@ SIXBIT = (IntGroups(bits=6, group=128), IntGroups(bits=5, group=32))
 def cache_layout(kv_cache_dtype: str, config: ModelConfig, dtype: torch.dtype = torch.float32) -> CacheLayout:
     """The layout of `kv_cache_dtype` ("auto", "fp8", "6bit") for a model of `config` computing in `dtype`."""
     parts = {"auto": None, "fp8": FP8, "6bit": SIXBIT}[check_kv_cache_dtype(kv_cache_dtype)]
+    if parts is not None and config.attention != "mla":
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is a layout of MLA's latents; a model with attention "
+                         f"{config.attention!r} caches its keys and values as \"auto\" (the model dtype)")
     return CacheLayout(kv_cache_dtype, config, dtype, parts)

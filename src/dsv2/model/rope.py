@@ -1,8 +1,10 @@
-"""Rotary position embedding with YaRN, applied to MLA's decoupled RoPE slice (paper §2.1.3, §3.1.4).
+"""Rotary position embedding with YaRN, applied to MLA's decoupled RoPE slice (paper §2.1.3, §3.1.4) and to
+the whole heads of the attention variants (`attention_variants.py`).
 
-Layout: the d_h^R rope channels are rotated as interleaved pairs (x_{2i}, x_{2i+1}) by angle p·θ_i,
+Layout: MLA's d_h^R rope channels are rotated as interleaved pairs (x_{2i}, x_{2i+1}) by angle p·θ_i,
 exactly as DeepSeek's checkpoints expect (their projection rows are stored in that order). A NeoX-style
-`rotate_half` without permuting those rows would change every attention score (reference-spec §7).
+`rotate_half` without permuting those rows would change every attention score (reference-spec §7). The
+variants rotate halves (x_i, x_{i+d/2}), as Llama and so DeepSeek LLM's checkpoints do.
 
 YaRN (reference-spec §8) blends, per frequency, the original θ_i ("extrapolation") with θ_i / s
 ("interpolation") by a linear ramp between two correction dims, and is used at every position, not only
@@ -26,8 +28,8 @@ def yarn_correction_dim(num_rotations: float, dim: int, base: float, max_pos: in
 
 
 def inv_frequencies(config: ModelConfig) -> torch.Tensor:
-    """θ_i for i < d_h^R/2, fp32, YaRN-blended when `rope_scaling` says so."""
-    dim, base = config.qk_rope_head_dim, float(config.rope_theta)
+    """θ_i for i < d/2 (d = `config.rope_dim`), fp32, YaRN-blended when `rope_scaling` says so."""
+    dim, base = config.rope_dim, float(config.rope_theta)
     extrapolation = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
     rs = config.rope_scaling
     if rs is None:
@@ -86,14 +88,16 @@ class RotaryEmbedding(nn.Module):
         return angles.cos() * self.magnitude, angles.sin() * self.magnitude
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of the last dim of x [B, S, (heads,) d] by angles of [B or 1, S, d/2].
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
+    """Rotate pairs of the last dim of x [B, S, (heads,) d] by angles of [B or 1, S, d/2]: interleaved pairs
+    (x_{2i}, x_{2i+1}) (MLA), or with `interleaved=False` the halves' pairs (x_i, x_{i+d/2}) (Llama).
 
     Computed in fp32 and rounded once, like the reference's complex multiplication.
     """
     if x.dim() == 4:  # one angle per token, shared by every head
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    pairs = x.float().unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    dim = -1 if interleaved else -2
+    pairs = x.float().unflatten(-1, (-1, 2) if interleaved else (2, -1))
+    first, second = pairs.unbind(dim)
+    rotated = torch.stack((first * cos - second * sin, first * sin + second * cos), dim=dim)
     return rotated.flatten(-2).to(x.dtype)

@@ -1,4 +1,5 @@
-"""The decoder: embedding -> N pre-norm blocks (MLA, then dense MLP or DeepSeekMoE) -> norm -> LM head."""
+"""The decoder: embedding -> N pre-norm blocks (MLA or an attention variant, then dense MLP or DeepSeekMoE)
+-> norm -> LM head."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from dsv2.config import ModelConfig
+from dsv2.model.attention_variants import GroupedQueryAttention
 from dsv2.model.layers import MLP, RMSNorm
 from dsv2.model.mla import MLA, CachedRows, LayerCache
 from dsv2.model.moe import MoE, Routing
@@ -35,7 +37,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = MLA(config)
+        self.attn = MLA(config) if config.attention == "mla" else GroupedQueryAttention(config)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ffn = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
 
