@@ -9,7 +9,7 @@ import math
 import pytest
 
 from dsv2.cli import main
-from dsv2.config import preset, resolve_config
+from dsv2.config import ModelConfig, preset, resolve_config
 from dsv2.info import summarize
 from dsv2.plots import read_metrics
 from dsv2.train import ablate, checkpoint, core, pretrain
@@ -144,3 +144,20 @@ def test_unknown_study_is_refused(capsys):
     assert exc.value.code == 2 and "invalid choice: 'mamba'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="study: unknown 'mamba'; choose one of"):
         ablate.AblateConfig(study="mamba").validate()
+
+
+def test_attention_variants_match_total_params_and_cache_what_table_1_says():
+    base = preset("nano")
+    rows = {v.name: (v, summarize(ModelConfig.from_dict({**base.to_dict(), **v.overrides})))
+            for v in ablate.attention_variants(base)}
+    assert list(rows) == ["mla", "mha", "gqa", "mqa"]
+    totals = [s["total_params"] for _, s in rows.values()]
+    assert max(totals) / min(totals) - 1 < 0.01
+    layers, heads = base.num_hidden_layers, base.num_attention_heads
+    assert rows["mla"][1]["kv_cache_bytes_per_token"] == (base.kv_lora_rank + base.qk_rope_head_dim) * layers * 2
+    for name, kv in (("mha", heads), ("gqa", heads // 2), ("mqa", 1)):
+        variant, s = rows[name]
+        assert variant.overrides["num_key_value_heads"] == kv
+        assert s["kv_cache_bytes_per_token"] == 2 * kv * variant.overrides["head_dim"] * layers * 2  # bf16
+    with pytest.raises(ValueError, match="num_attention_heads: the attention study needs an even number >= 4"):
+        ablate.attention_variants(ModelConfig.from_dict({**base.to_dict(), "num_attention_heads": 2}))

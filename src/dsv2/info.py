@@ -84,5 +84,7 @@ def train_flops_per_token(config: ModelConfig, seq_len: int) -> int:
     experts, which is where DeepSeek-V2's lower cost per token against a dense model comes from (paper §3.2.3)."""
     s = summarize(config)
     matmul = s["active_params"] - s["params_by_part"].get("norms", 0)
-    attention = config.num_hidden_layers * config.num_attention_heads * (config.qk_head_dim + config.v_head_dim)
+    # MLA's naive (training) path: queries of d_h + d_h^R against keys, values of d_h; a variant's head: d_h, d_h
+    head = config.qk_head_dim + config.v_head_dim if config.attention == "mla" else 2 * config.attention_head_dim
+    attention = config.num_hidden_layers * config.num_attention_heads * head
     return 6 * matmul + 6 * attention * seq_len

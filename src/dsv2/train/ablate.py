@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import statistics
 from collections.abc import Callable
@@ -61,6 +62,40 @@ class Study:
     paper_claim: str
 
 
+# MLA against the attention it replaces (Appendix D.1-D.2): the variants keep the base's query heads and every
+# other part of the model, and get the head dim d_h that brings their total parameters closest to MLA's, so a
+# variant that caches less spends the parameters on wider heads. GQA shares a key/value head between two query
+# heads. (The paper instead matched ~7B by the layer count, too coarse a knob at four layers.)
+def attention_variants(base: ModelConfig) -> list[Variant]:
+    heads = base.num_attention_heads
+    if heads < 4 or heads % 2:
+        raise ValueError(f"num_attention_heads: the attention study needs an even number >= 4 (so that GQA lies "
+                         f"between MHA and MQA), got {heads}")
+    mla = {"attention": "mla"}
+    target = _total_params(base, mla)
+    variants = [Variant("mla", f"MLA: {heads} heads, latent d_c {base.kv_lora_rank}, d_h {base.qk_nope_head_dim} + "
+                        f"RoPE d_h^R {base.qk_rope_head_dim}", mla)]
+    for name, kv in (("mha", heads), ("gqa", heads // 2), ("mqa", 1)):
+        fixed = {"attention": name, "num_key_value_heads": kv}
+        head_dim = _matching_head_dim(base, fixed, target)
+        variants.append(Variant(name, f"{name.upper()}: {heads} query heads, {kv} key/value head{'s' * (kv > 1)}, "
+                                f"d_h {head_dim}", {**fixed, "head_dim": head_dim}))
+    return variants
+
+
+def _total_params(base: ModelConfig, overrides: dict[str, Any]) -> int:
+    return summarize(ModelConfig.from_dict({**base.to_dict(), **overrides}))["total_params"]
+
+
+def _matching_head_dim(base: ModelConfig, overrides: dict[str, Any], target: int) -> int:
+    """The even head dim (RoPE rotates pairs) whose model has the total parameters closest to `target`: the
+    count is linear in d_h, so two sizes give the line and its even neighbours around the solution decide."""
+    at2, at4 = (_total_params(base, {**overrides, "head_dim": d}) for d in (2, 4))
+    exact = 2 + 2 * (target - at2) / (at4 - at2)
+    low = max(2, 2 * math.floor(exact / 2))
+    return min((low, low + 2), key=lambda d: abs(_total_params(base, {**overrides, "head_dim": d}) - target))
+
+
 # DeepSeekMoE against its baselines (paper §2.2.1; DeepSeekMoE, Dai et al. 2024, §3): the GShard-style layer has
 # COARSE_EXPERTS experts of width w and routes each token to the top COARSE_TOP_K; DeepSeekMoE cuts every
 # coarse expert into SEGMENTS experts of width w / SEGMENTS (fine-grained segmentation) and isolates SHARED of
@@ -92,6 +127,9 @@ def moe_variants(base: ModelConfig) -> list[Variant]:
 
 
 STUDIES: dict[str, Study] = {
+    "attention": Study("attention", "MLA vs MHA vs GQA vs MQA, at equal total parameters", "total_params",
+                       attention_variants, ("mla", "mha", "gqa", "mqa"),
+                       "MLA ≥ MHA > GQA > MQA (Appendix D.1-D.2, Tables 8-9)"),
     "moe": Study("moe", "DeepSeekMoE vs GShard-style MoE vs dense, at equal active parameters", "active_params",
                  moe_variants, ("deepseekmoe", "gshard", "dense"),
                  "DeepSeekMoE > GShard > dense at equal active parameters (paper §2.2.1; DeepSeekMoE Table 1)"),
