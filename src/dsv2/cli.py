@@ -13,7 +13,7 @@ from dsv2.data.dedup import DEFAULT_THRESHOLD
 from dsv2.hardware import DTYPES
 from dsv2.infer.kv_quant import KV_CACHE_DTYPES
 from dsv2.infer.sampling import SamplingError, SamplingParams
-from dsv2.info import summarize
+from dsv2.info import compare_kv_cache, summarize
 from dsv2.model.quant import INFERENCE_FORMATS
 from dsv2.tokenizer import TokenizerError
 from dsv2.weights import CheckpointError
@@ -28,8 +28,11 @@ def _billions(n: int) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     config = resolve_config(args.model)
     s = summarize(config, args.kv_cache_dtype)
+    other = None if args.compare is None else resolve_config(args.compare)
+    versus = None if other is None else compare_kv_cache(config, other, args.kv_cache_dtype)
     if args.json:
-        print(json.dumps({"model": args.model, **s}, indent=2))
+        print(json.dumps({"model": args.model, **s, **({} if versus is None else
+                                                       {"compare": {"model": args.compare, **versus}})}, indent=2))
         return 0
     print(f"{args.model}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
           f"{config.num_attention_heads} heads, {s['moe_layers']} MoE layers")
@@ -41,14 +44,31 @@ def cmd_info(args: argparse.Namespace) -> int:
     for part, n in s["params_by_part"].items():
         print(f"    {part:<28} {n:>18,}")
     latent, mha = s["kv_cache_bytes_per_token"], s["mha_kv_cache_bytes_per_token"]
-    print(f"  KV cache per token (bf16):     {latent:,} bytes latent (c_KV {config.kv_lora_rank} + "
-          f"k_rope {config.qk_rope_head_dim} per layer)")
+    if config.attention == "mla":
+        print(f"  KV cache per token (bf16):     {latent:,} bytes latent (c_KV {config.kv_lora_rank} + "
+              f"k_rope {config.qk_rope_head_dim} per layer)")
+    else:
+        print(f"  KV cache per token (bf16):     {latent:,} bytes ({config.attention.upper()}: K and V of "
+              f"{config.num_key_value_heads} heads x {config.attention_head_dim} per layer)")
     print(f"    MHA equivalent:              {mha:,} bytes ({latent / mha:.2%} of it)")
-    print(f"    reference (decompressed K,V): {s['reference_kv_cache_bytes_per_token']:,} bytes")
+    if config.attention == "mla":
+        print(f"    reference (decompressed K,V): {s['reference_kv_cache_bytes_per_token']:,} bytes")
     stored = s["kv_cache_dtype_bytes_per_token"]
     print(f"  KV cache per token {'(' + args.kv_cache_dtype + '):':<12}{stored:,} bytes "
           f"({stored // config.num_hidden_layers:,} per layer): {s['kv_cache_dtype_reduction_vs_latent']:.2f}x "
-          f"smaller than the bf16 latent cache, {s['kv_cache_dtype_reduction_vs_mha']:.1f}x smaller than MHA")
+          f"smaller than the bf16 {'latent ' if config.attention == 'mla' else ''}cache, "
+          f"{s['kv_cache_dtype_reduction_vs_mha']:.1f}x smaller than MHA")
+    if versus is not None:
+        print(f"KV cache per token, {args.model} against {args.compare} (its cache in bf16):")
+        rows = [("elements", "elements"), ("bf16 bytes", "bf16_bytes"),
+                ("6 bits per element (paper §3.2.3)", "six_bit_bytes")]
+        if args.kv_cache_dtype != "auto":
+            rows.append((f"stored as {args.kv_cache_dtype} (dsv2's layout)", "kv_cache_dtype_bytes"))
+        for label, key in rows:
+            ours, theirs = versus[key]
+            reduction = versus[key.removesuffix("_bytes") + "_reduction"]
+            print(f"  {label + ':':<40}{ours:>12,.0f} vs {theirs:,}: {abs(reduction):.1%} "
+                  f"{'less' if reduction >= 0 else 'more'}")
     return 0
 
 
@@ -587,6 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(info, f"preset ({', '.join(PRESETS)}), checkpoint folder or config.json", required=True)
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     _add_kv_cache_dtype_arg(info, "also show the cache stored this way (auto: bf16)")
+    info.add_argument("--compare", metavar="MODEL", help="also print the KV cache per token against this model's "
+                      "in bf16 (preset, folder or config.json), e.g. deepseek-v2 --compare deepseek-llm-67b")
     info.set_defaults(func=cmd_info)
 
     init = sub.add_parser("init", help="write a random-weights checkpoint folder from a preset")

@@ -332,6 +332,8 @@ class ModelConfig:
                 continue
             if self.model_type == "llama" and f.name not in LLAMA_FIELDS:
                 continue
+            if f.name == "original_max_position_embeddings" and v is None:
+                continue  # transformers takes a present key, null too, as the pretraining length of YaRN
             out[f.name] = v
         if "rope_parameters" in self.extra and {"rope_theta", "rope_scaling"} <= self.absent_keys:
             # the file used the transformers-5 spelling: write it back verbatim unless the values changed
@@ -405,6 +407,8 @@ _V2_COMMON = dict(
     bos_token_id=100000, eos_token_id=100001, torch_dtype="bfloat16",
 )
 
+_LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"])
+
 PRESETS: dict[str, dict[str, Any]] = {
     # DeepSeek-V2 (236B): paper §3.1.2, values of the released config.json (reference-spec §2)
     "deepseek-v2": dict(
@@ -438,6 +442,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, routed_scaling_factor=1.0,
         topk_method="group_limited_greedy", n_group=4, topk_group=2, first_k_dense_replace=1,
         max_position_embeddings=2048, bos_token_id=0, eos_token_id=1,
+    ),
+    # DeepSeek LLM 67B, the dense model V2 is measured against (paper §1: 93.3% less KV cache, 5.76x the generation
+    # throughput): LLaMA-style, dense, GQA with 8 key/value heads; the released config.json's values (paper-facts
+    # §2), in its LlamaForCausalLM layout
+    "deepseek-llm-67b": dict(
+        _LLAMA, vocab_size=102400, hidden_size=8192, intermediate_size=22016, num_hidden_layers=95,
+        num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096, rope_theta=10000.0,
+        rms_norm_eps=1e-6, bos_token_id=100000, eos_token_id=100001, torch_dtype="bfloat16",
+    ),
+    # the same architecture scaled down, with the MoE presets' width, depth, heads and vocabulary: GQA with 2 key/
+    # value heads (67B's 8 query heads per key/value head would be MQA at these head counts), the MLP sized so the
+    # active parameters per token match (llm-small 91.5M / small 90.7M; llm-nano 0.82M / nano 0.80M): dense GQA against
+    # MLA + DeepSeekMoE at equal compute per token
+    "llm-small": dict(
+        _LLAMA, vocab_size=32000, hidden_size=1024, intermediate_size=1536, num_hidden_layers=8,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=16384, bos_token_id=0, eos_token_id=1,
+    ),
+    "llm-nano": dict(
+        _LLAMA, vocab_size=1024, hidden_size=128, intermediate_size=320, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=0, eos_token_id=1,
     ),
 }
 

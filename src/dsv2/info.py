@@ -47,32 +47,56 @@ def summarize(config: ModelConfig, kv_cache_dtype: str = "auto") -> dict[str, An
     for name, p in model.named_parameters():
         parts[_part(name, config)] += p.numel()
     total = sum(parts.values())
-    routed_active = 0
-    if parts["routed experts"]:
-        routed_active = parts["routed experts"] * config.num_experts_per_tok // config.n_routed_experts
-    active = total - parts["embedding"] - parts["routed experts"] + routed_active
+    routed = parts.get("routed experts", 0)
+    routed_active = routed * config.num_experts_per_tok // config.n_routed_experts if routed else 0
+    active = total - parts["embedding"] - routed + routed_active
     layers = config.num_hidden_layers
-    latent = config.kv_cache_dim * layers * BF16_BYTES
-    mha = 2 * config.num_attention_heads * config.qk_nope_head_dim * layers * BF16_BYTES
+    elements = config.kv_cache_dim * layers
+    latent = elements * BF16_BYTES
+    head_dim = config.qk_nope_head_dim if config.attention == "mla" else config.attention_head_dim
+    mha = 2 * config.num_attention_heads * head_dim * layers * BF16_BYTES
     stored = cache_layout(kv_cache_dtype, config, torch.bfloat16).bytes_per_token_per_layer() * layers
+    if config.attention == "mla":  # what the reference implementation caches: decompressed K (d_h + d_h^R), V per head
+        reference = config.num_attention_heads * (config.qk_head_dim + config.v_head_dim) * layers * BF16_BYTES
+    else:
+        reference = latent
     return {
         "total_params": total,
         "active_params": active,
         "params_by_part": dict(parts),
         "active_routed_expert_params": routed_active,
         "moe_layers": sum(config.is_moe_layer(i) for i in range(layers)),
-        # latent cache: c_KV + k^R per layer (paper Table 1), bf16
-        "kv_cache_bytes_per_token": latent,
+        # what the KV cache holds per token (paper Table 1): MLA's c_KV + k^R, or a variant's 2·n_kv·d_h, per layer
+        "kv_cache_elements_per_token": elements,
+        "kv_cache_bytes_per_token": latent,  # in bf16
         # MHA with the same heads: 2·n_h·d_h·l elements (paper Table 1)
         "mha_kv_cache_bytes_per_token": mha,
-        # the latent cache stored as kv_cache_dtype (`infer/kv_quant.py`)
+        # the cache stored as kv_cache_dtype (`infer/kv_quant.py`)
         "kv_cache_dtype": kv_cache_dtype,
         "kv_cache_dtype_bytes_per_token": stored,
         "kv_cache_dtype_reduction_vs_latent": latent / stored,
         "kv_cache_dtype_reduction_vs_mha": mha / stored,
-        # what the reference implementation actually caches: decompressed K (d_h + d_h^R) and V per head
-        "reference_kv_cache_bytes_per_token": config.num_attention_heads
-        * (config.qk_head_dim + config.v_head_dim) * layers * BF16_BYTES,
+        "reference_kv_cache_bytes_per_token": reference,
+    }
+
+
+def compare_kv_cache(config: ModelConfig, other: ModelConfig, kv_cache_dtype: str = "auto") -> dict[str, Any]:
+    """KV cache per token of `config` against `other`'s in bf16, and how much less it is (1 - ours / theirs):
+    by elements (Table 1's measure), in bf16 bytes, at 6 bits per element (V2's deployment, §3.2.3: the paper's
+    93.3% against DeepSeek 67B, paper-facts §2), and as `config`'s cache stores it with `kv_cache_dtype`."""
+    ours, theirs = summarize(config, kv_cache_dtype), summarize(other)
+    elements, bf16 = theirs["kv_cache_elements_per_token"], theirs["kv_cache_bytes_per_token"]
+    six_bit = ours["kv_cache_elements_per_token"] * 6 / 8
+    return {
+        "elements": [ours["kv_cache_elements_per_token"], elements],
+        "elements_reduction": 1 - ours["kv_cache_elements_per_token"] / elements,
+        "bf16_bytes": [ours["kv_cache_bytes_per_token"], bf16],
+        "bf16_reduction": 1 - ours["kv_cache_bytes_per_token"] / bf16,
+        "six_bit_bytes": [six_bit, bf16],
+        "six_bit_reduction": 1 - six_bit / bf16,
+        "kv_cache_dtype": kv_cache_dtype,
+        "kv_cache_dtype_bytes": [ours["kv_cache_dtype_bytes_per_token"], bf16],
+        "kv_cache_dtype_reduction": 1 - ours["kv_cache_dtype_bytes_per_token"] / bf16,
     }
 
 
