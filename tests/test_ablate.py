@@ -161,3 +161,14 @@ def test_attention_variants_match_total_params_and_cache_what_table_1_says():
         assert s["kv_cache_bytes_per_token"] == 2 * kv * variant.overrides["head_dim"] * layers * 2  # bf16
     with pytest.raises(ValueError, match="num_attention_heads: the attention study needs an even number >= 4"):
         ablate.attention_variants(ModelConfig.from_dict({**base.to_dict(), "num_attention_heads": 2}))
+
+
+def test_cost_variants_are_dense_gqa_at_multiples_of_the_active_params():
+    base = preset("nano")
+    variants = ablate.cost_variants(base)
+    assert [v.name for v in variants] == ["v2", *(f"dense-{m}x" for m in ablate.DENSE_MULTIPLES)]
+    active = summarize(base)["active_params"]
+    for m, v in zip(ablate.DENSE_MULTIPLES, variants[1:], strict=True):
+        config = ModelConfig.from_dict({**base.to_dict(), **v.overrides})
+        assert (config.attention, config.n_routed_experts, config.num_key_value_heads) == ("gqa", None, 2)
+        assert summarize(config)["active_params"] == pytest.approx(m * active, rel=0.01)

@@ -3,6 +3,13 @@ tokens, several seeds each, and compared by validation loss, KV cache, training 
 
     run_study(AblateConfig(study="moe"))   # what `dsv2 ablate moe` runs
 
+The studies (`STUDIES`):
+
+    attention  MLA vs MHA / GQA / MQA at equal total parameters (Appendix D.1-D.2, Tables 8-9)
+    moe        DeepSeekMoE vs GShard-style top-2 MoE vs dense at equal active parameters (§2.2.1)
+    cost       the V2-shaped base vs 67B-shaped dense GQA models of 1-3x its active parameters: which dense model
+               matches its loss, at what training FLOPs and time per token (§3.2.3's 42.5%)
+
 Each run is the pretraining stage (`train/pretrain.py`) on `core.run`, with the variant's `config_overrides`
 on the base model (nano by default) and the study's shared tokenizer and shards: the same steps, batch,
 sequence length, schedule and validation batches for every run, so the training tokens are equal by
@@ -56,7 +63,8 @@ class Variant:
 class Study:
     name: str
     title: str
-    matched: str  # the summarize() count the variants are sized to share: total_params or active_params
+    matched: str | None  # the summarize() count the variants are sized to share (total_params, active_params), or
+    #                      None when they differ by design
     variants: Callable[[ModelConfig], list[Variant]]  # sized against the base config
     paper_order: tuple[str, ...]  # the paper's ranking, best (lowest loss) first
     paper_claim: str
@@ -72,28 +80,33 @@ def attention_variants(base: ModelConfig) -> list[Variant]:
         raise ValueError(f"num_attention_heads: the attention study needs an even number >= 4 (so that GQA lies "
                          f"between MHA and MQA), got {heads}")
     mla = {"attention": "mla"}
-    target = _total_params(base, mla)
+    target = _count(base, mla)
     variants = [Variant("mla", f"MLA: {heads} heads, latent d_c {base.kv_lora_rank}, d_h {base.qk_nope_head_dim} + "
                         f"RoPE d_h^R {base.qk_rope_head_dim}", mla)]
     for name, kv in (("mha", heads), ("gqa", heads // 2), ("mqa", 1)):
         fixed = {"attention": name, "num_key_value_heads": kv}
-        head_dim = _matching_head_dim(base, fixed, target)
+        head_dim = _closest(base, fixed, "head_dim", target)  # even: RoPE rotates pairs
         variants.append(Variant(name, f"{name.upper()}: {heads} query heads, {kv} key/value head{'s' * (kv > 1)}, "
                                 f"d_h {head_dim}", {**fixed, "head_dim": head_dim}))
     return variants
 
 
-def _total_params(base: ModelConfig, overrides: dict[str, Any]) -> int:
-    return summarize(ModelConfig.from_dict({**base.to_dict(), **overrides}))["total_params"]
+def _count(base: ModelConfig, overrides: dict[str, Any], count: str = "total_params") -> int:
+    return summarize(ModelConfig.from_dict({**base.to_dict(), **overrides}))[count]
 
 
-def _matching_head_dim(base: ModelConfig, overrides: dict[str, Any], target: int) -> int:
-    """The even head dim (RoPE rotates pairs) whose model has the total parameters closest to `target`: the
-    count is linear in d_h, so two sizes give the line and its even neighbours around the solution decide."""
-    at2, at4 = (_total_params(base, {**overrides, "head_dim": d}) for d in (2, 4))
-    exact = 2 + 2 * (target - at2) / (at4 - at2)
-    low = max(2, 2 * math.floor(exact / 2))
-    return min((low, low + 2), key=lambda d: abs(_total_params(base, {**overrides, "head_dim": d}) - target))
+def _closest(base: ModelConfig, overrides: dict[str, Any], field: str, target: int, count: str = "total_params",
+             multiple: int = 2) -> int:
+    """The multiple of `multiple` for `field` whose model's `count` of parameters is closest to `target`. The count
+    is linear in a head dim or an MLP width, so two sizes give the line and the two multiples around its
+    solution decide."""
+    def at(x: int) -> int:
+        return _count(base, {**overrides, field: x}, count)
+
+    one, two = at(multiple), at(2 * multiple)
+    exact = multiple + multiple * (target - one) / (two - one)
+    low = max(multiple, multiple * math.floor(exact / multiple))
+    return min((low, low + multiple), key=lambda x: abs(at(x) - target))
 
 
 # DeepSeekMoE against its baselines (paper §2.2.1; DeepSeekMoE, Dai et al. 2024, §3): the GShard-style layer has
@@ -126,6 +139,28 @@ def moe_variants(base: ModelConfig) -> list[Variant]:
     ]
 
 
+# DeepSeek-V2 against DeepSeek 67B (§3.2.3: 42.5% less training compute per token, and a stronger model): the
+# base (MLA + DeepSeekMoE) against 67B-shaped models, dense with GQA (a key/value head per two query heads; 67B's
+# one per eight would be MQA at four heads) and Llama's head dim, at DENSE_MULTIPLES times the base's active
+# parameters (67B has 3.2 times V2's), so the dense model of comparable loss, and its cost, can be read off.
+DENSE_MULTIPLES = (1, 2, 3)
+
+
+def cost_variants(base: ModelConfig) -> list[Variant]:
+    active = _count(base, {}, "active_params")
+    dense = {"attention": "gqa", "num_key_value_heads": max(1, base.num_attention_heads // 2), "head_dim": None,
+             "n_routed_experts": None, "n_shared_experts": None, "num_experts_per_tok": None}
+    variants = [Variant("v2", f"the base: {base.attention.upper()} + "
+                        + (f"{base.n_shared_experts or 0} shared + top-{base.num_experts_per_tok} of "
+                           f"{base.n_routed_experts} routed experts" if base.n_routed_experts else "dense MLP"), {})]
+    for m in DENSE_MULTIPLES:
+        width = _closest(base, dense, "intermediate_size", m * active, "active_params", multiple=8)
+        variants.append(Variant(f"dense-{m}x", f"dense GQA ({dense['num_key_value_heads']} key/value heads), MLP "
+                                f"width {width}: {m}x the base's active parameters",
+                                {**dense, "intermediate_size": width}))
+    return variants
+
+
 STUDIES: dict[str, Study] = {
     "attention": Study("attention", "MLA vs MHA vs GQA vs MQA, at equal total parameters", "total_params",
                        attention_variants, ("mla", "mha", "gqa", "mqa"),
@@ -133,6 +168,10 @@ STUDIES: dict[str, Study] = {
     "moe": Study("moe", "DeepSeekMoE vs GShard-style MoE vs dense, at equal active parameters", "active_params",
                  moe_variants, ("deepseekmoe", "gshard", "dense"),
                  "DeepSeekMoE > GShard > dense at equal active parameters (paper §2.2.1; DeepSeekMoE Table 1)"),
+    "cost": Study("cost", "V2-shaped MLA + DeepSeekMoE vs 67B-shaped dense GQA: loss against training cost per token",
+                  None, cost_variants, ("v2", f"dense-{DENSE_MULTIPLES[-1]}x"),
+                  "DeepSeek-V2 outperforms DeepSeek 67B, a dense model of 3.2x its active parameters, at 42.5% "
+                  "lower training cost per token (§3.2.3)"),
 }
 
 
@@ -283,8 +322,9 @@ def _markdown(summary: dict[str, Any]) -> str:
         "",
         f"{s['seeds']} seeds per variant; each run {summary['training_tokens']:,} training tokens ({s['steps']} steps "
         f"of {s['batch_size']} x {s['seq_len']}), base `{s['model']}`; validation loss on the same "
-        f"{s['eval_batches']} x {s['batch_size']} x {s['seq_len']} held-out tokens. Matched: "
-        f"{summary['matched'].replace('_', ' ')} (spread {summary['matched_spread']:.1%}). {summary['hardware']}.",
+        f"{s['eval_batches']} x {s['batch_size']} x {s['seq_len']} held-out tokens. "
+        + (f"Matched: {summary['matched'].replace('_', ' ')} (spread {summary['matched_spread']:.1%})."
+           if summary["matched"] else "The sizes differ by design.") + f" {summary['hardware']}.",
         "",
         "| variant | total params | active params | KV cache / token (bf16) | train FLOPs / token | tokens/s | "
         "val loss (mean ± std) | min - max |",
@@ -334,10 +374,10 @@ def run_study(cfg: AblateConfig, log: Callable[[str], None] = print) -> dict[str
     tokens = {r["tokens"] for row in rows for r in row["runs"]}
     if len(tokens) != 1:  # by construction; a mixed output folder would break it
         raise RuntimeError(f"{folder}: runs trained on different numbers of tokens: {sorted(tokens)}")
-    matched = [row[study.matched] for row in rows]
+    matched = [row[study.matched] for row in rows] if study.matched else None
     summary = {
         "study": study.name, "title": study.title, "matched": study.matched,
-        "matched_spread": max(matched) / min(matched) - 1, "training_tokens": tokens.pop(),
+        "matched_spread": max(matched) / min(matched) - 1 if matched else None, "training_tokens": tokens.pop(),
         "settings": {k: v for k, v in _spec(cfg).items() if k not in ("out", "seed", "config_overrides")}
         | {"base_overrides": cfg.config_overrides},
         "hardware": describe(), "paper_claim": study.paper_claim, "variants": rows,
@@ -345,10 +385,11 @@ def run_study(cfg: AblateConfig, log: Callable[[str], None] = print) -> dict[str
     }
     write_text_atomic(folder / "results.json", json.dumps(summary, indent=1))
     write_text_atomic(folder / "results.md", _markdown(summary))
+    count = study.matched or "active_params"
     plot_seed_curves({row["name"]: [r["val_curve"] for r in row["runs"]] for row in rows}, folder / "loss_curves.png",
                      xlabel="training tokens", ylabel="validation loss (nats)", title=study.title)
     plot_bars({row["name"]: (row["val_loss_mean"], row["val_loss_std"]) for row in rows}, folder / "val_loss.png",
               ylabel="final validation loss (nats)", title=f"{study.name} study: mean ± std over {cfg.seeds} seeds",
-              notes={row["name"]: f"{row[study.matched] / 1e6:.2f}M {study.matched.split('_')[0]}" for row in rows})
+              notes={row["name"]: f"{row[count] / 1e6:.2f}M {count.split('_')[0]}" for row in rows})
     log(f"wrote {folder}/results.json, results.md, loss_curves.png and val_loss.png")
     return summary
