@@ -10,7 +10,7 @@ import pytest
 
 from dsv2.cli import main
 from dsv2.config import ModelConfig, preset, resolve_config
-from dsv2.info import summarize
+from dsv2.info import summarize, train_flops_per_token
 from dsv2.plots import read_metrics
 from dsv2.train import ablate, checkpoint, core, pretrain
 from dsv2.train.distributed import Distributed
@@ -172,3 +172,19 @@ def test_cost_variants_are_dense_gqa_at_multiples_of_the_active_params():
         config = ModelConfig.from_dict({**base.to_dict(), **v.overrides})
         assert (config.attention, config.n_routed_experts, config.num_key_value_heads) == ("gqa", None, 2)
         assert summarize(config)["active_params"] == pytest.approx(m * active, rel=0.01)
+
+
+def test_train_flops_per_token_by_hand():
+    """6 FLOPs per matmul parameter a token activates plus PaLM's attention term, counted by hand: a dense GQA
+    model, and DeepSeek-V2 (20.85B active, paper-facts §1) with MLA's 192-wide queries and 128-wide values."""
+    d, heads, kv, head_dim, inner, layers, vocab, seq = 64, 4, 2, 16, 96, 3, 512, 256
+    dense = ModelConfig.from_dict({**preset("nano").to_dict(), "hidden_size": d, "num_attention_heads": heads,
+                                   "attention": "gqa", "num_key_value_heads": kv, "head_dim": head_dim,
+                                   "intermediate_size": inner, "num_hidden_layers": layers, "vocab_size": vocab,
+                                   "n_routed_experts": None})
+    matmuls = layers * (2 * d * heads * head_dim + 2 * d * kv * head_dim + 3 * d * inner) + d * vocab
+    assert train_flops_per_token(dense, seq) == 6 * matmuls + 6 * layers * heads * 2 * head_dim * seq
+    v2 = preset("deepseek-v2")
+    norms = 60 * (2 * 5120 + 1536 + 512) + 5120  # two per block, MLA's q and kv latents; the final norm
+    expected = 6 * (20_851_512_320 - norms) + 6 * 60 * 128 * (192 + 128) * 4096
+    assert train_flops_per_token(v2, 4096) == expected

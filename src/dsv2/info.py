@@ -47,6 +47,8 @@ def summarize(config: ModelConfig, kv_cache_dtype: str = "auto") -> dict[str, An
     for name, p in model.named_parameters():
         parts[_part(name, config)] += p.numel()
     total = sum(parts.values())
+    # the norms' scales (every 1-D parameter): multiplied elementwise, not in a matmul
+    elementwise = sum(p.numel() for p in model.parameters() if p.dim() == 1)
     routed = parts.get("routed experts", 0)
     routed_active = routed * config.num_experts_per_tok // config.n_routed_experts if routed else 0
     active = total - parts["embedding"] - routed + routed_active
@@ -65,6 +67,7 @@ def summarize(config: ModelConfig, kv_cache_dtype: str = "auto") -> dict[str, An
         "active_params": active,
         "params_by_part": dict(parts),
         "active_routed_expert_params": routed_active,
+        "elementwise_params": elementwise,
         "moe_layers": sum(config.is_moe_layer(i) for i in range(layers)),
         # what the KV cache holds per token (paper Table 1): MLA's c_KV + k^R, or a variant's 2·n_kv·d_h, per layer
         "kv_cache_elements_per_token": elements,
@@ -107,7 +110,7 @@ def train_flops_per_token(config: ModelConfig, seq_len: int) -> int:
     the weighted values over the full window of S keys. Mixture-of-experts models pay only for their K routed
     experts, which is where DeepSeek-V2's lower cost per token against a dense model comes from (paper §3.2.3)."""
     s = summarize(config)
-    matmul = s["active_params"] - s["params_by_part"].get("norms", 0)
+    matmul = s["active_params"] - s["elementwise_params"]
     # MLA's naive (training) path: queries of d_h + d_h^R against keys, values of d_h; a variant's head: d_h, d_h
     head = config.qk_head_dim + config.v_head_dim if config.attention == "mla" else 2 * config.attention_head_dim
     attention = config.num_hidden_layers * config.num_attention_heads * head
