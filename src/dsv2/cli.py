@@ -487,7 +487,8 @@ CHECKPOINT_HELP = f"checkpoint folder (with tokenizer.json) or preset ({', '.joi
 MODEL_RULE = ("Every command that works on a model (info, init, generate, chat, serve, train, data, eval, extend, "
               "sft, grpo, quantize) names it by its first positional argument MODEL or, equally, by --model MODEL. "
               "Given both ways they must agree; given neither, serve, train and data use nano and the others ask "
-              "for one. plot takes a run folder, which is not a model.")
+              "for one. plot takes a run folder, which is not a model; ablate takes a study, and its base model "
+              "by --model.")
 
 
 def _add_model_args(p: argparse.ArgumentParser, what: str, default: str | None = None, required: bool = False,
