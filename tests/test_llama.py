@@ -55,12 +55,13 @@ def hf_llama(path):
     return transformers.LlamaForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
 
 
-@pytest.mark.parametrize("rope_scaling", [None, yarn_v2(4.0, 128)])
+@pytest.mark.parametrize(("kv_heads", "rope_scaling"), [(2, None), (2, yarn_v2(4.0, 128)), (4, None), (1, None)])
 @torch.no_grad()
-def test_dsv2_saved_llama_loads_in_transformers_with_equal_logits(tmp_path, rope_scaling):
-    """llm-nano (GQA, 2 key/value heads), with plain RoPE and with V2's YaRN settings past the original length
-    (transformers' Llama: YaRN's factor on cos/sin, none on the softmax scale)."""
-    config = preset("llm-nano").replace(rope_scaling=rope_scaling)
+def test_dsv2_saved_llama_loads_in_transformers_with_equal_logits(tmp_path, kv_heads, rope_scaling):
+    """llm-nano (4 heads) as GQA, MHA and MQA, with plain RoPE and with V2's YaRN settings past the original
+    length (transformers' Llama: YaRN's factor on cos/sin, none on the softmax scale)."""
+    config = preset("llm-nano").replace(num_key_value_heads=kv_heads, rope_scaling=rope_scaling,
+                                        max_position_embeddings=512 if rope_scaling else 2048)  # = factor x original
     model = dsv2.random_model(config)
     randomize_(model)
     dsv2.save_model(model, tmp_path, progress=False)
@@ -128,3 +129,25 @@ def test_init_then_generate_a_llama_folder(tmp_path):
     assert config["architectures"] == ["LlamaForCausalLM"] and config["num_key_value_heads"] == 2
     out = run("generate", str(folder), "--prompt", "def f():", "--max-tokens", "5", "--temperature", "0", "-v")
     assert out.returncode == 0 and ", 5 generated, " in out.stderr, out.stderr
+
+
+def test_serve_a_llama_model_with_prefix_caching():
+    """The server over a dense GQA model's paged cache: a completion = the engine's greedy tokens, twice (the
+    second from the cached prefix)."""
+    require("fastapi")
+    from fastapi.testclient import TestClient
+
+    from dsv2.infer.engine import LLMEngine
+    from dsv2.serve.api import create_app
+
+    model = dsv2.random_model(preset("llm-nano"), seed=0)
+    tokenizer = Tokenizer.byte_level(model.config)
+    engine = LLMEngine(model, tokenizer, num_blocks=64, block_size=8)
+    prompt = "def fibonacci(n): return n if n < 2 else fibonacci(n - 1)"
+    params = dsv2.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    expected = dsv2.LLM(model, tokenizer=tokenizer).generate(prompt, params)[0].text
+    body = {"model": "llm-nano", "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    with TestClient(create_app(engine, "llm-nano")) as client:
+        texts = [client.post("/v1/completions", json=body).json()["choices"][0]["text"] for _ in range(2)]
+    assert texts == [expected, expected]
+    assert engine.stats().totals["prefix_hit_tokens"] > 0

@@ -7,6 +7,10 @@ source file did not have are not added on the way out.
 
 Transformers 5.x writes the rotary settings as `rope_parameters` instead of `rope_theta` +
 `rope_scaling`; both spellings are read, and whichever the file used is written back.
+
+The same class reads DeepSeek LLM's LlamaForCausalLM `config.json` (model_type "llama"): a dense model whose
+attention is the variant its `num_key_value_heads` says (model/attention_variants.py); it writes Llama's keys
+only (LLAMA_FIELDS), so transformers' Llama reads it back.
 """
 
 from __future__ import annotations
