@@ -333,7 +333,7 @@ def _markdown(summary: dict[str, Any]) -> str:
     for v in summary["variants"]:
         lines.append(
             f"| {v['name']} | {v['total_params']:,} | {v['active_params']:,} | {v['kv_cache_bytes_per_token']:,} B | "
-            f"{v['train_flops_per_token'] / 1e6:.1f} M | {v['tokens_per_s']:,.0f} | {v['val_loss_mean']:.4f} ± "
+            f"{v['train_flops_per_token'] / 1e6:.2f} M | {v['tokens_per_s']:,.0f} | {v['val_loss_mean']:.4f} ± "
             f"{v['val_loss_std']:.4f} | {v['val_loss_min']:.4f} - {v['val_loss_max']:.4f} |")
     lines += ["", *[f"- `{v['name']}`: {v['label']}" for v in summary["variants"]], "",
               f"Paper: {summary['paper_claim']}. Here:"]
