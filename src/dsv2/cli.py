@@ -247,6 +247,25 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    """Train every variant of a study at equal tokens over several seeds; results.json / .md and plots."""
+    from dsv2.train.ablate import AblateConfig, run_study
+
+    if args.tokens is not None:
+        if args.steps is not None:
+            raise ValueError("--steps and --tokens: give one (--tokens sets the steps from the batch)")
+        per_step = (args.batch_size or AblateConfig.batch_size) * (args.seq_len or AblateConfig.seq_len)
+        if args.tokens < per_step:
+            raise ValueError(f"--tokens {args.tokens}: fewer than one step's {per_step} tokens (batch x seq_len)")
+        args.steps = args.tokens // per_step
+    if args.variants is not None:
+        args.variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    cfg = _train_config(AblateConfig, args)
+    run_study(cfg)
+    print((cfg.folder / "results.md").read_text(), end="")
+    return 0
+
+
 def _overrides(pairs: list[str]) -> dict:
     """`--set FIELD=JSON` pairs -> config overrides (a bare word that is not JSON is taken as a string)."""
     overrides = {}
@@ -469,7 +488,8 @@ CHECKPOINT_HELP = f"checkpoint folder (with tokenizer.json) or preset ({', '.joi
 MODEL_RULE = ("Every command that works on a model (info, init, generate, chat, serve, train, data, eval, extend, "
               "sft, grpo, quantize) names it by its first positional argument MODEL or, equally, by --model MODEL. "
               "Given both ways they must agree; given neither, serve, train and data use nano and the others ask "
-              "for one. plot takes a run folder, which is not a model.")
+              "for one. plot takes a run folder, which is not a model; ablate takes a study, and its base model "
+              "by --model.")
 
 
 def _add_model_args(p: argparse.ArgumentParser, what: str, default: str | None = None, required: bool = False,
@@ -555,6 +575,31 @@ def _add_grpo_parser(sub) -> None:
     p.add_argument("--rollout-dtype", dest="rollout_dtype", choices=["float32", "bfloat16"])
     _add_stage_args(p)
     p.set_defaults(func=cmd_grpo)
+
+
+def _add_ablate_parser(sub) -> None:
+    from dsv2.train.ablate import STUDIES
+
+    p = sub.add_parser("ablate", help="ablation study: variants trained at equal tokens over seeds (paper App. D)")
+    p.add_argument("study", choices=list(STUDIES), help="; ".join(f"{s.name}: {s.title}" for s in STUDIES.values()))
+    p.add_argument("--model", help="base preset or config.json the variants change (default nano)")
+    p.add_argument("--set", action="append", metavar="FIELD=JSON", help="override a field of the base config first")
+    p.add_argument("--variants", help="comma-separated subset of the study's variants (default: all)")
+    p.add_argument("--seeds", type=int, help="seeds per variant (default 3)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default 200)")
+    p.add_argument("--tokens", type=int, help="training tokens per run instead of --steps (rounded down to steps)")
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--seq-len", dest="seq_len", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup-steps", dest="warmup_steps", type=int)
+    p.add_argument("--eval-every", dest="eval_every", type=int, help="steps between validation points of the curves")
+    p.add_argument("--eval-batches", dest="eval_batches", type=int, help="validation batches (default 16)")
+    p.add_argument("--data", help="folder of text files or a JSONL file (default: Python's standard library)")
+    p.add_argument("--max-documents", dest="max_documents", type=int, help="documents to tokenise")
+    p.add_argument("--tokenizer-documents", dest="tokenizer_documents", type=int, help="documents to train BPE on")
+    p.add_argument("--out", help="study folder (default runs/ablate/STUDY); finished runs in it are reused")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.set_defaults(func=cmd_ablate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -672,6 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_sft_parser(sub)
     _add_grpo_parser(sub)
+    _add_ablate_parser(sub)
 
     q = sub.add_parser("quantize", help="write a checkpoint with int8, int4 or block-FP8 weights")
     _add_model_args(q, "checkpoint folder to convert", required=True)

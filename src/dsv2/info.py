@@ -1,4 +1,5 @@
-"""Model facts from the config alone: parameter counts (total and active per token) and KV-cache size.
+"""Model facts from the config alone: parameter counts (total and active per token), KV-cache size and
+training FLOPs per token.
 
 Counted on a model built on the meta device, so the full DeepSeek-V2 shape costs no memory or time.
 "Active" follows the paper (§1 of paper-facts): everything a token touches, excluding the input
@@ -46,6 +47,8 @@ def summarize(config: ModelConfig, kv_cache_dtype: str = "auto") -> dict[str, An
     for name, p in model.named_parameters():
         parts[_part(name, config)] += p.numel()
     total = sum(parts.values())
+    # the norms' scales (every 1-D parameter): multiplied elementwise, not in a matmul
+    elementwise = sum(p.numel() for p in model.parameters() if p.dim() == 1)
     routed = parts.get("routed experts", 0)
     routed_active = routed * config.num_experts_per_tok // config.n_routed_experts if routed else 0
     active = total - parts["embedding"] - routed + routed_active
@@ -64,6 +67,7 @@ def summarize(config: ModelConfig, kv_cache_dtype: str = "auto") -> dict[str, An
         "active_params": active,
         "params_by_part": dict(parts),
         "active_routed_expert_params": routed_active,
+        "elementwise_params": elementwise,
         "moe_layers": sum(config.is_moe_layer(i) for i in range(layers)),
         # what the KV cache holds per token (paper Table 1): MLA's c_KV + k^R, or a variant's 2·n_kv·d_h, per layer
         "kv_cache_elements_per_token": elements,
@@ -97,3 +101,17 @@ def compare_kv_cache(config: ModelConfig, other: ModelConfig, kv_cache_dtype: st
         "kv_cache_dtype_bytes": [ours["kv_cache_dtype_bytes_per_token"], bf16],
         "kv_cache_dtype_reduction": 1 - ours["kv_cache_dtype_bytes_per_token"] / bf16,
     }
+
+
+def train_flops_per_token(config: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token (forward + backward) at a context of `seq_len`, by PaLM's convention (its
+    Appendix B): 6·N for the N matmul parameters a token activates (the active parameters less the norms'
+    elementwise scales; the embedding is a lookup), plus 6·l·n_h·(d_qk + d_v)·S for the attention scores and
+    the weighted values over the full window of S keys. Mixture-of-experts models pay only for their K routed
+    experts, which is where DeepSeek-V2's lower cost per token against a dense model comes from (paper §3.2.3)."""
+    s = summarize(config)
+    matmul = s["active_params"] - s["elementwise_params"]
+    # MLA's naive (training) path: queries of d_h + d_h^R against keys, values of d_h; a variant's head: d_h, d_h
+    head = config.qk_head_dim + config.v_head_dim if config.attention == "mla" else 2 * config.attention_head_dim
+    attention = config.num_hidden_layers * config.num_attention_heads * head
+    return 6 * matmul + 6 * attention * seq_len

@@ -1,5 +1,6 @@
 """Plots (matplotlib, written as PNG files) of a training run: losses, learning rate, expert load, and for a GRPO
-run the reward curve; and of the long-context evaluations: loss by position, the needle heatmap."""
+run the reward curve; of the long-context evaluations: loss by position, the needle heatmap; and of an ablation
+study: curves with their spread over seeds, bars with error bars."""
 
 from __future__ import annotations
 
@@ -117,6 +118,42 @@ def plot_needle(result: dict, path: str | os.PathLike, title: str = "pass-key re
     for (i, j), v in np.ndenumerate(acc):
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, label="accuracy")
+    return _save(fig, Path(path))
+
+
+def plot_seed_curves(curves: dict[str, list[list[list[float]]]], path: str | os.PathLike, xlabel: str, ylabel: str,
+                     title: str) -> Path:
+    """One line per variant: the mean over its seeds' curves ([[x, y], ...] each, at the same x), in a band from
+    the lowest to the highest seed."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, seeds in curves.items():
+        points = np.array(seeds)  # [seed, point, (x, y)]
+        x, y = points[0, :, 0], points[:, :, 1]
+        (line,) = ax.plot(x, y.mean(axis=0), lw=1.5, label=f"{label} ({len(seeds)} seeds)")
+        ax.fill_between(x, y.min(axis=0), y.max(axis=0), color=line.get_color(), alpha=0.2, lw=0)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, Path(path))
+
+
+def plot_bars(values: dict[str, tuple[float, float]], path: str | os.PathLike, ylabel: str, title: str,
+              notes: dict[str, str] | None = None) -> Path:
+    """A bar per label at its (mean, spread) with the spread as an error bar; the axis starts near the lowest bar,
+    since the differences an ablation looks at are small against the values; `notes` are written under the names."""
+    labels = list(values)
+    means = np.array([values[k][0] for k in labels])
+    errors = np.array([values[k][1] for k in labels])
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 1.3 * len(labels)), 4))
+    ax.bar(range(len(labels)), means, yerr=errors, capsize=6, color=[f"C{i}" for i in range(len(labels))])
+    ticks = [f"{k}\n{notes[k]}" if notes and k in notes else k for k in labels]
+    ax.set_xticks(range(len(labels)), ticks)
+    span = float((means + errors).max() - (means - errors).min()) or float(abs(means).max()) or 1.0
+    ax.set_ylim(float((means - errors).min()) - span, float((means + errors).max()) + 0.5 * span)
+    for i, (m, e) in enumerate(zip(means, errors, strict=True)):
+        ax.annotate(f"{m:.3f}", (i, m + e), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=8)
+    ax.set(ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3, axis="y")
     return _save(fig, Path(path))
 
 

@@ -82,11 +82,13 @@ def prepare_data(cfg: PretrainConfig, dist: Distributed) -> tuple[Tokenizer, Tok
     return tokenizer, train_shards, val_shards
 
 
-def stage(cfg: PretrainConfig, dist: Distributed) -> core.Stage:
-    """Validate, record the pretraining length, prepare the data, and describe the stage."""
+def stage(cfg: PretrainConfig, dist: Distributed,
+          prepared: tuple[Tokenizer, TokenShards, TokenShards] | None = None) -> core.Stage:
+    """Validate, record the pretraining length, prepare the data (unless `prepared` gives it: the runs of an
+    ablation study share one tokenizer and one set of shards), and describe the stage."""
     cfg.validate(dist.world)
     cfg = recording_length(cfg)
-    tokenizer, train_shards, val_shards = prepare_data(cfg, dist)
+    tokenizer, train_shards, val_shards = prepared or prepare_data(cfg, dist)
 
     def validation() -> Iterator[core.Batch]:  # the same fixed batches at every evaluation
         source = PackedText(val_shards, cfg.seq_len, shuffle=False)
