@@ -50,11 +50,30 @@ def linear(weight: torch.Tensor) -> torch.nn.Linear:
     return module
 
 
+class MatrixVector(torch.nn.Module):
+    """y = W x by torch.mv (ATen's own GEMV, not oneDNN's GEMM) for a batch of one row."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.mv(self.weight, x[0])[None]
+
+
+def w8a8(weight: torch.Tensor) -> Int8Linear:
+    module = Int8Linear.quantize(weight)
+    module.int8_activations = True
+    return module
+
+
 FORMATS: dict[str, tuple[Callable[[torch.Tensor], torch.nn.Module], torch.dtype, float]] = {
     # name: (the module from a bf16 weight, the activations' dtype, bytes per weight element)
     "fp32 F.linear": (lambda w: linear(w.float()), torch.float32, 4),
     "bf16 F.linear": (linear, torch.bfloat16, 2),
+    "bf16 torch.mv": (MatrixVector, torch.bfloat16, 2),
     "int8 _weight_int8pack_mm": (Int8Linear.quantize, torch.bfloat16, 1),
+    "int8 w8a8 (fbgemm linear_dynamic)": (w8a8, torch.bfloat16, 1),
     "int4 _weight_int4pack_mm_for_cpu (g128)": (lambda w: Int4Linear.quantize(w, 128), torch.bfloat16, 0.5),
 }
 

@@ -1,5 +1,5 @@
-"""Quality of the quantized formats on a model `dsv2 train` produced: weights (fp32, bf16, int8, int4, block
-FP8) and latent cache (auto, fp8, 6bit), each against bf16 weights with the bf16 cache.
+"""Quality of the quantized formats on a model `dsv2 train` produced: weights (fp32, bf16, int8, w8a8, int4,
+block FP8) and latent cache (auto, fp8, 6bit), each against bf16 weights with the bf16 cache.
 
 For each variant:
 - validation perplexity, teacher-forced through the latent cache in chunks of 32 tokens, so that every
@@ -67,13 +67,14 @@ def main() -> None:
                            fp8_block=(128, 128))
                 return load_model(tmp, dtype=torch.bfloat16, fp8="keep", progress=False)
         model = load_model(run / "model", dtype=torch.bfloat16, progress=False)
-        return model if fmt == "bf16" else quant.quantize_model(model, fmt, args.int4_group)
+        return model if fmt == "bf16" else quant.for_inference(model, fmt, args.int4_group)
 
     truth = [cached_logits(weights("fp32"), b.inputs, "auto") for b in batches[:1]]
     greedy = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
     reference = None
     print(f"{'weights':<8} {'cache':<6} {'perplexity':>10} {'max |dlogit|':>12} {'agreement':>9} {'prefix':>6}")
-    for fmt, cache in [("bf16", "auto"), ("fp32", "auto"), ("int8", "auto"), ("int4", "auto"), ("fp8", "auto"),
+    for fmt, cache in [("bf16", "auto"), ("fp32", "auto"), ("int8", "auto"), ("w8a8", "auto"), ("int4", "auto"),
+                       ("fp8", "auto"),
                        ("bf16", "fp8"), ("bf16", "6bit"), ("int8", "fp8"), ("int4", "6bit")]:
         model = weights(fmt)
         nll = count = 0.0
