@@ -26,6 +26,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import httpx
 import torch
@@ -45,7 +48,7 @@ async def one_request(http: httpx.AsyncClient, body: dict) -> dict:
     if not stamps:
         return {"error": "no tokens"}
     return {"ttft": stamps[0] - t0, "itl": [b - a for a, b in zip(stamps, stamps[1:], strict=False)],
-            "tokens": len(stamps), "end": stamps[-1]}
+            "tokens": len(stamps), "stamps": stamps}
 
 
 async def scrape(http: httpx.AsyncClient) -> dict[str, float]:
@@ -53,23 +56,32 @@ async def scrape(http: httpx.AsyncClient) -> dict[str, float]:
             if line.startswith("dsv2_")}
 
 
-async def peaks(http: httpx.AsyncClient, stop: asyncio.Event) -> tuple[int, int]:
-    """Peak cache blocks in use and peak sequences running, scraped from /metrics every 50 ms."""
-    blocks = running = 0
-    while not stop.is_set():
-        values = await scrape(http)
-        blocks = max(blocks, int(values["dsv2_cache_blocks_used"]))
-        running = max(running, int(values["dsv2_requests_running"]))
-        await asyncio.sleep(0.05)
-    return blocks, running
+@dataclass
+class Load:
+    """What one load level recorded: each request's result (its token stamps included), /metrics as
+    (perf_counter time, values) before the first request, every 50 ms while they run and after the last,
+    and when the clients started and how long they took."""
+
+    results: list[dict]
+    samples: list[tuple[float, dict[str, float]]]
+    t0: float
+    seconds: float
 
 
-async def run_level(base: str, bodies: list[dict], concurrency: int) -> dict:
+async def drive(base: str, bodies: list[dict], concurrency: int) -> Load:
+    """Send `bodies` as streaming completions from `concurrency` clients, each taking the next body when its
+    last one finishes, while watching /metrics."""
     limits = httpx.Limits(max_connections=concurrency + 2)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as http:
-        hits_before = (await scrape(http))["dsv2_prefix_cache_hit_tokens_total"]
+        samples = [(time.perf_counter(), await scrape(http))]
         stop = asyncio.Event()
-        watcher = asyncio.create_task(peaks(http, stop))
+
+        async def watch() -> None:
+            while not stop.is_set():
+                samples.append((time.perf_counter(), await scrape(http)))
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.create_task(watch())
         queue = list(bodies)
         results: list[dict] = []
 
@@ -81,22 +93,82 @@ async def run_level(base: str, bodies: list[dict], concurrency: int) -> dict:
         await asyncio.gather(*(client() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
         stop.set()
-        peak, running = await watcher
-        hits = (await scrape(http))["dsv2_prefix_cache_hit_tokens_total"] - hits_before
-    ok = [r for r in results if "error" not in r]
+        await watcher
+        samples.append((time.perf_counter(), await scrape(http)))
+    return Load(results, samples, t0, elapsed)
+
+
+def pct(xs: list[float], q: float) -> float:
+    """The q-quantile of sorted seconds, in ms."""
+    return 1000 * xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def summarize(load: Load, concurrency: int) -> dict:
+    """One row of the table: throughput, latency percentiles, errors, peaks of cache blocks and sequences
+    running, prefix-cache hits."""
+    ok = [r for r in load.results if "error" not in r]
     ttft = sorted(r["ttft"] for r in ok)
     itl = sorted(x for r in ok for x in r["itl"])
-
-    def pct(xs: list[float], q: float) -> float:
-        return 1000 * xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
-
+    hits = [v["dsv2_prefix_cache_hit_tokens_total"] for _, v in load.samples]
     return {
-        "concurrency": concurrency, "requests": len(results), "errors": len(results) - len(ok),
-        "seconds": elapsed, "req_per_s": len(ok) / elapsed, "out_tok_per_s": sum(r["tokens"] for r in ok) / elapsed,
+        "concurrency": concurrency, "requests": len(load.results), "errors": len(load.results) - len(ok),
+        "seconds": load.seconds, "req_per_s": len(ok) / load.seconds,
+        "out_tok_per_s": sum(r["tokens"] for r in ok) / load.seconds,
         "ttft_p50_ms": pct(ttft, 0.5), "ttft_p99_ms": pct(ttft, 0.99), "itl_p50_ms": pct(itl, 0.5),
-        "itl_p99_ms": pct(itl, 0.99), "peak_blocks": peak, "peak_running": running, "prefix_hit_tokens": int(hits),
-        "first_error": next((r["error"] for r in results if "error" in r), None),
+        "itl_p99_ms": pct(itl, 0.99),
+        "peak_blocks": max(int(v["dsv2_cache_blocks_used"]) for _, v in load.samples),
+        "peak_running": max(int(v["dsv2_requests_running"]) for _, v in load.samples),
+        "prefix_hit_tokens": int(hits[-1] - hits[0]),
+        "first_error": next((r["error"] for r in load.results if "error" in r), None),
     }
+
+
+@contextmanager
+def server(model: str, *, dtype: str, threads: int, max_running: int, kv_cache_dtype: str = "auto",
+           cache_mb: float | None = None, prefix_caching: bool = True) -> Iterator[str]:
+    """`dsv2 serve --model MODEL` in its own process (`threads` OpenMP threads) on a free port: its base URL,
+    once /health answers; stopped on exit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dsv2.cli", "serve", "--model", model, "--dtype", dtype, "--port", str(port),
+         "--served-model-name", "bench", "--max-running", str(max_running), "--log-level", "warning",
+         "--kv-cache-dtype", kv_cache_dtype, *(["--cache-mb", str(cache_mb)] if cache_mb else []),
+         *([] if prefix_caching else ["--no-prefix-caching"])],
+        env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.time() > deadline:
+                raise SystemExit(f"the server of {model} did not start")
+            time.sleep(0.5)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def completion_bodies(model: str, n: int, prompt_tokens: tuple[int, int], max_tokens: int,
+                      shared_prefix: int = 0, seed: int = 0) -> list[dict]:
+    """`n` greedy streaming completions (EOS ignored, so each makes `max_tokens` tokens) of random token
+    prompts, their lengths uniform in `prompt_tokens`; all but the first two (the warm-up) start with the
+    same `shared_prefix` tokens."""
+    rng = random.Random(seed)
+    vocab = min(resolve_config(model).vocab_size, 30000)
+    lengths = [rng.randint(*prompt_tokens) for _ in range(n)]
+    shared = [rng.randrange(10, vocab) for _ in range(shared_prefix)]
+    prompts = [(shared if i >= 2 else []) + [rng.randrange(10, vocab) for _ in range(k)] for i, k in enumerate(lengths)]
+    return [{"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+             "stream": True} for prompt in prompts]
 
 
 def main() -> None:
@@ -115,44 +187,13 @@ def main() -> None:
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "dsv2.cli", "serve", "--model", args.model, "--dtype", args.dtype, "--port", str(port),
-         "--served-model-name", "bench", "--max-running", str(max(args.concurrency)), "--log-level", "warning",
-         "--kv-cache-dtype", args.kv_cache_dtype, *(["--cache-mb", str(args.cache_mb)] if args.cache_mb else []),
-         *([] if args.prefix_caching else ["--no-prefix-caching"])],
-        env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(base + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                raise SystemExit("the server did not start")
-            time.sleep(0.5)
-        rng = random.Random(0)
-        vocab = min(resolve_config(args.model).vocab_size, 30000)
-        lengths = [rng.randint(*args.prompt_tokens) for _ in range(args.requests + 2)]
-        shared = [rng.randrange(10, vocab) for _ in range(args.shared_prefix)]
-        prompts = [(shared if i >= 2 else []) + [rng.randrange(10, vocab) for _ in range(n)]
-                   for i, n in enumerate(lengths)]
-        bodies = [{"model": "bench", "prompt": prompt,
-                   "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
-                  for prompt in prompts]
-        warmup, bodies = bodies[:2], bodies[2:]
-        asyncio.run(run_level(base, warmup, 1))  # shares no prefix with what is measured
-        rows = [asyncio.run(run_level(base, bodies, c)) for c in args.concurrency]
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    bodies = completion_bodies(args.model, args.requests + 2, tuple(args.prompt_tokens), args.max_tokens,
+                               args.shared_prefix)
+    warmup, bodies = bodies[:2], bodies[2:]
+    with server(args.model, dtype=args.dtype, threads=args.threads, max_running=max(args.concurrency),
+                kv_cache_dtype=args.kv_cache_dtype, cache_mb=args.cache_mb, prefix_caching=args.prefix_caching) as base:
+        asyncio.run(drive(base, warmup, 1))  # shares no prefix with what is measured
+        rows = [summarize(asyncio.run(drive(base, bodies, c)), c) for c in args.concurrency]
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads; "
           f"model {args.model} {args.dtype}, {args.kv_cache_dtype} cache"

@@ -342,5 +342,6 @@ def test_health_and_metrics_need_no_key(server):
     assert httpx.get(base + "/health").json() == {"status": "ok"}
     m = metrics(base)
     names = {"requests_running", "requests_waiting", "cache_blocks_used", "cache_blocks_total", "tokens_per_second",
-             "cache_blocks_cached", "prefix_cache_hit_tokens_total", "prefix_cache_queried_tokens_total"}
+             "cache_blocks_cached", "cache_bytes_per_token", "prefix_cache_hit_tokens_total",
+             "prefix_cache_queried_tokens_total", "process_cpu_seconds_total"}
     assert {f"dsv2_{name}" for name in names} <= m.keys()

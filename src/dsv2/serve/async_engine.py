@@ -131,9 +131,11 @@ class AsyncEngine:
         return {
             "requests_running": s.running, "requests_waiting": s.waiting,
             "cache_blocks_total": s.blocks_total, "cache_blocks_used": s.blocks_used,
-            "cache_blocks_cached": s.blocks_cached,
+            "cache_blocks_cached": s.blocks_cached, "cache_bytes_per_token": s.cache_bytes_per_token,
             "prefix_cache_queried_tokens_total": s.totals["prefix_queried_tokens"],
             "prefix_cache_hit_tokens_total": s.totals["prefix_hit_tokens"],
             "preemptions_total": s.totals["preemptions"], "tokens_per_second": self.tokens_per_second(),
+            # every thread of the server (engine and HTTP): what serving cost, whatever else shares the machine
+            "process_cpu_seconds_total": time.process_time(),
             **{f"{k}_total": v for k, v in self.totals.items()},
         }
