@@ -14,14 +14,19 @@ def differentiating(weight: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and weight.requires_grad
 
 
+MV_MIN_ELEMENTS = 1 << 18  # below this a matrix is faster through oneDNN (see `linear`)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ weightᵀ [K, N] -> [..., N].
 
     One row in bf16 on the CPU (a batch-1 decode step, or an expert that got one token) goes through
-    `torch.mv`, ATen's own GEMV, rather than F.linear's oneDNN GEMM: oneDNN sets up a GEMM per call, 15-20 us
-    on the AMX Xeon before any arithmetic, and its bf16 M=1 kernel reads large matrices slower
-    (docs/benchmarks.md, `benchmarks/cpu_kernels.py`). Both accumulate in fp32."""
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.numel() == x.shape[-1]:
+    `torch.mv`, ATen's own GEMV, rather than F.linear's oneDNN GEMM, which reads V2-Lite's matrices 1.3-1.5x
+    slower at one row (2-core AMX Xeon, `benchmarks/cpu_kernels.py`: 22-30 GB/s against 28-45) and costs a
+    Lite-4 decode step 61 ms against 50. Below MV_MIN_ELEMENTS weights (nano's) oneDNN's ~19 us per call beats
+    mv's ~23. Both accumulate in fp32."""
+    if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.numel() == x.shape[-1]
+            and weight.numel() >= MV_MIN_ELEMENTS):
         return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
 
