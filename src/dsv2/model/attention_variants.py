@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv2.config import ModelConfig
+from dsv2.model.layers import Linear
 from dsv2.model.mla import CachedRows
 from dsv2.model.rope import apply_rope
 
@@ -34,10 +35,10 @@ class GroupedQueryAttention(nn.Module):
         c = config
         self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.attention_head_dim
         self.softmax_scale = c.softmax_scale
-        self.wq = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.wv = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
+        self.wq = Linear(c.hidden_size, self.n_heads * self.head_dim)
+        self.wk = Linear(c.hidden_size, self.n_kv * self.head_dim)
+        self.wv = Linear(c.hidden_size, self.n_kv * self.head_dim)
+        self.wo = Linear(self.n_heads * self.head_dim, c.hidden_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 rows: list[CachedRows] | None = None) -> torch.Tensor:

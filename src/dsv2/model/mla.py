@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv2.config import ModelConfig
-from dsv2.model.layers import RMSNorm, differentiating
+from dsv2.model.layers import Linear, RMSNorm, differentiating
 from dsv2.model.rope import apply_rope
 
 # Keys per tile when a prefill chunk attends to a long cached prefix (`MLA.attend_in_key_tiles`): past it,
@@ -72,15 +72,15 @@ class MLA(nn.Module):
         self.softmax_scale = c.softmax_scale
         q_out = self.n_heads * c.qk_head_dim
         if c.q_lora_rank:
-            self.wq_a = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
+            self.wq_a = Linear(c.hidden_size, c.q_lora_rank)
             self.q_norm = RMSNorm(c.q_lora_rank, eps=1e-6)  # reference builds latent norms with eps 1e-6
-            self.wq_b = nn.Linear(c.q_lora_rank, q_out, bias=False)
+            self.wq_b = Linear(c.q_lora_rank, q_out)
         else:
-            self.wq = nn.Linear(c.hidden_size, q_out, bias=False)
-        self.wkv_a = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
+            self.wq = Linear(c.hidden_size, q_out)
+        self.wkv_a = Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim)
         self.kv_norm = RMSNorm(c.kv_lora_rank, eps=1e-6)
         self.wkv_b = nn.Linear(c.kv_lora_rank, self.n_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
-        self.wo = nn.Linear(self.n_heads * c.v_head_dim, c.hidden_size, bias=False)
+        self.wo = Linear(self.n_heads * c.v_head_dim, c.hidden_size)
         # W_UK, W_UV kept by `prepare_for_inference`: a plain attribute, so never a parameter, a buffer or
         # part of the state dict; a copy of wkv_b as it was then, so stale once wkv_b changes
         self.prepared_absorbed: tuple[torch.Tensor, torch.Tensor] | None = None

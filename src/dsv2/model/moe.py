@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv2.config import ModelConfig
-from dsv2.model.layers import MLP, differentiating
+from dsv2.model.layers import MLP, differentiating, linear
 
 
 @dataclass
@@ -115,7 +115,7 @@ class RoutedExperts(nn.Module):
 
     @staticmethod
     def expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+        return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
 
     ROW_BUCKET = 16
 

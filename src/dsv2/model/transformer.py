@@ -12,7 +12,7 @@ from torch import nn
 
 from dsv2.config import ModelConfig
 from dsv2.model.attention_variants import GroupedQueryAttention
-from dsv2.model.layers import MLP, RMSNorm
+from dsv2.model.layers import MLP, Linear, RMSNorm
 from dsv2.model.mla import MLA, CachedRows, LayerCache
 from dsv2.model.moe import MoE, Routing
 from dsv2.model.rope import RotaryEmbedding
@@ -59,7 +59,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.head = Linear(config.hidden_size, config.vocab_size)
         self.rope = RotaryEmbedding(config)
         self.inference_version = 0  # counts `prepare_for_inference` calls: cached latents older than it are stale
 
