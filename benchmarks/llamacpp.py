@@ -119,10 +119,12 @@ class LlamaCpp:
         _run([str(self.bin / "llama-quantize"), str(gguf), str(out), kind, str(threads)])
         return out
 
-    def bench(self, gguf: Path, threads: int, prompt: int, new_tokens: int, repeats: int) -> dict[str, Any]:
-        """Batch 1: llama-bench's prefill and decode tok/s, each the median of its repetitions."""
+    def bench(self, gguf: Path, threads: int, prompt: int, new_tokens: int, repeats: int,
+              repack: bool = True) -> dict[str, Any]:
+        """Batch 1: llama-bench's prefill and decode tok/s, each the median of its repetitions. `repack`: llama.cpp's
+        repacked CPU layouts (AMX / AVX-512 "extra buffer types"), its fastest path where it works."""
         out = _run([str(self.bin / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt),
-                    "-n", str(new_tokens), "-r", str(repeats), "-o", "json"])
+                    "-n", str(new_tokens), "-r", str(repeats), "-o", "json", "--repack", str(int(repack))])
         tests = json.loads(out)
         pp = next(t for t in tests if t["n_prompt"] == prompt and t["n_gen"] == 0)
         tg = next(t for t in tests if t["n_gen"] == new_tokens and t["n_prompt"] == 0)
@@ -132,12 +134,13 @@ class LlamaCpp:
                 "flash_attn": tg.get("flash_attn")}  # -1: auto
 
     def batched_bench(self, gguf: Path, threads: int, prompt: int, new_tokens: int, batches: list[int],
-                      repeats: int) -> dict[int, dict[str, float]]:
+                      repeats: int, repack: bool = True) -> dict[int, dict[str, float]]:
         """llama-batched-bench's S_PP and S_TG (tok/s of all sequences together) per batch size, each the
         median of `repeats` runs."""
         cmd = [str(self.bin / "llama-batched-bench"), "-m", str(gguf), "-t", str(threads), "-tb", str(threads),
                "-c", str(max(batches) * (prompt + new_tokens)), "-b", "2048", "-ub", "512", "-npp", str(prompt),
-               "-ntg", str(new_tokens), "-npl", ",".join(map(str, batches)), "--output-format", "jsonl"]
+               "-ntg", str(new_tokens), "-npl", ",".join(map(str, batches)), "--output-format", "jsonl",
+               *([] if repack else ["--no-repack"])]
         runs = []
         for _ in range(repeats):
             lines = _run(cmd).splitlines()
@@ -207,10 +210,20 @@ def measure_model(llama: LlamaCpp, name: str, tmp: Path, args: argparse.Namespac
         ggufs[kind] = llama.quantize(ggufs["BF16"], tmp / f"{name}-{kind}.gguf", kind, args.threads)
     result: dict[str, Any] = {"llama.cpp": {}, "dsv2": {}}
     for kind, gguf in ggufs.items():
+        # llama.cpp 0c1e570's repacked layouts abort on some of V2's tensors on an AMX CPU (Q8_0 on lite4:
+        # "GGML_ASSERT(*cur_backend_id != -1)", no backend takes a node); then it runs with plain layouts
+        repack = True
+        try:
+            bench = llama.bench(gguf, args.threads, args.prompt, args.new_tokens, args.repeats)
+        except LlamaCppError as e:
+            if "cur_backend_id" not in str(e):
+                raise
+            repack = False
+            bench = llama.bench(gguf, args.threads, args.prompt, args.new_tokens, args.repeats, repack=False)
         result["llama.cpp"][kind] = {
-            "bench": llama.bench(gguf, args.threads, args.prompt, args.new_tokens, args.repeats),
+            "bench": bench, "repack": repack,
             "batched": llama.batched_bench(gguf, args.threads, args.prompt, args.new_tokens, [1, args.batch],
-                                           args.repeats),
+                                           args.repeats, repack=repack),
             "file_mb": gguf.stat().st_size / 2**20}
     for fmt in PAIRS:
         result["dsv2"][fmt] = run_worker("dsv2", folder, fmt, args)
@@ -255,6 +268,10 @@ def report(name: str, r: dict[str, Any], args: argparse.Namespace, bandwidth_gbs
     print(f"largest spread of one point's repeats (slowest / fastest decode): dsv2 and transformers {spread:.2f}, "
           f"llama-bench {ll_spread:.2f}; llama.cpp flash_attn: {r['llama.cpp']['BF16']['bench']['flash_attn']}; "
           f"GGUF MB: " + ", ".join(f"{k} {v['file_mb']:.0f}" for k, v in r["llama.cpp"].items()))
+    plain = [k for k, v in r["llama.cpp"].items() if not v["repack"]]
+    if plain:
+        print(f"llama.cpp ran {', '.join(plain)} without its repacked layouts (--repack 0): they abort on this "
+              "model here")
 
 
 def main() -> None:

@@ -125,7 +125,8 @@ def summarize(load: Load, concurrency: int) -> dict:
 
 @contextmanager
 def server(model: str, *, dtype: str, threads: int, max_running: int, kv_cache_dtype: str = "auto",
-           cache_mb: float | None = None, prefix_caching: bool = True) -> Iterator[str]:
+           cache_mb: float | None = None, prefix_caching: bool = True, prefill_chunk: int | None = None,
+           ) -> Iterator[str]:
     """`dsv2 serve --model MODEL` in its own process (`threads` OpenMP threads) on a free port: its base URL,
     once /health answers; stopped on exit."""
     with socket.socket() as s:
@@ -136,7 +137,8 @@ def server(model: str, *, dtype: str, threads: int, max_running: int, kv_cache_d
         [sys.executable, "-m", "dsv2.cli", "serve", "--model", model, "--dtype", dtype, "--port", str(port),
          "--served-model-name", "bench", "--max-running", str(max_running), "--log-level", "warning",
          "--kv-cache-dtype", kv_cache_dtype, *(["--cache-mb", str(cache_mb)] if cache_mb else []),
-         *([] if prefix_caching else ["--no-prefix-caching"])],
+         *([] if prefix_caching else ["--no-prefix-caching"]),
+         *(["--prefill-chunk", str(prefill_chunk)] if prefill_chunk else [])],
         env=env,
     )
     base = f"http://127.0.0.1:{port}"
@@ -184,6 +186,7 @@ def main() -> None:
     ap.add_argument("--cache-mb", type=float, help="latent cache memory (default: the server's)")
     ap.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with")
     ap.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false")
+    ap.add_argument("--prefill-chunk", type=int, help="the server's --prefill-chunk (default: the server's)")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
 
@@ -191,7 +194,8 @@ def main() -> None:
                                args.shared_prefix)
     warmup, bodies = bodies[:2], bodies[2:]
     with server(args.model, dtype=args.dtype, threads=args.threads, max_running=max(args.concurrency),
-                kv_cache_dtype=args.kv_cache_dtype, cache_mb=args.cache_mb, prefix_caching=args.prefix_caching) as base:
+                kv_cache_dtype=args.kv_cache_dtype, cache_mb=args.cache_mb, prefix_caching=args.prefix_caching,
+                prefill_chunk=args.prefill_chunk) as base:
         asyncio.run(drive(base, warmup, 1))  # shares no prefix with what is measured
         rows = [summarize(asyncio.run(drive(base, bodies, c)), c) for c in args.concurrency]
 
@@ -199,7 +203,8 @@ def main() -> None:
           f"model {args.model} {args.dtype}, {args.kv_cache_dtype} cache"
           f"{f' of {args.cache_mb} MiB' if args.cache_mb else ''}; {args.requests} requests, prompts "
           f"{args.prompt_tokens[0]}-{args.prompt_tokens[1]} tokens after a shared prefix of {args.shared_prefix}, "
-          f"{args.max_tokens} new tokens each, streaming; prefix caching {'on' if args.prefix_caching else 'off'}")
+          f"{args.max_tokens} new tokens each, streaming; prefix caching {'on' if args.prefix_caching else 'off'}; "
+          f"prefill chunk {args.prefill_chunk or 'the server default'}")
     print("| clients | req/s | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors | peak cache blocks | "
           "peak running | prefix-cache hit tokens |")
     print("|---|---|---|---|---|---|---|---|---|")

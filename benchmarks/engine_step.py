@@ -1,0 +1,55 @@
+"""The engine's decode step, alone: `LLMEngine.step` at batch B after a 128-token prompt, the median of 24 steps
+after 8 warm-up steps, random bf16 weights built in memory. A quick A/B probe for a change to the decode path
+(run it on the two trees one after the other); decode.py is the benchmark against transformers.
+
+    python benchmarks/engine_step.py lite4 bf16 1 8      # model (nano / small / lite4), weights, batch sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import dsv2
+from dsv2 import LLM, SamplingParams, hardware
+
+MODELS = {"nano": lambda: dsv2.preset("nano"), "small": lambda: dsv2.preset("small"),
+          "lite4": lambda: dsv2.preset("deepseek-v2-lite").replace(num_hidden_layers=4)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", choices=list(MODELS))
+    p.add_argument("weights", choices=["bf16", "int8", "w8a8", "int4"])
+    p.add_argument("batches", type=int, nargs="+")
+    args = p.parse_args()
+    config = MODELS[args.model]()
+    model = dsv2.weights.random_model(config, dtype=torch.bfloat16, seed=0)
+    llm = LLM(model, quantization=None if args.weights == "bf16" else args.weights, skip_tokenizer_init=True,
+              max_batch_size=max(args.batches))
+    engine = llm.engine
+    print(hardware.describe())
+    for batch in args.batches:
+        g = torch.Generator().manual_seed(batch)
+        prompts = torch.randint(10, min(config.vocab_size, 30000), (batch, 128), generator=g).tolist()
+        for prompt in prompts:
+            engine.add_request(engine.make_request(prompt, SamplingParams(max_tokens=40, temperature=0,
+                                                                          ignore_eos=True)))
+        for _ in range(8):  # the prefill, then warm-up decode steps
+            engine.step()
+        times = []
+        for _ in range(24):
+            t = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t)
+        while engine.has_unfinished():
+            engine.step()
+        print(f"{args.model} {args.weights} batch {batch}: decode step {statistics.median(times) * 1e3:.2f} ms "
+              f"(fastest {min(times) * 1e3:.2f})")
+
+
+if __name__ == "__main__":
+    main()
