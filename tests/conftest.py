@@ -139,6 +139,16 @@ def random_model(case: str = "v2_like", dtype: torch.dtype = torch.float32) -> d
     return model.eval()
 
 
+def drain(engine, prompts: list[list[int]], params) -> list[list[int]]:
+    """Add every prompt to an LLMEngine as a request, step until all finish -> their output token ids."""
+    requests = [engine.make_request(p, params) for p in prompts]
+    for r in requests:
+        engine.add_request(r)
+    while engine.has_unfinished():
+        engine.step()
+    return [r.out.token_ids for r in requests]
+
+
 def hf_model_from(path, dtype: torch.dtype = torch.float32):
     """transformers' DeepseekV2ForCausalLM loaded from a checkpoint folder, the way the parity tests compare against
     it: eager attention, eval mode."""

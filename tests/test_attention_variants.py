@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import PROMPTS, hub_config, randomize_
+from conftest import PROMPTS, drain, hub_config, randomize_
 
 import dsv2
 from dsv2.config import ConfigError, ModelConfig, preset
@@ -170,15 +170,6 @@ def test_quantized_cache_is_refused_for_a_variant():
 
 
 # ------------------------------------------------------------------------------------------------- engine
-def drain(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-    requests = [engine.make_request(p, params) for p in prompts]
-    for r in requests:
-        engine.add_request(r)
-    while engine.has_unfinished():
-        engine.step()
-    return [r.out.token_ids for r in requests]
-
-
 @pytest.mark.parametrize("attention", sorted(VARIANTS))
 @torch.no_grad()
 def test_engine_greedy_equals_the_plain_loop_paged_with_prefix_caching(attention):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CASES, PROMPTS, random_model, randomize_, require
+from conftest import CASES, PROMPTS, drain, random_model, randomize_, require
 
 import dsv2
 from dsv2 import LLM, SamplingError, SamplingParams
@@ -142,12 +142,7 @@ def test_prepared_copies_follow_new_weights_only_when_prepared_again():
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
     def engine_tokens() -> list[list[int]]:
-        requests = [engine.make_request(p, params) for p in PROMPTS]
-        for r in requests:
-            engine.add_request(r)
-        while engine.has_unfinished():
-            engine.step()
-        return [r.out.token_ids for r in requests]
+        return drain(engine, PROMPTS, params)
 
     before = engine_tokens()
     randomize_(model)  # new weights, in place: the prepared copies are now stale
