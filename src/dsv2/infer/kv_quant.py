@@ -159,6 +159,9 @@ class Fp8Groups:
         bits <<= 20
         bits &= _FP8_IN_FP32_BITS
         scale = _bytes_as(data[..., n:], torch.float32) * 2.0**120
+        if not bool(scale.isfinite().all()):  # a group scale past 2^8 (amax > ~1.1e5): re-bias first, then scale
+            out.mul_(2.0**120)
+            scale = _bytes_as(data[..., n:], torch.float32)
         full, tail = divmod(n, self.group)
         out[..., : full * self.group].unflatten(-1, (full, self.group)).mul_(scale[..., :full, None])
         if tail:
