@@ -120,12 +120,18 @@ def _range_anchor(k: int) -> torch.Tensor:
     return anchor
 
 
+@functools.cache
+def _needs_reduce_range() -> bool:
+    """fbgemm's 7-bit activations, on CPUs without VNNI (asked once, not in every decode step's GEMV)."""
+    return not torch.cpu._is_vnni_supported()
+
+
 def int8_rows(x2d: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """x [M,K] @ Wᵀ with x quantized to 8 bits per row ("w8a8", the module docstring) -> [M,N] in x's dtype."""
     x = x2d.float()
     amax = x.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     rows = torch.cat([x / amax, _range_anchor(x.shape[1])])
-    y = torch.ops.quantized.linear_dynamic(rows, packed, not torch.cpu._is_vnni_supported())
+    y = torch.ops.quantized.linear_dynamic(rows, packed, _needs_reduce_range())
     return (y[:-1] * amax).to(x2d.dtype)
 
 
