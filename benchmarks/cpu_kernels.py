@@ -2,7 +2,8 @@
 
 A decode step at batch 1 is a chain of matrix-vector products, one per weight matrix, so its floor is the
 weights' bytes over the machine's read bandwidth. This prints, for the matrix shapes of DeepSeek-V2-Lite
-(an expert's projections, the shared experts, the dense MLP, the LM head), ms per call and GB/s of weight
+(an expert's projections, the shared experts, the dense MLP, the LM head) and of the small presets' experts
+(where oneDNN's ~20 us per call, not bytes, is the cost), ms per call and GB/s of weight
 bytes for each format dsv2 can run, at 1 thread and at all threads, beside a plain large read (the
 machine's bandwidth). A kernel whose GB/s doubles from 1 to 2 threads is compute-bound, not memory-bound:
 faster memory would not help it, a better kernel would.
@@ -22,15 +23,18 @@ from collections.abc import Callable
 import torch
 
 from dsv2 import hardware
+from dsv2.model import layers
 from dsv2.model.quant import Int4Linear, Int8Linear
 
 THREADS = torch.get_num_threads()  # all threads: the second column of every row
-SHAPES = {  # [N, K] of V2-Lite's weight matrices
+SHAPES = {  # [N, K] of V2-Lite's weight matrices, then small's and nano's experts (where per-call cost rules)
     "expert gate/up 1408x2048": (1408, 2048),
     "expert down 2048x1408": (2048, 1408),
     "shared experts 2816x2048": (2816, 2048),
     "dense MLP 10944x2048": (10944, 2048),
     "LM head 102400x2048": (102400, 2048),
+    "small expert 256x1024": (256, 1024),
+    "nano expert 64x128": (64, 128),
 }
 
 
@@ -48,6 +52,17 @@ def linear(weight: torch.Tensor) -> torch.nn.Linear:
     module = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
     module.weight.data = weight
     return module
+
+
+class Kernel(torch.nn.Module):
+    """y = fn(x, W) for a kernel function of dsv2.model.layers."""
+
+    def __init__(self, weight: torch.Tensor, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.weight, self.fn = weight, fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, self.weight)
 
 
 class MatrixVector(torch.nn.Module):
@@ -72,6 +87,8 @@ FORMATS: dict[str, tuple[Callable[[torch.Tensor], torch.nn.Module], torch.dtype,
     "fp32 F.linear": (lambda w: linear(w.float()), torch.float32, 4),
     "bf16 F.linear": (linear, torch.bfloat16, 2),
     "bf16 torch.mv": (MatrixVector, torch.bfloat16, 2),
+    "bf16 ATen F.linear (oneDNN off)": (lambda w: Kernel(w, layers.aten_linear), torch.bfloat16, 2),
+    "bf16 dsv2 layers.linear (its pick)": (lambda w: Kernel(w, layers.linear), torch.bfloat16, 2),
     "int8 _weight_int8pack_mm": (Int8Linear.quantize, torch.bfloat16, 1),
     "int8 w8a8 (fbgemm linear_dynamic)": (w8a8, torch.bfloat16, 1),
     "int4 _weight_int4pack_mm_for_cpu (g128)": (lambda w: Int4Linear.quantize(w, 128), torch.bfloat16, 0.5),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import random_model
 
+from dsv2.model import layers
 from dsv2.model.rope import apply_rope
 
 
@@ -61,3 +63,37 @@ def test_training_backward_reaches_every_parameter():
     no_grad = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     # every routed expert is used by 4×64 tokens × top-3 over 16 experts, so all get gradients
     assert no_grad == []
+
+
+@pytest.mark.parametrize("rows, out_features, in_features", [
+    (1, 64, 128),  # one row, small matrix: ATen's own kernel, oneDNN off for the call
+    (1, 1024, 1024),  # one row, matrix >= MV_MIN_ELEMENTS: torch.mv
+    (4, 64, 128),  # a few rows of a small matrix: ATen's kernel
+    (64, 512, 512),  # anything larger: F.linear
+])
+@pytest.mark.parametrize("mkldnn_on", [True, False])
+def test_linear_paths_equal_fp32_and_restore_onednn(rows, out_features, in_features, mkldnn_on, monkeypatch):
+    """Every kernel `layers.linear` picks for bf16 on the CPU computes x @ Wᵀ as an fp32-accumulated product rounded
+    once to bf16 (so within one bf16 rounding of the fp32 product), keeps the leading dims, and leaves oneDNN's
+    process-wide switch as it found it."""
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", mkldnn_on)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 1, in_features, generator=g).bfloat16()
+    w = torch.randn(out_features, in_features, generator=g).bfloat16()
+    got = layers.linear(x, w)
+    exact = x.float() @ w.float().t()
+    assert got.shape == (rows, 1, out_features) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), exact, rtol=2**-7, atol=1e-3 * exact.abs().max().item())
+    assert torch.backends.mkldnn.enabled is mkldnn_on
+
+
+def test_linear_chooses_aten_for_small_products(monkeypatch):
+    """The size rule: small products go to ATen's kernel (oneDNN's per-call floor is ~20 us), big ones do not."""
+    taken = []
+    monkeypatch.setattr(layers, "aten_linear", lambda x, w: taken.append(x.shape[0]) or x @ w.t())
+    w_small, w_big = torch.randn(64, 128).bfloat16(), torch.randn(1024, 1024).bfloat16()
+    for rows in (1, 8, 64):
+        layers.linear(torch.randn(rows, 128).bfloat16(), w_small)
+    layers.linear(torch.randn(1, 1024).bfloat16(), w_big)
+    layers.linear(torch.randn(1, 128), w_small.float())  # fp32: always F.linear
+    assert taken == [1, 8]  # 64 rows x 8,192 elements passes ATEN_MAX_PRODUCT

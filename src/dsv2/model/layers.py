@@ -14,21 +14,43 @@ def differentiating(weight: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and weight.requires_grad
 
 
-MV_MIN_ELEMENTS = 1 << 18  # below this a matrix is faster through oneDNN (see `linear`)
+MV_MIN_ELEMENTS = 1 << 19  # one row times a matrix at least this big: oneDNN's GEMV (see `linear`)
+ATEN_MAX_PRODUCT = 1 << 17  # rows x weight elements at most this: ATen's own kernel (see `linear`)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ weightᵀ [K, N] -> [..., N].
 
-    One row in bf16 on the CPU (a batch-1 decode step, or an expert that got one token) goes through
-    `torch.mv`, ATen's own GEMV, rather than F.linear's oneDNN GEMM, which reads V2-Lite's matrices 1.3-1.5x
-    slower at one row (2-core AMX Xeon, `benchmarks/cpu_kernels.py`: 22-30 GB/s against 28-45) and costs a
-    Lite-4 decode step 61 ms against 50. Below MV_MIN_ELEMENTS weights (nano's) oneDNN's ~19 us per call beats
-    mv's ~23. Both accumulate in fp32."""
-    if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.numel() == x.shape[-1]
-            and weight.numel() >= MV_MIN_ELEMENTS):
+    bf16 on the CPU picks the kernel by size, as decode's products are small (2-core AMX Xeon, torch 2.13,
+    `benchmarks/cpu_kernels.py`). oneDNN, which F.linear and torch.mv call for bf16, costs ~20 us per call
+    whatever the size; ATen's own bf16 kernels have no such floor but run ~1 ns per multiply-add (12 GB/s).
+    - one row and a matrix of >= MV_MIN_ELEMENTS (a decode step's projections and experts at V2-Lite's size):
+      `torch.mv`, oneDNN's GEMV, which reads such matrices 1.2-1.5x faster than F.linear's GEMM (22-30 GB/s
+      against 28-45): a Lite-4 decode step 61 ms against 50;
+    - one row and a smaller matrix, or rows x elements <= ATEN_MAX_PRODUCT (nano's matrices, small batches):
+      ATen's kernel, oneDNN switched off for the call: 3-15 us against 21-26 (one row of 64 x 128: 4 against 23);
+    - anything larger: F.linear (oneDNN's GEMM; AMX on a CPU that has it).
+    All of them accumulate in fp32."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16:
+        return F.linear(x, weight)
+    rows = x.numel() // x.shape[-1]
+    if rows == 1 and weight.numel() >= MV_MIN_ELEMENTS:
         return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
+    if rows == 1 or rows * weight.numel() <= ATEN_MAX_PRODUCT:
+        return aten_linear(x, weight)
     return F.linear(x, weight)
+
+
+def aten_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear through ATen's own CPU kernel: oneDNN (mkldnn) switched off for the call, then restored. The
+    flag is process-wide; the model's forwards run on one thread (the engine's), so nothing else sees it."""
+    mkldnn = torch.backends.mkldnn
+    enabled = mkldnn.enabled
+    mkldnn.enabled = False
+    try:
+        return F.linear(x, weight)
+    finally:
+        mkldnn.enabled = enabled
 
 
 class Linear(nn.Linear):
