@@ -77,6 +77,24 @@ def test_unchosen_experts_are_never_read():
     assert torch.isfinite(moe(x.unsqueeze(0))[0]).all()
 
 
+@torch.no_grad()
+def test_grouped_cpu_path_with_dropped_slots_and_unchosen_experts():
+    """The CPU's grouped GEMMs (bf16, a prefill-sized batch: `uses_grouped_mm`) pad each expert's rows to
+    ROW_BUCKET: dropped slots (id -1) still add nothing, NaN experts nobody chose are never read, and the result
+    is the loop's (K = 2: bit-identical)."""
+    moe = make_moe("lite_like", torch.bfloat16)
+    experts = moe.experts
+    x = torch.randn(200, moe.gate.weight.shape[1], dtype=torch.bfloat16)
+    w, idx, _ = moe.gate(x)
+    idx = torch.where(torch.rand(idx.shape) < 0.2, -1, idx.remainder(experts.n_experts - 2))  # last two unchosen
+    assert experts.uses_grouped_mm(x, idx.numel())
+    for p in (experts.w1, experts.w2, experts.w3):
+        p[-2:] = float("nan")
+    grouped = experts(x, w, idx)
+    assert torch.equal(grouped, experts.loop_experts(x, w, idx))
+    assert torch.isfinite(grouped).all()
+
+
 def test_group_limited_routing_stays_within_top_groups():
     moe = make_moe(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)
     x = torch.randn(200, moe.gate.weight.shape[1])

@@ -194,6 +194,6 @@ class FP8RoutedExperts(_BlockFP8Storage, RoutedExperts):
         w1, w2, w3 = (dequantize_block_fp8(codes, scale, self.block, x.dtype) for codes, scale in (w1, w2, w3))
         return super().expert(x, w1, w2, w3)
 
-    def uses_grouped_mm(self, x: torch.Tensor) -> bool:
+    def uses_grouped_mm(self, x: torch.Tensor, n_slots: int) -> bool:
         # one grouped GEMM would need every expert dequantized per call; the per-expert path reads only those chosen
         return False

@@ -322,7 +322,7 @@ class QuantizedRoutedExperts(RoutedExperts):
         self.n_experts = len(w1)
         self.w1, self.w2, self.w3 = nn.ModuleList(w1), nn.ModuleList(w2), nn.ModuleList(w3)
 
-    def uses_grouped_mm(self, x: torch.Tensor) -> bool:
+    def uses_grouped_mm(self, x: torch.Tensor, n_slots: int) -> bool:
         return False  # F.grouped_mm takes stacked float weights only
 
     def per_expert(self) -> tuple[nn.ModuleList, nn.ModuleList, nn.ModuleList]:
