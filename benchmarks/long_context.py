@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -113,6 +114,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "small-yarn")
         dsv2.save_model(dsv2.random_model(config(), dtype=torch.bfloat16, seed=0), path, progress=False)
+        os.sync()  # the checkpoint's writeback would compete with the first timed point (decode.run_worker)
         for context in args.contexts:
             for which in ("dsv2", "transformers"):
                 if which == "transformers" and context > args.transformers_max:
