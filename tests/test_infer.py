@@ -49,8 +49,13 @@ def test_path_choice_follows_cost():
     cfg = dsv2.preset("deepseek-v2")
     with torch.device("meta"):
         attn = MLA(cfg)
-    assert attn.absorbed_is_cheaper(1) and attn.absorbed_is_cheaper(64)
-    assert not attn.absorbed_is_cheaper(512)  # long prefill chunks decompress once instead
+    assert attn.absorbed_is_cheaper(1, 1) and attn.absorbed_is_cheaper(1, 4096)  # decode
+    assert attn.absorbed_is_cheaper(64, 4096)  # a short chunk over a long prefix
+    assert not attn.absorbed_is_cheaper(512, 4096)  # long chunks decompress once instead
+    assert not any(attn.absorbed_is_cheaper(s, s) for s in (2, 64, 512))  # a fresh prefill never absorbs
+    # where absorbed's fp32 work weighs 3x naive's bf16 (a CPU computing in bf16), only much shorter chunks absorb
+    assert not attn.absorbed_is_cheaper(64, 4096, cpu_bf16=True)
+    assert attn.absorbed_is_cheaper(16, 4096, cpu_bf16=True) and attn.absorbed_is_cheaper(1, 2, cpu_bf16=True)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -69,7 +69,8 @@ def test_training_backward_reaches_every_parameter():
     (1, 64, 128),  # one row, small matrix: ATen's own kernel, oneDNN off for the call
     (1, 1024, 1024),  # one row, matrix >= MV_MIN_ELEMENTS: torch.mv
     (4, 64, 128),  # a few rows of a small matrix: ATen's kernel
-    (64, 512, 512),  # anything larger: F.linear
+    (64, 512, 512),  # up to WEIGHT_LEFT_MAX_ROWS rows: W @ xᵀ
+    (256, 512, 512),  # more rows: F.linear
 ])
 @pytest.mark.parametrize("mkldnn_on", [True, False])
 def test_linear_paths_equal_fp32_and_restore_onednn(rows, out_features, in_features, mkldnn_on, monkeypatch):
@@ -87,13 +88,17 @@ def test_linear_paths_equal_fp32_and_restore_onednn(rows, out_features, in_featu
     assert torch.backends.mkldnn.enabled is mkldnn_on
 
 
-def test_linear_chooses_aten_for_small_products(monkeypatch):
-    """The size rule: small products go to ATen's kernel (oneDNN's per-call floor is ~20 us), big ones do not."""
+def test_linear_chooses_by_size(monkeypatch):
+    """The size rule: small products go to ATen's kernel (oneDNN's per-call floor is ~20 us), one row of a big
+    matrix to torch.mv, a few rows to W @ xᵀ, many to F.linear; fp32 always to F.linear."""
     taken = []
-    monkeypatch.setattr(layers, "aten_linear", lambda x, w: taken.append(x.shape[0]) or x @ w.t())
+    monkeypatch.setattr(layers, "aten_linear", lambda x, w: taken.append(("aten", x.shape[0])) or x @ w.t())
+    monkeypatch.setattr(torch, "mv", lambda w, x: taken.append(("mv", 1)) or w @ x)
+    monkeypatch.setattr(torch, "mm", lambda w, x: taken.append(("weight left", x.shape[1])) or w @ x)
     w_small, w_big = torch.randn(64, 128).bfloat16(), torch.randn(1024, 1024).bfloat16()
     for rows in (1, 8, 64):
         layers.linear(torch.randn(rows, 128).bfloat16(), w_small)
-    layers.linear(torch.randn(1, 1024).bfloat16(), w_big)
-    layers.linear(torch.randn(1, 128), w_small.float())  # fp32: always F.linear
-    assert taken == [1, 8]  # 64 rows x 8,192 elements passes ATEN_MAX_PRODUCT
+    for rows in (1, 8, 200):
+        layers.linear(torch.randn(rows, 1024).bfloat16(), w_big)
+    layers.linear(torch.randn(1, 128), w_small.float())
+    assert taken == [("aten", 1), ("aten", 8), ("weight left", 64), ("mv", 1), ("weight left", 8)]

@@ -34,6 +34,10 @@ from dsv2.model.rope import apply_rope
 # Keys per tile when a prefill chunk attends to a long cached prefix (`MLA.attend_in_key_tiles`): past it,
 # the chunk's scores would grow with the context (512 queries x 8 heads x 32K keys in fp32 = 512 MiB)
 KEY_TILE = 4096
+# How many times naive's multiply-adds one of absorbed's costs on a CPU computing in bf16 (`absorbed_is_cheaper`):
+# absorbed attends in fp32 there, naive in bf16 through AMX / AVX-512 BF16; measured 3.4-5.5x on V2-Lite's and
+# small's shapes (2-core AMX Xeon, torch 2.13: Lite, 128 queries over 640 keys, absorbed 13.9 ms, naive 3.9)
+CPU_BF16_ABSORBED_COST = 3
 
 
 class LayerCache(Protocol):
@@ -120,7 +124,8 @@ class MLA(nn.Module):
         B, S = q_nope.shape[:2]
         T = rows.span
         history = rows.cache.read(T)  # [B,T,d_c + d_h^R]
-        absorbed, mask = self.absorbed_is_cheaper(S), rows.mask
+        cpu_bf16 = q_nope.device.type == "cpu" and q_nope.dtype == torch.bfloat16
+        absorbed, mask = self.absorbed_is_cheaper(S, T, cpu_bf16), rows.mask
         if mask is None and S > 1 and (absorbed or T > S):  # the shared causal mask, aligned to the span's end
             mask = torch.ones(S, T, dtype=torch.bool, device=q_nope.device).tril(T - S).expand(B, S, T)
         if absorbed:
@@ -237,9 +242,20 @@ class MLA(nn.Module):
         """Split wkv_b once for every later absorbed step (see `Transformer.prepare_for_inference`)."""
         self.prepared_absorbed = self.split_wkv_b()
 
-    def absorbed_is_cheaper(self, n_queries: int) -> bool:
-        """Per (query, key, head) absorbed attention costs 2·d_c + d_h^R multiply-adds against naive's
-        d_h + d_h^R + d_v, but naive first decompresses every key: d_c·(d_h + d_v) per (key, head).
-        So absorbed wins while S·(2·d_c − d_h − d_v) < d_c·(d_h + d_v): always at decode (S = 1)."""
-        extra = 2 * self.kv_rank - self.nope_dim - self.v_dim
-        return extra <= 0 or n_queries * extra < self.kv_rank * (self.nope_dim + self.v_dim)
+    def absorbed_is_cheaper(self, n_queries: int, n_keys: int, cpu_bf16: bool = False) -> bool:
+        """Which path costs fewer multiply-adds for S = n_queries queries over T = n_keys keys, per head:
+
+            absorbed  S·d_c·(d_h + d_v)   W_UK into the queries, W_UV onto the outputs  + S·T·(2·d_c + d_h^R)
+            naive     T·d_c·(d_h + d_v)   every key decompressed                       + S·T·(d_h + d_h^R + d_v)
+
+        So a decode step (S = 1) absorbs, a fresh prefill (T = S) never does (its first terms are equal and
+        2·d_c > d_h + d_v), and a short chunk over a long cached prefix does. `cpu_bf16`: on a CPU computing
+        in bf16, absorbed runs in fp32 (`absorbed`) while naive decompresses and attends in bf16 at the matrix
+        units' speed, so for S > 1 absorbed's count weighs CPU_BF16_ABSORBED_COST times."""
+        S, T = n_queries, n_keys
+        if S == 1:
+            return True
+        up = self.kv_rank * (self.nope_dim + self.v_dim)
+        absorbed = S * up + S * T * (2 * self.kv_rank + self.rope_dim)
+        naive = T * up + S * T * (self.nope_dim + self.rope_dim + self.v_dim)
+        return absorbed * (CPU_BF16_ABSORBED_COST if cpu_bf16 else 1) < naive

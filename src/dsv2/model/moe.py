@@ -118,6 +118,7 @@ class RoutedExperts(nn.Module):
         return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
 
     ROW_BUCKET = 16
+    GROUPED_MAX_ELEMENTS = 1 << 20  # experts with fewer weights per projection run grouped on the CPU
 
     def expert_on(self, slab: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
         """One expert on its slab of rows. On the CPU in half precision, a slab of more than ROW_BUCKET rows
@@ -160,16 +161,18 @@ class RoutedExperts(nn.Module):
 
     def uses_grouped_mm(self, x: torch.Tensor, n_slots: int) -> bool:
         """Whether `forward` runs the experts as grouped GEMMs rather than one expert at a time: on the GPU in
-        bf16; on the CPU in half precision outside training, once the experts get >= ROW_BUCKET / 2 rows each on
-        average (a prefill chunk): one call per projection instead of three per expert saves 5-25% of the expert
-        time there (small, 128 tokens: 12.2 -> 9.4 ms a layer), while at decode's one or two rows per expert the
-        padding to ROW_BUCKET rows would cost more than the calls."""
+        bf16. On the CPU in half precision outside training, for experts of fewer than GROUPED_MAX_ELEMENTS
+        weights each once they get >= ROW_BUCKET / 2 rows each on average (a prefill chunk): one call per
+        projection instead of three per expert saves 15-20% of the expert time there (small, 128 tokens: 11.1 ->
+        9.0 ms a layer). Not at decode's one or two rows per expert, where padding to ROW_BUCKET rows would cost
+        more than the calls, nor for larger experts: the grouped GEMM has each weight re-laid out for AMX on
+        every call, which `layers.linear` avoids (V2-Lite's, 128 tokens: 71 ms a layer grouped, 65 one by one)."""
         if not hasattr(F, "grouped_mm"):
             return False
         if x.is_cuda:
             return x.dtype == torch.bfloat16
         return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not differentiating(self.w1)
-                and 2 * n_slots >= self.ROW_BUCKET * self.n_experts)
+                and self.w1[0].numel() < self.GROUPED_MAX_ELEMENTS and 2 * n_slots >= self.ROW_BUCKET * self.n_experts)
 
     def _grouped_mm(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The per-expert FFNs as one grouped GEMM per projection. x_sorted: the slots' rows sorted by expert,
