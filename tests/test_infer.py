@@ -76,15 +76,17 @@ def test_cached_decoding_equals_full_forward(case):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("parts", [[(0, 0, 70), (1, 40, 43), (2, 100, 101)], [(0, 0, 24), (1, 40, 64), (2, 70, 94)]],
+                         ids=["unequal", "equal"])  # (row, first position, end)
 @torch.no_grad()
-def test_packed_forward_equals_rows_one_at_a_time(case, paged):
-    """Several rows' chunks packed end to end into one forward (`segments`) = each row's own forward: a
-    70-token chunk from position 0 (naive path), a 3-token chunk after 40 cached tokens and a single token
-    after 100 (absorbed path), each written into its own row of the cache, which decoding then reads."""
+def test_packed_forward_equals_rows_one_at_a_time(case, paged, parts):
+    """Several rows' chunks packed end to end into one forward (`segments`) = each row's own forward, each
+    written into its own row of the cache, which decoding then reads. Unequal parts: a 70-token chunk from
+    position 0 (naive path), a 3-token chunk after 40 cached tokens and a single token after 100 (absorbed
+    path). Equal parts, which run as a batch of rows: 24 tokens each from positions 0, 40 and 70 (a mask)."""
     model = random_model(case)
     x = torch.randint(0, model.config.vocab_size, (3, 102))
     full = model(x)
-    parts = [(0, 0, 70), (1, 40, 43), (2, 100, 101)]  # (row, first position, end)
     packed = torch.cat([x[row, start:stop] for row, start, stop in parts])[None]
     segments = [stop - start for _, start, stop in parts]
 
@@ -94,19 +96,21 @@ def test_packed_forward_equals_rows_one_at_a_time(case, paged):
             cache = pool.view([list(range(0, 16)), list(range(16, 32)), list(range(32, 48))], [0, 0, 0])
         else:
             cache = LatentCache(model.config, 3, 128)
-        for row, start, _ in parts[1:]:  # rows 1 and 2 already hold a prefix, cached alone
-            model(x[row : row + 1, :start], cache=cache.row(row))
-            cache.row(row).lengths += start
+        for row, start, _ in parts:  # rows after a prefix hold it already, cached alone
+            if start:
+                model(x[row : row + 1, :start], cache=cache.row(row))
+                cache.row(row).lengths += start
         return cache
 
     cache = prefilled_cache()
     logits = model(packed, cache=cache, segments=segments)
     assert rel_err(logits, torch.cat([full[row, start:stop] for row, start, stop in parts])[None]) <= 1e-5
     cache.lengths += torch.tensor(segments)
-    nxt = torch.tensor([70, 43, 101])  # then one decode step of all three rows reads what the packed forward wrote
+    nxt = torch.tensor([stop for _, _, stop in parts])  # then one decode step of all three rows reads the cache
     assert rel_err(model(x[torch.arange(3), nxt][:, None], cache=cache)[:, 0], full[torch.arange(3), nxt]) <= 1e-5
-    ends = model(packed, cache=prefilled_cache(), segments=segments, logits_index=torch.tensor([69, 72, 73]))
-    assert rel_err(ends, full[torch.arange(3), torch.tensor([69, 42, 100])]) <= 1e-5
+    last = torch.tensor(segments).cumsum(0) - 1
+    ends = model(packed, cache=prefilled_cache(), segments=segments, logits_index=last)
+    assert rel_err(ends, full[torch.arange(3), nxt - 1]) <= 1e-5
 
 
 def cached_logits(model, x: torch.Tensor) -> torch.Tensor:
