@@ -83,7 +83,7 @@ def test_linear_paths_equal_fp32_and_restore_onednn(rows, out_features, in_featu
     w = torch.randn(out_features, in_features, generator=g).bfloat16()
     got = layers.linear(x, w)
     exact = x.float() @ w.float().t()
-    assert got.shape == (rows, 1, out_features) and got.dtype == torch.bfloat16
+    assert got.shape == (rows, 1, out_features) and got.dtype == torch.bfloat16 and got.is_contiguous()
     torch.testing.assert_close(got.float(), exact, rtol=2**-7, atol=1e-3 * exact.abs().max().item())
     assert torch.backends.mkldnn.enabled is mkldnn_on
 

@@ -44,7 +44,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if rows == 1 or rows * weight.numel() <= ATEN_MAX_PRODUCT:
         return aten_linear(x, weight)
     if rows <= WEIGHT_LEFT_MAX_ROWS:
-        return torch.mm(weight, x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], weight.shape[0])
+        # contiguous, as every other path's result is (a transposed view would surprise a later .view())
+        return torch.mm(weight, x.reshape(rows, -1).t()).t().contiguous().view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
 
 
