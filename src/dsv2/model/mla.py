@@ -151,12 +151,13 @@ class MLA(nn.Module):
         # The CPU's flash-attention kernel takes only d_v = d_h + d_h^R; else SDPA falls to its math path, 7-10x
         # slower for a 512-token bf16 chunk (1.6-1.9x in fp32). So v gets zero columns up to q's width there,
         # which add nothing to o, and are cut off after.
-        width = q.shape[-1] if q.device.type == "cpu" else self.v_dim
+        if q.device.type == "cpu" and q.shape[-1] > self.v_dim:
+            v = F.pad(v, (0, q.shape[-1] - self.v_dim))
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), F.pad(v, (0, width - self.v_dim)).transpose(1, 2),
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=None if mask is None else mask.unsqueeze(1),
             is_causal=mask is None and q.shape[1] > 1, scale=self.softmax_scale,
-        )  # [B,H,S,width]
+        )  # [B,H,S,v's width]
         return o[..., : self.v_dim].transpose(1, 2).flatten(2)
 
     def attend_in_key_tiles(

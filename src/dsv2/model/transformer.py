@@ -92,11 +92,13 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
         B, S = tokens.shape
         packed = segments is not None
+        as_rows = False  # equal packed parts run as the batch of rows they are
         if packed:
             if cache is None or B != 1 or sum(segments) != S or len(segments) != len(cache.lengths):
                 raise ValueError(f"segments {list(segments)} must split tokens [1, N] over the cache's rows, "
                                  f"got tokens {tuple(tokens.shape)}")
             if len(set(segments)) == 1:  # equal parts: the same forward as a batch of rows, attention batched too
+                as_rows = True
                 B, S = len(segments), segments[0]
                 tokens = tokens.view(B, S)
                 replay = None if replay is None else replay.view(B, S, *replay.shape[2:])
@@ -126,7 +128,7 @@ class Transformer(nn.Module):
             h, routing = layer(h, cos, sin, rows, moe_replay)
             if routing is not None:
                 routings.append(routing)
-        if packed:  # back to the packed layout [1, N] (the equal parts ran as rows)
+        if as_rows:  # back to the packed layout [1, N]
             h = h.reshape(1, B * S, -1)
             routings = [Routing(r.scores.reshape(1, B * S, -1), r.indices.reshape(1, B * S, -1),
                                 None if r.kept is None else r.kept.reshape(1, B * S, -1)) for r in routings]
