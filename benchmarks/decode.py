@@ -36,6 +36,7 @@ on a shared machine pass `--threads` below the free cores.
 
     python benchmarks/decode.py                        # nano, small, lite4; dtype auto
     python benchmarks/decode.py --models nano --new-tokens 16 --contexts 128 512   # quick look
+    python benchmarks/decode.py --compile              # dsv2's decode steps compiled (infer/compiled.py)
 """
 
 from __future__ import annotations
@@ -104,14 +105,15 @@ def sync(device: str) -> None:
 
 # ----------------------------------------------------------------------------------- the two runners
 def dsv2_runner(path: str, dtype: torch.dtype, device: str, max_batch: int,
-                quantization: str | None = None) -> tuple[Run, int]:
-    """dsv2's engine on the checkpoint (its weights quantized as `LLM(quantization=...)` does); also its
-    latent-cache bytes per token."""
+                quantization: str | None = None, compile_decode: bool = False) -> tuple[Run, int]:
+    """dsv2's engine on the checkpoint (its weights quantized as `LLM(quantization=...)` does; its decode steps
+    compiled with `compile_decode`, `infer/compiled.py`); also its latent-cache bytes per token."""
     net = quant.for_inference(dsv2.load_model(path, dtype=dtype, device=device, progress=False), quantization)
     # one chunk per sequence per step fits the budget, so equal prompts prefill in lock-step; no prefix
     # caching, as `measure` hands the same prompts over again and they would be served from the cache
     engine = LLMEngine(net, max_running=max_batch, prefill_chunk=PREFILL_CHUNK,
-                       max_prefill_tokens=max_batch * PREFILL_CHUNK, prefix_caching=False)
+                       max_prefill_tokens=max_batch * PREFILL_CHUNK, prefix_caching=False,
+                       compile_decode=compile_decode)
 
     def run(ids: list[list[int]], new_tokens: int) -> tuple[float, list[float]]:
         params = dsv2.SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
@@ -188,10 +190,11 @@ def measure(run: Run, point: Point, vocab: int, repeats: int) -> dict[str, float
 
 
 def worker(which: str, path: str, dtype: torch.dtype, device: str, grid: dict[str, list[Point]],
-           repeats: int) -> dict[str, Any]:
+           repeats: int, compile_decode: bool = False) -> dict[str, Any]:
     max_batch = max(b for pts in grid.values() for b, _, _ in pts)
     if which == "dsv2":
-        run, cache_bytes_per_token = dsv2_runner(path, dtype, device, max_batch)
+        # compiled: the warm-up run of the first batch-1 point and of the first batch-8 point compile the graphs
+        run, cache_bytes_per_token = dsv2_runner(path, dtype, device, max_batch, compile_decode=compile_decode)
     else:
         run, cache_bytes_per_token = transformers_runner(path, dtype, device), 0
     vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
@@ -297,7 +300,7 @@ def run_worker(which: str, path: str, dtype: str, args: argparse.Namespace) -> d
     cmd = [sys.executable, __file__, "--threads", str(args.threads), "--device", args.device,
            "--new-tokens", str(args.new_tokens), "--contexts", *map(str, args.contexts),
            "--context-tokens", str(args.context_tokens), "--repeats", str(args.repeats),
-           "--worker", which, path, dtype]
+           *(["--compile"] if args.compile else []), "--worker", which, path, dtype]
     # the checkpoint (or GGUF) written just before is flushed to disk now: left to the kernel's writeback it
     # competes for the 2 cores with the first timed point (small 1x128 prefill measured at 0.6x its speed)
     os.sync()
@@ -328,6 +331,8 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     bandwidth = hardware.read_bandwidth_gbs(args.device)
     header = (f"machine: {hardware.describe()}{gpu}\nread bandwidth {bandwidth:.1f} GB/s (fastest read of 512 MiB "
               f"on {args.device}); every figure the median of {args.repeats} runs of its point after a warm-up run")
+    if args.compile:
+        header += "\ndsv2's decode steps compiled (`LLMEngine(compile_decode=True)`, infer/compiled.py)"
     header += busy_warning()
     print(header)
     saved: dict[str, Any] = {"header": header, "bandwidth_gbs": bandwidth, "new_tokens": args.new_tokens,
@@ -363,6 +368,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per point after its warm-up (median)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--compile", action="store_true", help="dsv2's decode steps as one compiled graph (CPU)")
     ap.add_argument("--json", help="also write all figures to this file")
     ap.add_argument("--from-json", help="print the tables of an earlier --json run (with its bandwidth)")
     ap.add_argument("--worker", nargs=3, metavar=("WHICH", "PATH", "DTYPE"), help=argparse.SUPPRESS)
@@ -374,7 +380,7 @@ def main() -> None:
     if args.worker:
         which, path, dtype = args.worker
         grid = points(args.new_tokens, args.contexts, args.context_tokens)
-        print(json.dumps(worker(which, path, getattr(torch, dtype), args.device, grid, args.repeats)))
+        print(json.dumps(worker(which, path, getattr(torch, dtype), args.device, grid, args.repeats, args.compile)))
         return
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())

@@ -3,6 +3,7 @@ after 8 warm-up steps, random bf16 weights built in memory. A quick A/B probe fo
 (run it on the two trees one after the other); decode.py is the benchmark against transformers.
 
     python benchmarks/engine_step.py lite4 bf16 1 8      # model (nano / small / lite4), weights, batch sizes
+    python benchmarks/engine_step.py nano bf16 1 8 --compile   # the compiled decode step (infer/compiled.py)
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ def main() -> None:
     p.add_argument("model", choices=list(MODELS))
     p.add_argument("weights", choices=["bf16", "int8", "w8a8", "int4"])
     p.add_argument("batches", type=int, nargs="+")
+    p.add_argument("--compile", action="store_true", help="decode steps compiled (compiling is in the warm-up)")
     args = p.parse_args()
     config = MODELS[args.model]()
     model = dsv2.weights.random_model(config, dtype=torch.bfloat16, seed=0)
     llm = LLM(model, quantization=None if args.weights == "bf16" else args.weights, skip_tokenizer_init=True,
-              max_batch_size=max(args.batches))
+              max_batch_size=max(args.batches), compile_decode=args.compile)
     engine = llm.engine
     print(hardware.describe())
     for batch in args.batches:
@@ -47,7 +49,8 @@ def main() -> None:
             times.append(time.perf_counter() - t)
         while engine.has_unfinished():
             engine.step()
-        print(f"{args.model} {args.weights} batch {batch}: decode step {statistics.median(times) * 1e3:.2f} ms "
+        label = f"{args.model} {args.weights}{' compiled' if args.compile else ''}"
+        print(f"{label} batch {batch}: decode step {statistics.median(times) * 1e3:.2f} ms "
               f"(fastest {min(times) * 1e3:.2f})")
 
 

@@ -319,7 +319,7 @@ def no_shared_writes(monkeypatch, engine: LLMEngine) -> list[int]:
     write = _UNCHECKED_WRITE
 
     def checked(self, positions, entries):
-        blocks = self.tables.gather(1, positions // self.pool.shape[1]).flatten().tolist()
+        blocks = self.tables.gather(1, positions // self.pool.shape[2]).flatten().tolist()
         for b in blocks:
             assert not pool.is_shared_content(b) and pool.refs(b) == 1, f"block {b} written while shared"
         written.extend(blocks)

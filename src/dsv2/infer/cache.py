@@ -91,21 +91,25 @@ class LatentCache:
 
 
 class _PagedLayer:
-    def __init__(self, pool: torch.Tensor, tables: torch.Tensor, layout: CacheLayout):
-        self.pool, self.tables = pool, tables  # [n_blocks, block_size, layout.width], [B, blocks per row]
+    def __init__(self, pool: torch.Tensor, index: int, tables: torch.Tensor, layout: CacheLayout):
+        # the whole pool [layer, n_blocks, block_size, layout.width] and this layer's index; tables [B, blocks per row]
+        self.pool, self.index, self.tables = pool, index, tables
         self.layout = layout
 
     def write(self, positions: torch.Tensor, entries: torch.Tensor) -> None:
-        block_size = self.pool.shape[1]
+        # indexed on the whole pool, not on the view pool[index]: a compiled graph (`infer/compiled.py`) writes
+        # into its input in place only so; through the view it copies the layer (torch 2.13)
+        block_size = self.pool.shape[2]
         blocks = self.tables.gather(1, positions // block_size)
-        self.pool[blocks, positions % block_size] = self.layout.encode(entries)
+        self.pool.index_put_((torch.full_like(blocks, self.index), blocks, positions % block_size),
+                             self.layout.encode(entries))
 
     def read(self, span: int) -> torch.Tensor:
         # one gather of the rows' blocks in order: positions 0..span-1 become contiguous again. Table
         # entries past a row's own blocks are padding (block 0) and only reach masked-out positions.
-        block_size = self.pool.shape[1]
+        block_size = self.pool.shape[2]
         n_blocks = -(-span // block_size)
-        gathered = self.pool[self.tables[:, :n_blocks]]  # [B, n_blocks, block_size, width]
+        gathered = self.pool[self.index][self.tables[:, :n_blocks]]  # [B, n_blocks, block_size, width]
         return self.layout.decode(gathered.flatten(1, 2)[:, :span])
 
 
@@ -128,9 +132,10 @@ class PagedLatentCache:
     def num_blocks(self) -> int:
         return self.pool.shape[1]
 
-    def view(self, tables: list[list[int]], lengths: list[int]) -> PagedBatch:
-        """The batch of rows whose blocks are `tables` (in position order) with `lengths` tokens cached."""
-        width = max(len(t) for t in tables)
+    def view(self, tables: list[list[int]], lengths: list[int], min_width: int = 1) -> PagedBatch:
+        """The batch of rows whose blocks are `tables` (in position order) with `lengths` tokens cached, the
+        tables padded with block 0 to the longest of them, and to at least `min_width` blocks."""
+        width = max(min_width, *(len(t) for t in tables))
         padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
         device = self.pool.device
         return PagedBatch(self.pool, padded.to(device), torch.tensor(lengths, dtype=torch.long, device=device),
@@ -164,7 +169,7 @@ class PagedBatch:
         return self.tables.shape[1] * self.pool.shape[2]
 
     def layer(self, i: int) -> _PagedLayer:
-        return _PagedLayer(self.pool[i], self.tables, self.layout)
+        return _PagedLayer(self.pool, i, self.tables, self.layout)
 
     def row(self, j: int) -> PagedBatch:
         return PagedBatch(self.pool, self.tables[j : j + 1], self.lengths[j : j + 1], self.layout)

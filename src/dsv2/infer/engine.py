@@ -27,6 +27,7 @@ import torch
 from dsv2.config import PRESETS
 from dsv2.hardware import resolve_dtype
 from dsv2.infer.cache import PagedLatentCache
+from dsv2.infer.compiled import CompiledDecode
 from dsv2.infer.kv_quant import check_kv_cache_dtype
 from dsv2.infer.sampling import SamplingError, SamplingParams, sample
 from dsv2.infer.scheduler import Scheduler
@@ -135,15 +136,17 @@ class LLMEngine:
     (the model dtype), "fp8" or "6bit" (`infer/kv_quant.py`); the budget buys blocks at the layout's real
     bytes, so a quantized cache holds more tokens. `prefill_chunk` / `max_prefill_tokens`: see
     `infer/scheduler.py`. prefix_caching: requests start from the cached blocks of a prompt prefix others
-    computed (`infer/block_pool.py`). The model is prepared for inference here; whoever changes its weights
-    afterwards must call `model.prepare_for_inference()` again.
+    computed (`infer/block_pool.py`). compile_decode: decode steps run as one compiled graph
+    (`infer/compiled.py`; CPU only; tens of seconds to compile, on the first decode step of one row and of a
+    batch; recompiled after the model is prepared again). The model is prepared for inference here; whoever
+    changes its weights afterwards must call `model.prepare_for_inference()` again.
     """
 
     def __init__(
         self, model: Transformer, tokenizer: Tokenizer | None = None, *, max_running: int = 32,
         cache_bytes: int | None = None, num_blocks: int | None = None, block_size: int = 16,
         prefill_chunk: int = 256, max_prefill_tokens: int = 1024, kv_cache_dtype: str = "auto",
-        prefix_caching: bool = True,
+        prefix_caching: bool = True, compile_decode: bool = False,
     ):
         check_kv_cache_dtype(kv_cache_dtype)
         self.model = model.eval()
@@ -169,6 +172,7 @@ class LLMEngine:
         self._totals = {"prefill_tokens": 0, "decode_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0,
                         "preemptions": 0, "steps": 0}
         self._step_usage = (0, 0)  # (blocks used, tokens cached) before the last step's finished requests left
+        self.compiled_decode = CompiledDecode(model) if compile_decode else None
 
     # ---------------------------------------------------------------------------------------- requests
     def make_request(
@@ -258,16 +262,21 @@ class LLMEngine:
         if self.model.inference_version != self._weights:  # prepared again on new weights
             self.scheduler.forget_prefixes()
             self._weights = self.model.inference_version
+            if self.compiled_decode is not None:  # the old weights are frozen into its graph
+                self.compiled_decode = CompiledDecode(self.model)
         plan = self.scheduler.schedule()
         self._totals["preemptions"] += len(plan.preempted)
         sampled: list[tuple[str, list[Request], torch.Tensor, float]] = []  # (counter, requests, logits, seconds)
         if plan.decode:
             t = time.perf_counter()
             seqs = plan.decode
-            view = self.cache.view([s.blocks for s in seqs], [s.num_computed for s in seqs])
             last = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
             requests = [self.requests[s.request_id] for s in seqs]
-            logits = self._forward(requests, last, view, [s.num_computed for s in seqs])[:, -1]
+            tables, lengths = [s.blocks for s in seqs], [s.num_computed for s in seqs]
+            if self.compiled_decode is not None and all(r.routing is None for r in requests):
+                logits = self.compiled_decode(last, self.cache.view(tables, lengths, CompiledDecode.MIN_TABLE_WIDTH))
+            else:
+                logits = self._forward(requests, last, self.cache.view(tables, lengths), lengths)[:, -1]
             for s in seqs:
                 self.scheduler.computed(s, 1)
             sampled.append(("decode", requests, logits, time.perf_counter() - t))
@@ -421,14 +430,15 @@ class LLM:
     on a GPU or a CPU with native bf16, else fp32: `dsv2.hardware`), "bfloat16", "float32" or a torch.dtype;
     a model passed as a module keeps its own. kv_cache_dtype: how the latent cache stores tokens ("auto",
     "fp8", "6bit"). prefix_caching: share the cache blocks of common prompt prefixes; prefill_chunk /
-    max_prefill_tokens: the prefill a step may do while others decode / while nobody does (`LLMEngine`)."""
+    max_prefill_tokens: the prefill a step may do while others decode / while nobody does; compile_decode: decode
+    steps as one compiled graph (CPU; `LLMEngine`)."""
 
     def __init__(
         self, model: str | Path | Transformer, dtype: str | torch.dtype = "auto", device: str = "cpu",
         max_batch_size: int = 32, tokenizer: Tokenizer | None = None, skip_tokenizer_init: bool = False,
         cache_bytes: int | None = None, block_size: int = 16, kv_cache_dtype: str = "auto",
         quantization: str | None = None, prefix_caching: bool = True, prefill_chunk: int = 256,
-        max_prefill_tokens: int = 1024,
+        max_prefill_tokens: int = 1024, compile_decode: bool = False,
     ):
         check_kv_cache_dtype(kv_cache_dtype)  # both before a checkpoint loads
         quant.check_quantization(quantization)
@@ -443,7 +453,8 @@ class LLM:
                 tokenizer = Tokenizer.byte_level(net.config)  # random weights: any byte tokenizer will do
         self.engine = LLMEngine(net, tokenizer, max_running=max_batch_size, cache_bytes=cache_bytes,
                                 block_size=block_size, kv_cache_dtype=kv_cache_dtype, prefix_caching=prefix_caching,
-                                prefill_chunk=prefill_chunk, max_prefill_tokens=max_prefill_tokens)
+                                prefill_chunk=prefill_chunk, max_prefill_tokens=max_prefill_tokens,
+                                compile_decode=compile_decode)
         self.model, self.config, self.tokenizer = net, net.config, tokenizer
         self._stats: dict[str, float | str] = {}
 

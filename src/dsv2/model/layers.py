@@ -35,8 +35,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
       out for AMX on every call: 20-45% faster from 4 to 128 rows (a V2-Lite expert's 1408 x 2048, 16 rows:
       266 us against 336; small's 768 x 1024, 128 rows: 156 against 234);
     - more rows: F.linear (oneDNN's GEMM; AMX on a CPU that has it).
-    All of them accumulate in fp32."""
-    if x.device.type != "cpu" or x.dtype != torch.bfloat16:
+    All of them accumulate in fp32. Inside a `torch.compile` graph (`dsv2.infer.compiled`) it is F.linear, whose
+    kernel the compiler picks (it packs the frozen weights for its own GEMMs, with none of these floors)."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or torch.compiler.is_compiling():
         return F.linear(x, weight)
     rows = x.numel() // x.shape[-1]
     if rows == 1 and weight.numel() >= MV_MIN_ELEMENTS:

@@ -66,7 +66,7 @@ class Transformer(nn.Module):
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: Cache | None = None,
         logits_index: torch.Tensor | None = None, return_routing: bool = False, replay: torch.Tensor | None = None,
-        segments: Sequence[int] | None = None,
+        segments: Sequence[int] | None = None, span: int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[Routing]]:
         """tokens [B,S] -> logits [B,S,vocab] in the model dtype.
 
@@ -87,6 +87,10 @@ class Transformer(nn.Module):
             slots token dropping kept), in layer order: what `dsv2.train.balance` computes its losses from.
         replay: [B,S,L,K] the experts each token is to be routed to in each of the L MoE layers (layer
             order), instead of the router's own top-k: routing replay for RL (`Gate.forward`).
+        span: how many cached positions every row's attention reads, each query seeing those up to its own
+            position (a mask). Default: the largest position + 1, which the host must read off `positions`;
+            a compiled decode step (`dsv2.infer.compiled`) passes the cache's capacity, whatever the rows hold.
+            Not with `segments`.
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
@@ -94,6 +98,8 @@ class Transformer(nn.Module):
         packed = segments is not None
         as_rows = False  # equal packed parts run as the batch of rows they are
         if packed:
+            if span is not None:
+                raise ValueError("span is for a batch of rows; a packed forward's parts attend to their own rows")
             if cache is None or B != 1 or sum(segments) != S or len(segments) != len(cache.lengths):
                 raise ValueError(f"segments {list(segments)} must split tokens [1, N] over the cache's rows, "
                                  f"got tokens {tuple(tokens.shape)}")
@@ -112,7 +118,7 @@ class Transformer(nn.Module):
         attended = None  # per part of the tokens: (tokens, cache rows, positions, span, mask)
         if cache is not None:
             if segments is None:
-                attended = [self._attended(slice(None), cache, positions.expand(B, S))]
+                attended = [self._attended(slice(None), cache, positions.expand(B, S), span)]
             else:
                 starts = [0, *itertools.accumulate(segments)]  # part j is tokens starts[j]:starts[j + 1]
                 attended = [self._attended(slice(a, b), row, positions[:, a:b])
@@ -138,17 +144,18 @@ class Transformer(nn.Module):
         return (logits, routings) if return_routing else logits
 
     @staticmethod
-    def _attended(tokens: slice, cache: Cache, positions: torch.Tensor,
+    def _attended(tokens: slice, cache: Cache, positions: torch.Tensor, span: int | None = None,
                   ) -> tuple[slice, Cache, torch.Tensor, int, torch.Tensor | None]:
         """What rows `cache` of the tokens at `positions` [B,S] attend to: the span of cached positions and
-        the mask, None when every row's new tokens end the span (then causal masking is the same for all)."""
-        B, S = positions.shape
-        span = int(positions.max()) + 1
+        the mask, None when every row's new tokens end the span (then causal masking is the same for all).
+        A span given is taken as it is, with its mask, and nothing is read back from the device."""
+        S = positions.shape[1]
+        given = span is not None
+        span = span if given else int(positions.max()) + 1
         if span > cache.capacity:
-            raise ValueError(f"position {span - 1} does not fit a cache of {cache.capacity} positions")
-        tail = torch.arange(span - S, span, device=positions.device)
+            raise ValueError(f"span {span} (the positions' or the one given) exceeds a cache of {cache.capacity}")
         mask = None
-        if not bool((positions == tail).all()):
+        if given or not bool((positions == torch.arange(span - S, span, device=positions.device)).all()):
             mask = torch.arange(span, device=positions.device) <= positions.unsqueeze(-1)  # [B,S,span]
         return tokens, cache, positions, span, mask
 

@@ -1,0 +1,134 @@
+"""The compiled decode step (`dsv2.infer.compiled`) against its eager twin: the sync-free pieces it is made of
+(every expert weighted by its gate, a span given instead of read, the cache written in place), then whole
+engines, compiled and eager, generating the same tokens with the same logprobs, for small experts (every
+expert on every token) and larger ones (grouped GEMMs), and after the weights change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PROMPTS, random_model, randomize_
+
+from dsv2 import LLM, SamplingParams
+from dsv2.infer import compiled
+from dsv2.infer.cache import PagedLatentCache
+from dsv2.model import quant
+from dsv2.model.moe import RoutedExperts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_every_expert_equals_the_dispatched_experts(dtype):
+    experts = RoutedExperts(6, 32, 16).to(dtype)
+    for w in (experts.w1, experts.w2, experts.w3):
+        w.normal_(0, 0.3)
+    x = torch.randn(9, 32, dtype=dtype)
+    weights = torch.rand(9, 2)
+    indices = torch.stack([torch.randperm(6)[:2] for _ in range(9)])
+    indices[2, 1] = indices[5, 0] = -1  # dropped slots: computed by no expert
+    every, dispatched = experts.every_expert(x, weights, indices), experts.dispatch(x, weights, indices)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    assert (every.float() - dispatched.float()).abs().max() <= tolerance * dispatched.float().abs().max()
+    assert experts.runs_every_expert(dtype)
+    experts.EVERY_EXPERT_MAX_ELEMENTS = 3 * 6 * 32 * 16 - 1
+    assert not experts.runs_every_expert(dtype)
+
+
+@torch.no_grad()
+def test_a_span_given_attends_like_the_span_read():
+    """Rows of different lengths over a table wider than any of them: the mask hides what the span covers past
+    each row's own positions, so the logits equal those of the default span (the largest position + 1)."""
+    model = random_model("v2_like")
+    model.prepare_for_inference()
+    cache = PagedLatentCache(model.config, num_blocks=16, block_size=4)
+    tables, lengths = [[1, 2, 3], [4, 5, 6, 7, 8], [9]], [9, 3, 2]
+    for table, n in zip(tables, lengths, strict=True):  # fill each row's prefix
+        model(torch.randint(2, 300, (1, n)), cache=cache.view([table], [0]))
+    tokens = torch.tensor([[7], [8], [9]])
+    read = model(tokens, cache=cache.view(tables, lengths))
+    given_view = cache.view(tables, lengths, min_width=6)
+    given = model(tokens, cache=given_view, span=given_view.capacity)
+    assert torch.allclose(given, read, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="span 25"):
+        model(tokens, cache=given_view, span=25)
+
+
+@pytest.fixture()
+def quick_compile(monkeypatch):
+    """Frozen weights without autotuning: the same graphs, compiled in seconds rather than a minute."""
+    monkeypatch.setattr(compiled, "AUTOTUNED", compiled.FROZEN)
+
+
+def generate_both(model, prompts, params):
+    out = {}
+    for compile_decode in (False, True):
+        llm = LLM(model, max_batch_size=3, skip_tokenizer_init=True, compile_decode=compile_decode)
+        out[compile_decode] = llm.generate(prompts, params)
+    return out[False], out[True], llm
+
+
+def assert_same(eager, compiled_out, tolerance=1e-4):
+    """Greedy tokens equal and their logprobs within `tolerance`, up to a near-tie: where the two sides pick
+    different tokens, eager's best two must be within `tolerance` of each other, and the texts part there."""
+    for a, b in zip(eager, compiled_out, strict=True):
+        for i, (mine, theirs) in enumerate(zip(a.token_ids, b.token_ids, strict=True)):
+            assert a.logprobs[i] == pytest.approx(b.logprobs[i], abs=tolerance), f"token {i}"
+            if mine != theirs:
+                best, second = sorted(a.top_logprobs[i].values(), reverse=True)[:2]
+                assert best - second < tolerance, f"token {i}: {mine} against {theirs}, not a near-tie"
+                break
+
+
+@pytest.mark.parametrize("every_expert", [True, False])
+def test_compiled_engine_generates_what_the_eager_engine_does(quick_compile, monkeypatch, every_expert):
+    """4 prompts of different lengths through 3 slots: batches of 3, 2 and 1 rows, rows joining and leaving,
+    tables growing past a block. Every expert on every token in fp32, greedy tokens equal; grouped GEMMs,
+    which compile in bf16 only, in bf16."""
+    if not every_expert:
+        monkeypatch.setattr(RoutedExperts, "EVERY_EXPERT_MAX_ELEMENTS", 0)
+    dtype = torch.float32 if every_expert else torch.bfloat16
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=2)
+    eager, compiled_out, llm = generate_both(random_model("v2_like", dtype), PROMPTS, params)
+    if every_expert:
+        assert [o.token_ids for o in eager] == [o.token_ids for o in compiled_out]
+    assert_same(eager, compiled_out, 1e-4 if every_expert else 0.05)  # bf16: each side rounds in its own order
+    assert llm.engine.stats().totals["decode_tokens"] > 0
+
+
+def test_compiled_engine_follows_new_weights(quick_compile):
+    """The weights are constants of the graph: after new weights are prepared, the engine compiles again
+    rather than decoding with the old ones."""
+    model = random_model("lite_like")
+    llm = LLM(model, max_batch_size=2, skip_tokenizer_init=True, compile_decode=True)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
+    before = llm.generate(PROMPTS[:2], params)
+    randomize_(model, std=0.12)
+    model.prepare_for_inference()
+    after = llm.generate(PROMPTS[:2], params)
+    eager = LLM(model, max_batch_size=2, skip_tokenizer_init=True).generate(PROMPTS[:2], params)
+    assert [o.token_ids for o in eager] == [o.token_ids for o in after]
+    assert_same(eager, after)
+    assert [o.token_ids for o in before] != [o.token_ids for o in after]
+
+
+def test_compiled_decode_refuses_what_it_cannot_run():
+    model = random_model("lite_like")
+    model.prepare_for_inference()
+    step = compiled.CompiledDecode(model)
+    cache = PagedLatentCache(model.config, num_blocks=4, block_size=4)
+    with pytest.raises(ValueError, match="one new token per row"):
+        step(torch.tensor([[3, 4]]), cache.view([[1, 2]], [0], min_width=2))
+    model.prepare_for_inference()
+    with pytest.raises(RuntimeError, match="prepared again"):
+        step(torch.tensor([[3]]), cache.view([[1, 2]], [0], min_width=2))
+    with pytest.raises(ValueError, match="CPU only"):
+        compiled.CompiledDecode(random_model("lite_like").to("meta"))
+    quantized = quant.quantize_model(random_model("lite_like"), "int8")
+    with pytest.raises(ValueError, match="float weights"):
+        compiled.CompiledDecode(quantized)
+    RoutedExperts.EVERY_EXPERT_MAX_ELEMENTS, limit = 0, RoutedExperts.EVERY_EXPERT_MAX_ELEMENTS
+    try:
+        with pytest.raises(ValueError, match="bf16 only"):
+            compiled.CompiledDecode(random_model("lite_like"))
+    finally:
+        RoutedExperts.EVERY_EXPERT_MAX_ELEMENTS = limit
