@@ -92,7 +92,7 @@ def test_compiled_engine_generates_what_the_eager_engine_does(quick_compile, mon
     if every_expert:
         assert [o.token_ids for o in eager] == [o.token_ids for o in compiled_out]
     assert_same(eager, compiled_out, 1e-4 if every_expert else 0.05)  # bf16: each side rounds in its own order
-    assert llm.engine.stats().totals["decode_tokens"] > 0
+    assert llm.engine.stats().totals["decode_tokens"] > 0 and llm.stats()["decode"] == "compiled"
 
 
 def test_compiled_engine_follows_new_weights(quick_compile):

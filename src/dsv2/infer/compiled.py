@@ -36,8 +36,14 @@ from dsv2.model.transformer import Transformer
 # inductor's settings: weights frozen into the graph (packed once for its GEMMs), and GEMMs chosen by timing
 # its C++ templates (AMX / AVX-512 micro-kernels) against ATen's: nano's decode step 1.0 ms against 1.7 without
 # autotuning, 3.4 eager; the timing costs compile time (~30-60 s a graph instead of ~10-20)
-AUTOTUNED = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+AUTOTUNED = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+             "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # quiet on stderr
 FROZEN = {"freezing": True}
+
+
+def _own_copy(fn: types.FunctionType) -> types.FunctionType:
+    """fn with a code object of its own, on which dynamo keeps the graphs it compiles from it."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 class CompiledDecode:
@@ -64,9 +70,12 @@ class CompiledDecode:
         self._options = AUTOTUNED if autotune else FROZEN
         # dynamo keeps compiled graphs on the function's code object and finds them again by guards that compare
         # object ids, which a later model or weight copy can reuse once the old one is freed; so every instance
-        # compiles its own copy of the code, and its graphs (its weights frozen in) are no one else's
-        own = types.FunctionType(CompiledDecode._forward.__code__.replace(), globals(), "_forward")
-        self._step = torch.compile(types.MethodType(own, self), dynamic=True)
+        # compiles its own copies of the code, and its graphs (its weights frozen in) are no one else's. Two
+        # copies: one row (a graph of its own, a dimension of 1 being specialised) and batches, so a call checks
+        # the guards of its one graph only (with both graphs on one code, a one-row step checked the batch
+        # graph's guards first: nano 1.46 ms a step against 1.03)
+        self._one_row, self._rows = (torch.compile(types.MethodType(_own_copy(CompiledDecode._forward), self),
+                                                   dynamic=True) for _ in range(2))
 
     def _forward(self, tokens: torch.Tensor, cache: PagedBatch) -> torch.Tensor:
         return self.model(tokens, cache=cache, span=cache.capacity)[:, -1]
@@ -81,4 +90,4 @@ class CompiledDecode:
         # applied (torch 2.13; the weights stay graph inputs, 1.8 ms a nano step against 0.8); a call that
         # compiles (the first of a shape) is inside the patch, and the others lose ~10 us to it
         with torch._inductor.config.patch(self._options):
-            return self._step(tokens, cache)
+            return (self._one_row if len(tokens) == 1 else self._rows)(tokens, cache)

@@ -473,7 +473,7 @@ class LLM:
 
     def stats(self) -> dict[str, float | str]:
         """Figures of the last call: tokens, seconds, tokens/s, latent-cache bytes (per token, peak, allocated),
-        and the dtype the model computes in (what `dtype="auto"` chose)."""
+        the dtype the model computes in (what `dtype="auto"` chose) and whether decode steps ran compiled."""
         return dict(self._stats)
 
     def _requests(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams) -> list[Request]:
@@ -515,4 +515,5 @@ class LLM:
             "kv_cache_peak_blocks": peak_blocks,
             "kv_cache_bytes_allocated": after.cache_bytes_allocated,
             "dtype": str(self.model.embed.weight.dtype).removeprefix("torch."),
+            "decode": "eager" if engine.compiled_decode is None else "compiled",
         }
