@@ -1,9 +1,11 @@
 """The compiled decode step (`dsv2.infer.compiled`) against its eager twin: the sync-free pieces it is made of
 (every expert weighted by its gate, a span given instead of read, the cache written in place), then whole
 engines, compiled and eager, generating the same tokens with the same logprobs, for small experts (every
-expert on every token) and larger ones (grouped GEMMs), and after the weights change."""
+expert on every token) and larger ones (the opaque experts op), and after the weights change."""
 
 from __future__ import annotations
+
+from copy import deepcopy
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from dsv2 import LLM, SamplingParams
 from dsv2.infer import compiled
 from dsv2.infer.cache import PagedLatentCache
 from dsv2.model import quant
-from dsv2.model.moe import RoutedExperts
+from dsv2.model.moe import RoutedExperts, register_for_compile, routed_experts_op
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -79,19 +81,19 @@ def assert_same(eager, compiled_out, tolerance=1e-4):
                 break
 
 
-@pytest.mark.parametrize("every_expert", [True, False])
-def test_compiled_engine_generates_what_the_eager_engine_does(quick_compile, monkeypatch, every_expert):
+@pytest.mark.parametrize(("every_expert", "dtype"), [(True, torch.float32), (False, torch.float32),
+                                                     (True, torch.bfloat16)])
+def test_compiled_engine_generates_what_the_eager_engine_does(quick_compile, monkeypatch, every_expert, dtype):
     """4 prompts of different lengths through 3 slots: batches of 3, 2 and 1 rows, rows joining and leaving,
-    tables growing past a block. Every expert on every token in fp32, greedy tokens equal; grouped GEMMs,
-    which compile in bf16 only, in bf16."""
+    tables growing past a block. Experts in the graph (every expert on every token) or as the opaque op
+    (the eager dispatch); in fp32 greedy tokens must agree exactly, in bf16 up to near-ties."""
     if not every_expert:
         monkeypatch.setattr(RoutedExperts, "EVERY_EXPERT_MAX_ELEMENTS", 0)
-    dtype = torch.float32 if every_expert else torch.bfloat16
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=2)
     eager, compiled_out, llm = generate_both(random_model("v2_like", dtype), PROMPTS, params)
-    if every_expert:
+    if dtype == torch.float32:
         assert [o.token_ids for o in eager] == [o.token_ids for o in compiled_out]
-    assert_same(eager, compiled_out, 1e-4 if every_expert else 0.05)  # bf16: each side rounds in its own order
+    assert_same(eager, compiled_out, 1e-4 if dtype == torch.float32 else 0.05)  # bf16: each rounds its own way
     assert llm.engine.stats().totals["decode_tokens"] > 0 and llm.stats()["decode"] == "compiled"
 
 
@@ -126,9 +128,22 @@ def test_compiled_decode_refuses_what_it_cannot_run():
     quantized = quant.quantize_model(random_model("lite_like"), "int8")
     with pytest.raises(ValueError, match="float weights"):
         compiled.CompiledDecode(quantized)
-    RoutedExperts.EVERY_EXPERT_MAX_ELEMENTS, limit = 0, RoutedExperts.EVERY_EXPERT_MAX_ELEMENTS
-    try:
-        with pytest.raises(ValueError, match="bf16 only"):
-            compiled.CompiledDecode(random_model("lite_like"))
-    finally:
-        RoutedExperts.EVERY_EXPERT_MAX_ELEMENTS = limit
+
+
+
+@torch.no_grad()
+def test_the_experts_op_dispatches_the_module_it_was_keyed_to():
+    """`dsv2::routed_experts` equals the eager dispatch, and a deep copy keyed again is its own module: a copy
+    made after keying carries the original's key until the copy is compiled (keyed) itself."""
+    experts = RoutedExperts(6, 32, 16)
+    for w in (experts.w1, experts.w2, experts.w3):
+        w.normal_(0, 0.3)
+    register_for_compile(experts)
+    copy = deepcopy(experts)
+    copy.w1.mul_(2.0)
+    register_for_compile(copy)
+    assert copy.op_key != experts.op_key
+    x, weights = torch.randn(5, 32), torch.rand(5, 2)
+    indices = torch.stack([torch.randperm(6)[:2] for _ in range(5)])
+    assert torch.equal(routed_experts_op(x, weights, indices, experts.op_key), experts.dispatch(x, weights, indices))
+    assert torch.equal(routed_experts_op(x, weights, indices, copy.op_key), copy.dispatch(x, weights, indices))

@@ -8,9 +8,11 @@ graph:
 
 - no host reads: every row attends over the whole width of its block table (`Transformer.forward(span=...)`),
   its own positions picked out by a mask, instead of the span read back from the device;
-- routing without a host sync: small experts run as `RoutedExperts.every_expert` (every expert on every token,
-  weighted by the gates), larger ones as grouped GEMMs over offsets that stay on the device (`F.grouped_mm`,
-  which compiles in bf16 only); quantized weights, whose experts are split on the host, are not taken;
+- routing without a graph break: small experts run in the graph as `RoutedExperts.every_expert` (every expert
+  on every token, weighted by the gates, no host sync); larger ones as one opaque custom op per layer
+  (`dsv2::routed_experts`), inside which the eager dispatch reads its counts on the host and runs each chosen
+  expert on the eager kernels (weight-bound anyway; `F.grouped_mm`, the sync-free alternative, calls a GEMM
+  for every expert, chosen or not, on the CPU);
 - shapes that do not recompile: batch size and table width are symbolic (`dynamic=True`), so one graph serves
   every batch of two or more rows and every context length; one row is its own graph (a dimension of 1 is
   always specialised), and tables are padded to two blocks at least for the same reason.
@@ -30,7 +32,7 @@ import types
 import torch
 
 from dsv2.infer.cache import PagedBatch
-from dsv2.model.moe import RoutedExperts
+from dsv2.model.moe import RoutedExperts, register_for_compile
 from dsv2.model.transformer import Transformer
 
 # inductor's settings: weights frozen into the graph (packed once for its GEMMs), and GEMMs chosen by timing
@@ -60,11 +62,9 @@ class CompiledDecode:
             if not tensor.is_floating_point() or tensor.element_size() == 1:
                 raise ValueError(f"a compiled decode step takes float weights (bf16, fp16, fp32): {name} is "
                                  f"{tensor.dtype}; decode quantized weights eagerly")
-        dtype = model.embed.weight.dtype
-        for name, module in model.named_modules():
-            if isinstance(module, RoutedExperts) and not module.runs_every_expert(dtype) and dtype != torch.bfloat16:
-                raise ValueError(f"a compiled decode step runs {name}'s {module.n_experts} experts as grouped GEMMs, "
-                                 f"which torch {torch.__version__} compiles in bf16 only, not {dtype}")
+        for module in model.modules():
+            if isinstance(module, RoutedExperts):  # the key its graph calls `dsv2::routed_experts` with
+                register_for_compile(module)
         self.model = model
         self.inference_version = model.inference_version  # the weights frozen into the graph
         self._options = AUTOTUNED if autotune else FROZEN

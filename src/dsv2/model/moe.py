@@ -15,6 +15,8 @@ proportional to N·K and experts nobody chose are never read. `loop_experts` is 
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -140,10 +142,13 @@ class RoutedExperts(nn.Module):
         Each (token, k) slot is sorted by expert id, each chosen expert runs once on its contiguous slab,
         then the slots go back in place and are summed over k in fp32 (the reference's reduction order).
         Inside a `torch.compile` graph (`dsv2.infer.compiled`) nothing may read a count back to the host: small
-        experts run as `every_expert`, larger ones as grouped GEMMs over offsets that stay on the device.
+        experts run as `every_expert`, in the graph; larger ones as the opaque op `dsv2::routed_experts`, which
+        the graph calls as it is and which runs `dispatch` eagerly, with its host syncs and kernels.
         """
-        if torch.compiler.is_compiling() and self.runs_every_expert(x.dtype):
-            return self.every_expert(x, weights, indices)
+        if torch.compiler.is_compiling():
+            if self.runs_every_expert(x.dtype):
+                return self.every_expert(x, weights, indices)
+            return routed_experts_op(x, weights, indices, self.op_key)
         return self.dispatch(x, weights, indices)
 
     def runs_every_expert(self, dtype: torch.dtype) -> bool:
@@ -199,12 +204,9 @@ class RoutedExperts(nn.Module):
         9.0 ms a layer). Not at decode's one or two rows per expert, where padding to ROW_BUCKET rows would cost
         more than the calls, nor for larger experts: the grouped GEMM has each weight re-laid out for AMX on
         every call, which `layers.linear` avoids (V2-Lite's, 128 tokens: 71 ms a layer grouped, 65 one by one).
-        Always inside a compiled graph, where it is the form without a host sync (small's experts at decode:
-        0.22 ms a projection against 0.14 one by one, but no graph break)."""
+        """
         if not hasattr(F, "grouped_mm"):
             return False
-        if torch.compiler.is_compiling():
-            return True
         if x.is_cuda:
             return x.dtype == torch.bfloat16
         return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not differentiating(self.w1)
@@ -213,10 +215,10 @@ class RoutedExperts(nn.Module):
     def _grouped_mm(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The per-expert FFNs as one grouped GEMM per projection. x_sorted: the slots' rows sorted by expert,
         counts [E+1]: rows per expert, then the dropped slots' rows (sorted last), which no expert computes."""
-        if x_sorted.device.type == "cpu" and not torch.compiler.is_compiling():
+        if x_sorted.device.type == "cpu":
             return self._grouped_mm_in_buckets(x_sorted, counts)
-        # GPU or a compiled graph, without a host sync: groups with no rows are skipped by the kernel, so unchosen
-        # experts are still never read; the rows of dropped slots, after every group, are left to no group and zeroed
+        # GPU, without a host sync: groups with no rows are skipped by the kernel, so unchosen experts are still
+        # never read; the rows of dropped slots, after every group, are left to no group and zeroed
         offsets = counts[: self.n_experts].cumsum(0).to(torch.int32)
         out = self._grouped_ffn(x_sorted, offsets)
         unassigned = torch.arange(len(x_sorted), device=x_sorted.device) >= offsets[-1]
@@ -253,6 +255,34 @@ class RoutedExperts(nn.Module):
                 expert_out = self.expert(x[token], w1[e], w2[e], w3[e])
                 out.index_add_(0, token, expert_out.float() * weights[token, slot, None])
         return out.to(x.dtype)
+
+
+# Experts by key, for `dsv2::routed_experts` (a custom op takes tensors and numbers, not modules). Keys come from a
+# counter, never reused, and the map holds its modules weakly, so a freed module leaves it.
+_EXPERTS: weakref.WeakValueDictionary[int, RoutedExperts] = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+def register_for_compile(experts: RoutedExperts) -> None:
+    """Give `experts` a fresh key (`op_key`) for `dsv2::routed_experts`, as `dsv2.infer.compiled` does for every
+    expert layer of a model it compiles: a fresh one each time, so a deep copy, which copies the attribute, is
+    never dispatched as its original."""
+    experts.op_key = next(_KEYS)
+    _EXPERTS[experts.op_key] = experts
+
+
+@torch.library.custom_op("dsv2::routed_experts", mutates_args=())
+def routed_experts_op(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, key: int) -> torch.Tensor:
+    """`RoutedExperts.dispatch` of the experts registered as `key`, opaque to torch.compile: a compiled graph
+    (`dsv2.infer.compiled`) calls it as one op, and inside, the split by expert reads its counts on the host
+    and each expert runs on `layers.linear`'s kernels, as in an eager forward. The op reads the module's
+    weights as they are, so it never holds a copy that could go stale."""
+    return _EXPERTS[key].dispatch(x, weights, indices)
+
+
+@routed_experts_op.register_fake
+def _(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, key: int) -> torch.Tensor:
+    return torch.empty_like(x)
 
 
 class MoE(nn.Module):
