@@ -19,37 +19,30 @@ from dsv2.model import quant
 from dsv2.model.moe import RoutedExperts, register_for_compile, routed_experts_op
 
 
+@pytest.mark.parametrize("twin", ["every_expert", "gathered"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
-def test_every_expert_equals_the_dispatched_experts(dtype):
+def test_the_sync_free_twins_equal_the_dispatched_experts(dtype, twin):
+    """Every expert weighted by its gate, and each slot's expert gathered, against `dispatch`: 9 tokens, top-2 of
+    6 experts, shared experts and dropped slots (id -1, computed by no expert)."""
     experts = RoutedExperts(6, 32, 16).to(dtype)
     for w in (experts.w1, experts.w2, experts.w3):
         w.normal_(0, 0.3)
     x = torch.randn(9, 32, dtype=dtype)
     weights = torch.rand(9, 2)
     indices = torch.stack([torch.randperm(6)[:2] for _ in range(9)])
-    indices[2, 1] = indices[5, 0] = -1  # dropped slots: computed by no expert
-    every, dispatched = experts.every_expert(x, weights, indices), experts.dispatch(x, weights, indices)
+    indices[2, 1] = indices[5, 0] = -1
+    ours, dispatched = getattr(experts, twin)(x, weights, indices), experts.dispatch(x, weights, indices)
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2
-    assert (every.float() - dispatched.float()).abs().max() <= tolerance * dispatched.float().abs().max()
-    assert experts.runs_every_expert(dtype)
+    assert (ours.float() - dispatched.float()).abs().max() <= tolerance * dispatched.float().abs().max()
+
+
+def test_which_weights_the_twins_take():
+    experts = RoutedExperts(6, 32, 16).to(torch.bfloat16)
+    assert experts.stacked(torch.bfloat16) and not experts.stacked(torch.float16)  # another dtype: not indexed
+    assert experts.runs_every_expert(torch.bfloat16)
     experts.EVERY_EXPERT_MAX_ELEMENTS = 3 * 6 * 32 * 16 - 1
-    assert not experts.runs_every_expert(dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@torch.no_grad()
-def test_gathered_experts_equal_the_dispatched_experts(dtype):
-    experts = RoutedExperts(6, 32, 16).to(dtype)
-    for w in (experts.w1, experts.w2, experts.w3):
-        w.normal_(0, 0.3)
-    x = torch.randn(3, 32, dtype=dtype)
-    weights = torch.rand(3, 2)
-    indices = torch.tensor([[4, 1], [1, -1], [-1, 5]])  # a shared expert, dropped slots (computed by no expert)
-    gathered, dispatched = experts.gathered(x, weights, indices), experts.dispatch(x, weights, indices)
-    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
-    assert (gathered.float() - dispatched.float()).abs().max() <= tolerance * dispatched.float().abs().max()
-    assert experts.stacked(dtype) and not experts.stacked(torch.float16)  # another dtype: a storage not indexed
+    assert not experts.runs_every_expert(torch.bfloat16)
 
 
 def test_gathering_stops_where_duplicate_reads_cost_more_than_dispatching():
