@@ -8,14 +8,15 @@ graph:
 
 - no host reads: every row attends over the whole width of its block table (`Transformer.forward(span=...)`),
   its own positions picked out by a mask, instead of the span read back from the device;
-- routing without a graph break, by one of `RoutedExperts`' sync-free twins: while a batch has at most one
-  (token, k) slot per expert (batch 1 to 8 at `small`'s and V2-Lite's shapes), `gathered`, each slot's expert
-  indexed in place inside the reduction inductor generates for it (`small`'s step at batch 1: 10.4 ms against
-  17.2 with the op below); past that, `every_expert` (every expert on every token, weighted by the gates) when
-  all experts are small, else one opaque custom op per layer (`dsv2::routed_experts`), inside which the eager
-  dispatch reads its counts on the host and runs each chosen expert once on the eager kernels (`F.grouped_mm`,
-  the sync-free alternative, calls a GEMM for every expert, chosen or not, on the CPU). The choice is a guard
-  on the batch size: the batch graph compiles again the first time a batch crosses it;
+- routing without a graph break, by one of `RoutedExperts`' sync-free twins: while the batch's rows are few
+  enough that reading an expert per slot costs less than dispatching (`gather_max_rows`: `small` up to 16 rows,
+  V2-Lite up to 3), `gathered`, each slot's expert indexed in place inside the reduction inductor generates for it
+  (`small`'s step at batch 1: 10.4 ms against 17.2 with the op below); past that, `every_expert` (every expert on
+  every token, weighted by the gates) when all experts are small, else one opaque custom op per layer
+  (`dsv2::routed_experts`), inside which the eager dispatch reads its counts on the host and runs each chosen expert
+  once on the eager kernels (`F.grouped_mm`, the sync-free alternative, calls a GEMM for every expert, chosen or not,
+  on the CPU). The choice is a guard on the batch size: the batch graph compiles again the first time a batch crosses
+  it;
 - shapes that do not recompile: batch size and table width are symbolic (`dynamic=True`), so one graph serves
   every batch of two or more rows on each side of the experts' guard, and every context length; one row is its
   own graph (a dimension of 1 is always specialised), and tables are padded to two blocks at least for the same
