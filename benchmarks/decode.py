@@ -36,7 +36,7 @@ on a shared machine pass `--threads` below the free cores.
 
     python benchmarks/decode.py                        # nano, small, lite4; dtype auto
     python benchmarks/decode.py --models nano --new-tokens 16 --contexts 128 512   # quick look
-    python benchmarks/decode.py --compile              # dsv2's decode steps compiled (infer/compiled.py)
+    python benchmarks/decode.py --compile              # dsv2's decode and prefill steps compiled (infer/compiled.py)
 """
 
 from __future__ import annotations
@@ -105,15 +105,15 @@ def sync(device: str) -> None:
 
 # ----------------------------------------------------------------------------------- the two runners
 def dsv2_runner(path: str, dtype: torch.dtype, device: str, max_batch: int,
-                quantization: str | None = None, compile_decode: bool = False) -> tuple[Run, int]:
+                quantization: str | None = None, compiled: bool = False) -> tuple[Run, int]:
     """dsv2's engine on the checkpoint (its weights quantized as `LLM(quantization=...)` does; its decode steps
-    compiled with `compile_decode`, `infer/compiled.py`); also its latent-cache bytes per token."""
+    and prefill steps compiled with `compiled`, `infer/compiled.py`); also its latent-cache bytes per token."""
     net = quant.for_inference(dsv2.load_model(path, dtype=dtype, device=device, progress=False), quantization)
     # one chunk per sequence per step fits the budget, so equal prompts prefill in lock-step; no prefix
     # caching, as `measure` hands the same prompts over again and they would be served from the cache
     engine = LLMEngine(net, max_running=max_batch, prefill_chunk=PREFILL_CHUNK,
                        max_prefill_tokens=max_batch * PREFILL_CHUNK, prefix_caching=False,
-                       compile_decode=compile_decode)
+                       compile_decode=compiled, compile_prefill=compiled)
 
     def run(ids: list[list[int]], new_tokens: int) -> tuple[float, list[float]]:
         params = dsv2.SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
@@ -190,11 +190,11 @@ def measure(run: Run, point: Point, vocab: int, repeats: int) -> dict[str, float
 
 
 def worker(which: str, path: str, dtype: torch.dtype, device: str, grid: dict[str, list[Point]],
-           repeats: int, compile_decode: bool = False) -> dict[str, Any]:
+           repeats: int, compiled: bool = False) -> dict[str, Any]:
     max_batch = max(b for pts in grid.values() for b, _, _ in pts)
     if which == "dsv2":
-        # compiled: the warm-up run of the first batch-1 point and of the first batch-8 point compile the graphs
-        run, cache_bytes_per_token = dsv2_runner(path, dtype, device, max_batch, compile_decode=compile_decode)
+        # compiled: the warm-up runs compile the graphs (each point's warm-up those its shapes need)
+        run, cache_bytes_per_token = dsv2_runner(path, dtype, device, max_batch, compiled=compiled)
     else:
         run, cache_bytes_per_token = transformers_runner(path, dtype, device), 0
     vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
@@ -332,7 +332,8 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     header = (f"machine: {hardware.describe()}{gpu}\nread bandwidth {bandwidth:.1f} GB/s (fastest read of 512 MiB "
               f"on {args.device}); every figure the median of {args.repeats} runs of its point after a warm-up run")
     if args.compile:
-        header += "\ndsv2's decode steps compiled (`LLMEngine(compile_decode=True)`, infer/compiled.py)"
+        header += ("\ndsv2's decode and prefill steps compiled "
+                   "(`LLMEngine(compile_decode=True, compile_prefill=True)`, infer/compiled.py)")
     header += busy_warning()
     print(header)
     saved: dict[str, Any] = {"header": header, "bandwidth_gbs": bandwidth, "new_tokens": args.new_tokens,
@@ -368,7 +369,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per point after its warm-up (median)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--compile", action="store_true", help="dsv2's decode steps as one compiled graph (CPU)")
+    ap.add_argument("--compile", action="store_true", help="dsv2's decode and prefill steps as compiled graphs (CPU)")
     ap.add_argument("--json", help="also write all figures to this file")
     ap.add_argument("--from-json", help="print the tables of an earlier --json run (with its bandwidth)")
     ap.add_argument("--worker", nargs=3, metavar=("WHICH", "PATH", "DTYPE"), help=argparse.SUPPRESS)

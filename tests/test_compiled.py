@@ -155,6 +155,30 @@ def test_compiled_engine_follows_new_weights(quick_compile):
     assert [o.token_ids for o in before] != [o.token_ids for o in after]
 
 
+def test_compiled_prefill_fills_the_cache_as_the_eager_one(quick_compile):
+    """Prefill steps compiled wherever their chunks are equal: one prompt alone (chunks of 8 and 5 tokens, the
+    second over the first's cache), three equal prompts in lock-step (a batch of rows), a prompt whose prefix is
+    cached from an earlier request; uneven chunks stay eager, packed. The decode steps (eager) read the cache the
+    compiled prefill wrote: the same tokens and logprobs as an all-eager engine."""
+    model = random_model("v2_like")
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2)
+    alone, equal = [list(range(40, 53))], [list(range(60 + 7 * i, 81 + 7 * i)) for i in range(3)]
+    uneven = [list(range(2, 7)), list(range(120, 127))]  # chunks of 5 and 7 in one step
+    later = [list(range(40, 53)) + [7, 8, 9]]  # the first 12 tokens (3 blocks of 4) are cached by then
+    out, shapes = {}, []
+    for compile_prefill in (False, True):
+        llm = LLM(model, max_batch_size=3, skip_tokenizer_init=True, block_size=4, prefill_chunk=8,
+                  compile_prefill=compile_prefill)
+        if compile_prefill:
+            prefill = llm.engine.compiled_prefill
+            llm.engine.compiled_prefill = lambda tokens, view, run=prefill: shapes.append(tuple(tokens.shape)) or run(
+                tokens, view)
+        out[compile_prefill] = [o for batch in (alone, equal, uneven, later) for o in llm.generate(batch, params)]
+    assert llm.stats()["prefill"] == "compiled"
+    assert {(1, 8), (1, 5), (3, 8), (3, 5), (1, 4)} == set(shapes), shapes
+    assert_same(out[False], out[True])
+
+
 def test_compiled_decode_refuses_what_it_cannot_run():
     model = random_model("lite_like")
     model.prepare_for_inference()
@@ -162,6 +186,8 @@ def test_compiled_decode_refuses_what_it_cannot_run():
     cache = PagedLatentCache(model.config, num_blocks=4, block_size=4)
     with pytest.raises(ValueError, match="one new token per row"):
         step(torch.tensor([[3, 4]]), cache.view([[1, 2]], [0], min_width=2))
+    with pytest.raises(ValueError, match="two tokens or more"):
+        compiled.CompiledPrefill(model)(torch.tensor([[3]]), cache.view([[1, 2]], [0], min_width=2))
     model.prepare_for_inference()
     with pytest.raises(RuntimeError, match="prepared again"):
         step(torch.tensor([[3]]), cache.view([[1, 2]], [0], min_width=2))

@@ -443,7 +443,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               cache_bytes=None if args.cache_mb is None else int(args.cache_mb * 2**20), block_size=args.block_size,
               kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
               prefix_caching=args.prefix_caching, prefill_chunk=args.prefill_chunk,
-              max_prefill_tokens=args.max_prefill_tokens, compile_decode=args.compile_decode)
+              max_prefill_tokens=args.max_prefill_tokens, compile_decode=args.compile_decode,
+              compile_prefill=args.compile_prefill)
     name = args.served_model_name or Path(args.model).name
     engine = llm.engine
     dtype = str(llm.model.embed.weight.dtype).removeprefix("torch.")
@@ -452,7 +453,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"({engine.cache.bytes_allocated() / 2**20:.0f} MiB, {args.kv_cache_dtype}: "
           f"{engine.cache.bytes_per_token():,} bytes per token), prefix caching "
           f"{'on' if args.prefix_caching else 'off'}"
-          f"{', decode compiled (the first decode steps compile, ~1 min)' if args.compile_decode else ''}",
+          f"{', decode compiled (the first decode steps compile, ~1 min)' if args.compile_decode else ''}"
+          f"{', equal prefill chunks compiled (the first ones compile, ~1 min)' if args.compile_prefill else ''}",
           file=sys.stderr)
     app = create_app(engine, name, api_key=args.api_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -754,6 +756,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--compile-decode", dest="compile_decode", action="store_true",
                        help="decode steps as one compiled graph (CPU, float weights): 3x faster steps for small "
                             "models, after about a minute of compiling on the first steps")
+    serve.add_argument("--compile-prefill", dest="compile_prefill", action="store_true",
+                       help="prefill steps whose chunks are all one length as compiled graphs (CPU, float weights; "
+                            "a 128-token prompt of nano 2.5x faster), after compiling on the first ones")
     serve.add_argument("--log-level", dest="log_level", default="info")
     serve.set_defaults(func=cmd_serve)
 

@@ -27,7 +27,7 @@ import torch
 from dsv2.config import PRESETS
 from dsv2.hardware import resolve_dtype
 from dsv2.infer.cache import PagedLatentCache
-from dsv2.infer.compiled import CompiledDecode
+from dsv2.infer.compiled import CompiledDecode, CompiledPrefill
 from dsv2.infer.kv_quant import check_kv_cache_dtype
 from dsv2.infer.sampling import SamplingError, SamplingParams, sample
 from dsv2.infer.scheduler import Scheduler
@@ -138,7 +138,9 @@ class LLMEngine:
     `infer/scheduler.py`. prefix_caching: requests start from the cached blocks of a prompt prefix others
     computed (`infer/block_pool.py`). compile_decode: decode steps run as one compiled graph
     (`infer/compiled.py`; CPU only; tens of seconds to compile, on the first decode step of one row and of a
-    batch; recompiled after the model is prepared again). The model is prepared for inference here; whoever
+    batch; recompiled after the model is prepared again). compile_prefill: so do prefill steps whose chunks
+    are all one length of two tokens or more (one prompt's, or equal prompts'), without prompt logprobs; other
+    prefills run eagerly, packed. The model is prepared for inference here; whoever
     changes its weights afterwards must call `model.prepare_for_inference()` again.
     """
 
@@ -146,7 +148,7 @@ class LLMEngine:
         self, model: Transformer, tokenizer: Tokenizer | None = None, *, max_running: int = 32,
         cache_bytes: int | None = None, num_blocks: int | None = None, block_size: int = 16,
         prefill_chunk: int = 256, max_prefill_tokens: int = 1024, kv_cache_dtype: str = "auto",
-        prefix_caching: bool = True, compile_decode: bool = False,
+        prefix_caching: bool = True, compile_decode: bool = False, compile_prefill: bool = False,
     ):
         check_kv_cache_dtype(kv_cache_dtype)
         self.model = model.eval()
@@ -173,6 +175,7 @@ class LLMEngine:
                         "preemptions": 0, "steps": 0}
         self._step_usage = (0, 0)  # (blocks used, tokens cached) before the last step's finished requests left
         self.compiled_decode = CompiledDecode(model) if compile_decode else None
+        self.compiled_prefill = CompiledPrefill(model) if compile_prefill else None
 
     # ---------------------------------------------------------------------------------------- requests
     def make_request(
@@ -264,6 +267,8 @@ class LLMEngine:
             self._weights = self.model.inference_version
             if self.compiled_decode is not None:  # the old weights are frozen into its graph
                 self.compiled_decode = CompiledDecode(self.model)
+            if self.compiled_prefill is not None:
+                self.compiled_prefill = CompiledPrefill(self.model)
         plan = self.scheduler.schedule()
         self._totals["preemptions"] += len(plan.preempted)
         sampled: list[tuple[str, list[Request], torch.Tensor, float]] = []  # (counter, requests, logits, seconds)
@@ -285,13 +290,18 @@ class LLMEngine:
             t = time.perf_counter()
             seqs, counts = [seq for seq, _ in plan.prefill], [n for _, n in plan.prefill]
             starts = [seq.num_computed for seq in seqs]
-            view = self.cache.view([seq.blocks for seq in seqs], starts)
+            requests = [self.requests[seq.request_id] for seq in seqs]
+            compiled = (self.compiled_prefill is not None and len(set(counts)) == 1 and counts[0] >= 2
+                        and not any(r.routing is not None or self._wants_prompt_logprobs(r) for r in requests))
+            view = self.cache.view([seq.blocks for seq in seqs], starts,
+                                   CompiledPrefill.MIN_TABLE_WIDTH if compiled else 1)
             tokens = torch.tensor([[tok for seq, start, n in zip(seqs, starts, counts, strict=True)
                                     for tok in seq.tokens[start : start + n]]], device=self.device)
-            requests = [self.requests[seq.request_id] for seq in seqs]
             ends = list(itertools.accumulate(counts))
             last = torch.tensor(ends, device=self.device) - 1
-            if any(self._wants_prompt_logprobs(r) for r in requests):  # every position's logits, not just the last
+            if compiled:  # equal chunks, as the batch of rows they are
+                logits = self.compiled_prefill(tokens.view(len(seqs), counts[0]), view)
+            elif any(self._wants_prompt_logprobs(r) for r in requests):  # every position's logits, not the last
                 every = self._forward(requests, tokens, view, starts, segments=counts)[0]  # [N,vocab]
                 for r, start, n, end in zip(requests, starts, counts, ends, strict=True):
                     if self._wants_prompt_logprobs(r):
@@ -430,15 +440,15 @@ class LLM:
     on a GPU or a CPU with native bf16, else fp32: `dsv2.hardware`), "bfloat16", "float32" or a torch.dtype;
     a model passed as a module keeps its own. kv_cache_dtype: how the latent cache stores tokens ("auto",
     "fp8", "6bit"). prefix_caching: share the cache blocks of common prompt prefixes; prefill_chunk /
-    max_prefill_tokens: the prefill a step may do while others decode / while nobody does; compile_decode: decode
-    steps as one compiled graph (CPU; `LLMEngine`)."""
+    max_prefill_tokens: the prefill a step may do while others decode / while nobody does; compile_decode /
+    compile_prefill: decode steps / prefill steps of equal chunks as compiled graphs (CPU; `LLMEngine`)."""
 
     def __init__(
         self, model: str | Path | Transformer, dtype: str | torch.dtype = "auto", device: str = "cpu",
         max_batch_size: int = 32, tokenizer: Tokenizer | None = None, skip_tokenizer_init: bool = False,
         cache_bytes: int | None = None, block_size: int = 16, kv_cache_dtype: str = "auto",
         quantization: str | None = None, prefix_caching: bool = True, prefill_chunk: int = 256,
-        max_prefill_tokens: int = 1024, compile_decode: bool = False,
+        max_prefill_tokens: int = 1024, compile_decode: bool = False, compile_prefill: bool = False,
     ):
         check_kv_cache_dtype(kv_cache_dtype)  # both before a checkpoint loads
         quant.check_quantization(quantization)
@@ -454,7 +464,7 @@ class LLM:
         self.engine = LLMEngine(net, tokenizer, max_running=max_batch_size, cache_bytes=cache_bytes,
                                 block_size=block_size, kv_cache_dtype=kv_cache_dtype, prefix_caching=prefix_caching,
                                 prefill_chunk=prefill_chunk, max_prefill_tokens=max_prefill_tokens,
-                                compile_decode=compile_decode)
+                                compile_decode=compile_decode, compile_prefill=compile_prefill)
         self.model, self.config, self.tokenizer = net, net.config, tokenizer
         self._stats: dict[str, float | str] = {}
 
@@ -516,4 +526,5 @@ class LLM:
             "kv_cache_bytes_allocated": after.cache_bytes_allocated,
             "dtype": str(self.model.embed.weight.dtype).removeprefix("torch."),
             "decode": "eager" if engine.compiled_decode is None else "compiled",
+            "prefill": "eager" if engine.compiled_prefill is None else "compiled",
         }
