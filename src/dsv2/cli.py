@@ -757,8 +757,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="decode steps as one compiled graph (CPU, float weights): 3x faster steps for small "
                             "models, after about a minute of compiling on the first steps")
     serve.add_argument("--compile-prefill", dest="compile_prefill", action="store_true",
-                       help="prefill steps whose chunks are all one length as compiled graphs (CPU, float weights; "
-                            "a 128-token prompt of nano 2.5x faster), after compiling on the first ones")
+                       help="short prefill steps (chunks all one length, <= 256 tokens) as compiled graphs (CPU, "
+                            "float weights; nano's 128-token prompt 2.5x faster), after compiling on the first ones")
     serve.add_argument("--log-level", dest="log_level", default="info")
     serve.set_defaults(func=cmd_serve)
 

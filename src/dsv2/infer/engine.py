@@ -139,8 +139,9 @@ class LLMEngine:
     computed (`infer/block_pool.py`). compile_decode: decode steps run as one compiled graph
     (`infer/compiled.py`; CPU only; tens of seconds to compile, on the first decode step of one row and of a
     batch; recompiled after the model is prepared again). compile_prefill: so do prefill steps whose chunks
-    are all one length of two tokens or more (one prompt's, or equal prompts'), without prompt logprobs; other
-    prefills run eagerly, packed. The model is prepared for inference here; whoever
+    are all one length of two tokens or more (one prompt's, or equal prompts'), `CompiledPrefill.MAX_TOKENS` in
+    all at most, without prompt logprobs: short prompts, where operators cost more than GEMMs; other prefills run
+    eagerly, packed. The model is prepared for inference here; whoever
     changes its weights afterwards must call `model.prepare_for_inference()` again.
     """
 
@@ -292,6 +293,7 @@ class LLMEngine:
             starts = [seq.num_computed for seq in seqs]
             requests = [self.requests[seq.request_id] for seq in seqs]
             compiled = (self.compiled_prefill is not None and len(set(counts)) == 1 and counts[0] >= 2
+                        and sum(counts) <= CompiledPrefill.MAX_TOKENS
                         and not any(r.routing is not None or self._wants_prompt_logprobs(r) for r in requests))
             view = self.cache.view([seq.blocks for seq in seqs], starts,
                                    CompiledPrefill.MIN_TABLE_WIDTH if compiled else 1)
