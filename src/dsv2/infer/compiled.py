@@ -96,11 +96,11 @@ class _CompiledForward:
 
     def _forward(self, tokens: torch.Tensor, cache: PagedBatch) -> torch.Tensor:
         """tokens [B,S] -> the last position's logits [B,vocab], every row attending over its whole table."""
-        return self.model(tokens, cache=cache, span=cache.capacity,
-                          logits_index=torch.full((len(tokens),), tokens.shape[1] - 1, device=tokens.device))
+        raise NotImplementedError
 
     def _check(self, tokens: torch.Tensor) -> None:
         """Raise if this graph cannot run `tokens` [B,S]."""
+        raise NotImplementedError
 
     def __call__(self, tokens: torch.Tensor, cache: PagedBatch) -> torch.Tensor:
         if self.model.inference_version != self.inference_version:
@@ -120,6 +120,9 @@ class CompiledDecode(_CompiledForward):
 
     WHAT = "decode step"
 
+    def _forward(self, tokens: torch.Tensor, cache: PagedBatch) -> torch.Tensor:
+        return self.model(tokens, cache=cache, span=cache.capacity)[:, -1]
+
     def _check(self, tokens: torch.Tensor) -> None:
         if tokens.shape[1] != 1:
             raise ValueError(f"a compiled decode step takes one new token per row, got tokens {tuple(tokens.shape)}")
@@ -131,10 +134,21 @@ class CompiledPrefill(_CompiledForward):
     token is a decode step's shape, for `CompiledDecode`."""
 
     WHAT = "prefill"
-    # chunks of this many tokens in all (rows x chunk) at most: past that the GEMMs outweigh the operators, and the
-    # eager prefill's flash attention (no mask) wins: small, one 1024-token prompt in chunks of 512, 906 ms compiled
+    # chunks of this many tokens in all (rows x chunk) at most, where the operators' cost is what compiling saves;
+    # measured past it, the compiled graph lost: small, one 1024-token prompt in chunks of 512, 906 ms compiled
     # against 831 eager; one of 128 tokens, compiled ~1.1-1.4x faster, nano's 2.5x (2-core AMX Xeon, torch 2.13)
     MAX_TOKENS = 256
+
+    @classmethod
+    def takes(cls, counts: list[int]) -> bool:
+        """Whether a prefill step's chunks (tokens per row) are worth this graph: all one length, of two tokens
+        or more, MAX_TOKENS in all at most."""
+        return len(set(counts)) == 1 and counts[0] >= 2 and sum(counts) <= cls.MAX_TOKENS
+
+    def _forward(self, tokens: torch.Tensor, cache: PagedBatch) -> torch.Tensor:
+        # only the last position through the output projection (the [B,S,vocab] logits would be a GEMM of their own)
+        last = torch.full((len(tokens),), tokens.shape[1] - 1, device=tokens.device)
+        return self.model(tokens, cache=cache, span=cache.capacity, logits_index=last)
 
     def _check(self, tokens: torch.Tensor) -> None:
         if tokens.shape[1] < 2:

@@ -292,8 +292,7 @@ class LLMEngine:
             seqs, counts = [seq for seq, _ in plan.prefill], [n for _, n in plan.prefill]
             starts = [seq.num_computed for seq in seqs]
             requests = [self.requests[seq.request_id] for seq in seqs]
-            compiled = (self.compiled_prefill is not None and len(set(counts)) == 1 and counts[0] >= 2
-                        and sum(counts) <= CompiledPrefill.MAX_TOKENS
+            compiled = (self.compiled_prefill is not None and CompiledPrefill.takes(counts)
                         and not any(r.routing is not None or self._wants_prompt_logprobs(r) for r in requests))
             view = self.cache.view([seq.blocks for seq in seqs], starts,
                                    CompiledPrefill.MIN_TABLE_WIDTH if compiled else 1)
