@@ -1,8 +1,8 @@
 """The compiled decode step (`dsv2.infer.compiled`) against its eager twin: the sync-free pieces it is made of
 (each slot's expert gathered, every expert weighted by its gate, a span given instead of read, the cache written
 in place), then whole engines, compiled and eager, generating the same tokens with the same logprobs, for each
-way the graph runs the experts (gathered per slot, every expert on every token, the opaque experts op, and a
-batch graph that changes way as the batch shrinks), and after the weights change."""
+way the graph runs the experts (dsv2's CPU kernel, gathered per slot, every expert on every token, the opaque
+experts op, and a batch graph that changes way as the batch shrinks), and after the weights change."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from conftest import PROMPTS, random_model, randomize_
 from dsv2 import LLM, SamplingParams
 from dsv2.infer import compiled
 from dsv2.infer.cache import PagedLatentCache
-from dsv2.model import quant
+from dsv2.model import cpu_kernels, quant
 from dsv2.model.moe import RoutedExperts, register_for_compile, routed_experts_op
 
 
@@ -98,12 +98,15 @@ def assert_same(eager, compiled_out, tolerance=1e-4):
 
 # how the graph runs the experts: (rows gathered at most, every-expert limit); v2_like's tiny experts gather any
 # batch by default; "mixed" gathers 2 rows and 1 but runs 3 through the op, so the batch graph compiles again when
-# the batch shrinks (the default suite's fp32 case for both; each alone is slow-marked)
-EXPERT_PATHS = {"gathered": (None, 1 << 20), "every_expert": (0, 1 << 20), "op": (0, 0), "mixed": (2, 0)}
+# the batch shrinks (the default suite's fp32 case for both; each alone is slow-marked); "kernel" is dsv2's own
+# (`cpu_kernels`, bf16 on a CPU with AVX-512 BF16), which every other path is run without
+EXPERT_PATHS = {"gathered": (None, 1 << 20), "every_expert": (0, 1 << 20), "op": (0, 0), "mixed": (2, 0),
+                "kernel": (None, 1 << 20)}
 
 
 @pytest.mark.parametrize(("path", "dtype"), [("mixed", torch.float32), ("every_expert", torch.float32),
-                                             ("gathered", torch.bfloat16),
+                                             ("kernel", torch.bfloat16),
+                                             pytest.param("gathered", torch.bfloat16, marks=pytest.mark.slow),
                                              pytest.param("gathered", torch.float32, marks=pytest.mark.slow),
                                              pytest.param("op", torch.float32, marks=pytest.mark.slow)])
 def test_compiled_engine_generates_what_the_eager_engine_does(quick_compile, monkeypatch, path, dtype):
@@ -112,6 +115,10 @@ def test_compiled_engine_generates_what_the_eager_engine_does(quick_compile, mon
     must agree. In bf16 the two round their own ways (inductor fuses away roundings eager makes), so each is
     held against the fp32 model: the compiled engine no further from it than the eager one."""
     gather, every = EXPERT_PATHS[path]
+    if path == "kernel" and not cpu_kernels.load():
+        pytest.skip("dsv2's experts kernel needs a CPU with AVX-512 BF16 (and a build that works)")
+    if path != "kernel":
+        monkeypatch.setattr(RoutedExperts, "KERNEL_MAX_ROWS", 0)
     if gather is not None:
         monkeypatch.setattr(RoutedExperts, "gather_max_rows", lambda self, top_k: gather)
     monkeypatch.setattr(RoutedExperts, "EVERY_EXPERT_MAX_ELEMENTS", every)

@@ -9,7 +9,9 @@ graph:
 
 - no host reads: every row attends over the whole width of its block table (`Transformer.forward(span=...)`),
   its own positions picked out by a mask, instead of the span read back from the device;
-- routing without a graph break, by one of `RoutedExperts`' sync-free twins: while the batch's rows are few
+- routing without a graph break, by one of `RoutedExperts`' sync-free twins: in bf16 on a CPU with AVX-512 BF16,
+  for up to `KERNEL_MAX_ROWS` rows, dsv2's own kernel (`dsv2.model.cpu_kernels`: one opaque call per layer that
+  reads each chosen expert once, for all of its tokens); elsewhere, while the batch's rows are few
   enough that reading an expert per slot costs less than dispatching (`gather_max_rows`: `small` up to 16 rows,
   V2-Lite up to 3), `gathered`, each slot's expert indexed in place inside the reduction inductor generates for it
   (`small`'s step at batch 1: 10.4 ms against 17.2 with the op below); past that, `every_expert` (every expert on
@@ -47,6 +49,7 @@ import types
 import torch
 
 from dsv2.infer.cache import PagedBatch
+from dsv2.model import cpu_kernels
 from dsv2.model.moe import RoutedExperts, register_for_compile
 from dsv2.model.transformer import Transformer
 
@@ -81,6 +84,7 @@ class _CompiledForward:
         for module in model.modules():
             if isinstance(module, RoutedExperts):  # the key its graph calls `dsv2::routed_experts` with
                 register_for_compile(module)
+        cpu_kernels.load()  # built before tracing (the experts kernel, where this CPU has AVX-512 BF16)
         self.model = model
         self.inference_version = model.inference_version  # the weights frozen into the graph
         self._options = AUTOTUNED if autotune else FROZEN

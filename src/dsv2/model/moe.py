@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv2.config import ModelConfig
+from dsv2.model import cpu_kernels
 from dsv2.model.layers import MLP, differentiating, linear
 
 
@@ -146,18 +147,33 @@ class RoutedExperts(nn.Module):
         Each (token, k) slot is sorted by expert id, each chosen expert runs once on its contiguous slab,
         then the slots go back in place and are summed over k in fp32 (the reference's reduction order).
         Inside a `torch.compile` graph (`dsv2.infer.compiled`) nothing may read a count back to the host, so
-        the graph picks a sync-free twin by what it reads: `gathered` (each slot's expert) while the rows
-        are few (`gather_max_rows`); `every_expert` when all E experts are small; otherwise the opaque op
-        `dsv2::routed_experts`, which the graph calls as it is and which runs `dispatch` eagerly, with its host
-        syncs and kernels.
+        the graph picks a sync-free twin by what it reads: in bf16 on a CPU with AVX-512 BF16, for 2 to
+        KERNEL_MAX_ROWS rows, dsv2's own kernel (`dsv2.model.cpu_kernels`), each chosen expert read once (one
+        row's slots are distinct experts, which `gathered` reads once too); else `gathered` (each slot's expert)
+        while the rows are few (`gather_max_rows`); `every_expert` when all E experts are small; otherwise the
+        opaque op `dsv2::routed_experts`, which the graph calls as it is and which runs `dispatch` eagerly, with
+        its host syncs and kernels.
         """
         if torch.compiler.is_compiling():
+            if self.takes_kernel(x) and 2 <= len(x) <= self.KERNEL_MAX_ROWS:
+                return cpu_kernels.routed_experts(x, weights, indices, self.w1, self.w2, self.w3)
             if self.stacked(x.dtype) and len(x) <= self.gather_max_rows(indices.shape[1]):
                 return self.gathered(x, weights, indices)
             if self.runs_every_expert(x.dtype):
                 return self.every_expert(x, weights, indices)
             return routed_experts_op(x, weights, indices, self.op_key)
         return self.dispatch(x, weights, indices)
+
+    # rows up to which `cpu_kernels` runs a compiled graph's experts: past 16, V2-Lite's experts cost it as much as
+    # `dispatch` (16 rows: 113 ms against 111 for one layer; 64 rows: 211 against 160), as its dot products
+    # re-read each expert once per 8 tokens; at 8 rows 41 ms against 54 (dispatch) and 72 (gathered); `small`'s
+    # 8-row decode step 55 ms against 67 with `gathered` (2-core AMX Xeon, a third of its time stolen by the host)
+    KERNEL_MAX_ROWS = 16
+
+    def takes_kernel(self, x: torch.Tensor) -> bool:
+        """Whether `cpu_kernels` can run these experts on x: loaded (a CPU with AVX-512 BF16, built), bf16 x on
+        the CPU and stacked bf16 weights."""
+        return cpu_kernels.loaded() and x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.stacked(x.dtype)
 
     def stacked(self, dtype: torch.dtype) -> bool:
         """Whether the weights are the stacked tensors of this class in `dtype` (not a quantized or FP8 storage),
