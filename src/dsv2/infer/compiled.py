@@ -10,7 +10,7 @@ graph:
 - no host reads: every row attends over the whole width of its block table (`Transformer.forward(span=...)`),
   its own positions picked out by a mask, instead of the span read back from the device;
 - routing without a graph break, by one of `RoutedExperts`' sync-free twins: in bf16 on a CPU with AVX-512 BF16,
-  for up to `KERNEL_MAX_ROWS` rows, dsv2's own kernel (`dsv2.model.cpu_kernels`: one opaque call per layer that
+  for 2 to `KERNEL_MAX_ROWS` rows, dsv2's own kernel (`dsv2.model.cpu_kernels`: one opaque call per layer that
   reads each chosen expert once, for all of its tokens); elsewhere, while the batch's rows are few
   enough that reading an expert per slot costs less than dispatching (`gather_max_rows`: `small` up to 16 rows,
   V2-Lite up to 3), `gathered`, each slot's expert indexed in place inside the reduction inductor generates for it

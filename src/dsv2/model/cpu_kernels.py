@@ -49,8 +49,7 @@ def load() -> bool:
         from torch.utils.cpp_extension import load as build
 
         build(name=f"dsv2_{SOURCE.stem}", sources=[str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-              is_python_module=False,
-              verbose=False)
+              is_python_module=False, verbose=False)
     except Exception as error:  # no compiler, no ninja, an old assembler: fall back, saying why
         warnings.warn(f"dsv2: the CPU experts kernel ({SOURCE.name}) did not build, decode keeps PyTorch's "
                       f"paths: {error}", stacklevel=2)

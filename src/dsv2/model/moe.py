@@ -155,7 +155,7 @@ class RoutedExperts(nn.Module):
         its host syncs and kernels.
         """
         if torch.compiler.is_compiling():
-            if self.takes_kernel(x) and 2 <= len(x) <= self.KERNEL_MAX_ROWS:
+            if self.takes_kernel(x):
                 return cpu_kernels.routed_experts(x, weights, indices, self.w1, self.w2, self.w3)
             if self.stacked(x.dtype) and len(x) <= self.gather_max_rows(indices.shape[1]):
                 return self.gathered(x, weights, indices)
@@ -166,14 +166,15 @@ class RoutedExperts(nn.Module):
 
     # rows up to which `cpu_kernels` runs a compiled graph's experts: past 16, V2-Lite's experts cost it as much as
     # `dispatch` (16 rows: 113 ms against 111 for one layer; 64 rows: 211 against 160), as its dot products
-    # re-read each expert once per 8 tokens; at 8 rows 41 ms against 54 (dispatch) and 72 (gathered); `small`'s
+    # re-read each expert once per 8 tokens; at 8 rows 41 ms against 69 (dispatch) and 72 (gathered); `small`'s
     # 8-row decode step 55 ms against 67 with `gathered` (2-core AMX Xeon, a third of its time stolen by the host)
     KERNEL_MAX_ROWS = 16
 
     def takes_kernel(self, x: torch.Tensor) -> bool:
-        """Whether `cpu_kernels` can run these experts on x: loaded (a CPU with AVX-512 BF16, built), bf16 x on
-        the CPU and stacked bf16 weights."""
-        return cpu_kernels.loaded() and x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.stacked(x.dtype)
+        """Whether a compiled graph runs these experts on x through `cpu_kernels`: loaded (a CPU with AVX-512
+        BF16, built), bf16 x of 2 to KERNEL_MAX_ROWS rows on the CPU, and stacked bf16 weights."""
+        return (cpu_kernels.loaded() and x.device.type == "cpu" and x.dtype == torch.bfloat16
+                and 2 <= len(x) <= self.KERNEL_MAX_ROWS and self.stacked(x.dtype))
 
     def stacked(self, dtype: torch.dtype) -> bool:
         """Whether the weights are the stacked tensors of this class in `dtype` (not a quantized or FP8 storage),
