@@ -7,8 +7,9 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from dsv2.model import cpu_kernels
+from dsv2.model import cpu_kernels, quant
 from dsv2.model.moe import RoutedExperts
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.supported(), reason="the kernel needs a CPU with AVX-512 BF16")
@@ -61,15 +62,106 @@ def test_a_kernel_that_does_not_build_leaves_the_graphs_as_they_were(tmp_path, m
     monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
     monkeypatch.setattr(cpu_kernels, "_tried", False)
     monkeypatch.setattr(cpu_kernels, "_loaded", False)
+    monkeypatch.setattr(cpu_kernels, "_amx", False)
     monkeypatch.setattr(cpu_kernels, "supported", lambda: True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert not cpu_kernels.load()
     assert any("did not build" in str(w.message) and "broken_kernel.cpp" in str(w.message) for w in caught)
     assert not cpu_kernels.loaded()
+    one_row, weight = torch.randn(1, 32, dtype=torch.bfloat16), torch.randn(8, 32, dtype=torch.bfloat16)
+    assert not cpu_kernels.takes_linear(one_row, weight) and not cpu_kernels.takes_linear_int8(one_row.float())
     assert not RoutedExperts(4, 32, 16).to(torch.bfloat16).takes_kernel(torch.randn(1, 32, dtype=torch.bfloat16))
 
 
 def test_turned_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("DSV2_CPU_KERNELS", "0")
     assert not cpu_kernels.supported()
+
+
+needs_amx = pytest.mark.skipif(not (cpu_kernels.supported() and torch.cpu._is_amx_tile_supported()),
+                               reason="the linear kernel needs a CPU with AMX")
+
+
+@needs_amx
+@pytest.mark.parametrize(("rows", "n", "k"), [(1, 512, 1024), (8, 288, 1024), (16, 1000, 96), (3, 33, 32), (5, 7, 64)])
+@torch.no_grad()
+def test_the_linear_kernel_equals_f_linear(rows, n, k):
+    """Rows from one to a tile's 16, weights of every row count (a last block of 1-31 rows padded, fewer rows
+    than one block): within a bf16 rounding of F.linear (both sum in fp32), the leading dims kept."""
+    assert cpu_kernels.load()
+    torch.manual_seed(rows * n)
+    x, weight = torch.randn(2, rows, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
+    reference = F.linear(x.double(), weight.double())
+    ours = cpu_kernels.linear(x[1], weight)
+    assert ours.dtype == torch.bfloat16 and ours.shape == (rows, n)
+    error = (ours.double() - reference[1]).abs().max()
+    assert error <= 2 ** -8 * reference[1].abs().max()
+    assert error <= 2 * (F.linear(x[1], weight).double() - reference[1]).abs().max()
+    assert cpu_kernels.linear(x[:, :1], weight).shape == (2, 1, n)
+
+
+@needs_amx
+def test_the_linear_kernel_refuses_what_it_cannot_run():
+    assert cpu_kernels.load()
+    weight = torch.randn(64, 96, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="at most 16 rows"):
+        cpu_kernels.linear(torch.randn(17, 96, dtype=torch.bfloat16), weight)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        cpu_kernels.linear(torch.randn(2, 40, dtype=torch.bfloat16), torch.randn(64, 40, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="must be bf16"):
+        cpu_kernels.linear(torch.randn(2, 96), weight)
+    with pytest.raises(RuntimeError, match=r"x \[M,K\] and a weight \[N,K\]"):
+        cpu_kernels.linear(torch.randn(2, 64, dtype=torch.bfloat16), weight)
+    x = torch.randn(1, 96, dtype=torch.bfloat16)
+    assert cpu_kernels.takes_linear(x, weight) and not cpu_kernels.takes_linear(x.float(), weight.float())
+    assert not cpu_kernels.takes_linear(torch.randn(cpu_kernels.BF16_MAX_ROWS + 1, 96, dtype=torch.bfloat16), weight)
+    assert not cpu_kernels.takes_linear(torch.randn(1, 40, dtype=torch.bfloat16), weight[:, :40])
+
+
+def w8a8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Each row of x on 127 levels of its own absmax, the sum exact (int64), scaled back as the kernel does."""
+    x = x.float()
+    amax = x.abs().amax(dim=1, keepdim=True)
+    inverse = torch.full_like(amax, 127) / amax  # as the kernel divides (127 / amax is 1/amax times 127)
+    xq = torch.round(x * torch.where(amax > 0, inverse, 0)).long()
+    return (xq @ q.long().t()).float() * (amax / 127) * scale.float()
+
+
+@needs_amx
+@pytest.mark.parametrize(("rows", "n", "k", "dtype"), [(1, 512, 1024, torch.bfloat16), (8, 288, 2816, torch.bfloat16),
+                                                       (16, 100, 64, torch.float32), (3, 33, 128, torch.float32),
+                                                       (37, 40, 64, torch.float32)])
+def test_the_int8_kernel_is_w8a8_exactly(rows, n, k, dtype):
+    """The integer sums are exact, so the kernel equals its definition up to x's last rounding; a zero row is
+    zero; past 16 rows each row is what it is alone; the int8 module's w8a8 forward takes it, within the
+    activations' rounding of the float product."""
+    assert cpu_kernels.load()
+    torch.manual_seed(n)
+    weight = torch.randn(n, k)
+    module = quant.Int8Linear.quantize(weight.to(dtype))
+    x = torch.randn(rows, k, dtype=dtype)
+    x[-1] = 0 if rows > 1 else x[-1]
+    ours = cpu_kernels.linear_int8(x, module.weight, module.scale)
+    assert ours.dtype == dtype and ours.shape == (rows, n)
+    assert torch.equal(ours, w8a8_reference(x, module.weight, module.scale).to(dtype))
+    assert torch.equal(ours[-2:], cpu_kernels.linear_int8(x[-2:], module.weight, module.scale))
+    module.int8_activations = True
+    assert torch.equal(module(x[None]), ours[None])
+    exact = F.linear(x.double(), module.dequantized().double())
+    assert (ours.double() - exact).abs().max() <= 0.02 * exact.abs().max()
+
+
+@needs_amx
+def test_the_int8_kernel_refuses_what_it_cannot_run():
+    assert cpu_kernels.load()
+    q, scale = torch.zeros(8, 64, dtype=torch.int8), torch.ones(8)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        cpu_kernels.linear_int8(torch.randn(2, 32), q[:, :32], scale)
+    with pytest.raises(RuntimeError, match="must be int8"):
+        cpu_kernels.linear_int8(torch.randn(2, 64), q.float(), scale)
+    with pytest.raises(RuntimeError, match="one scale per output row"):
+        cpu_kernels.linear_int8(torch.randn(2, 64), q, scale[:4])
+    with pytest.raises(RuntimeError, match="at most 16 rows"):
+        torch.ops.dsv2_cpu.linear_int8(torch.randn(17, 64), q, scale)
+    assert cpu_kernels.takes_linear_int8(torch.randn(40, 64)) and not cpu_kernels.takes_linear_int8(torch.randn(2, 96))

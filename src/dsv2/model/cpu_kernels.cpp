@@ -1,6 +1,7 @@
-// Routed experts for a few tokens on a CPU with AVX-512 BF16: each chosen expert's weights read once.
-// Built and loaded by cpu_kernels.py (torch.utils.cpp_extension); why it exists is written there.
+// Two kernels for the few rows of a decode step, on a CPU with AVX-512 BF16; built and loaded by cpu_kernels.py
+// (torch.utils.cpp_extension), where why they exist is written.
 //
+// routed_experts_bf16: routed experts for a few tokens, each chosen expert's weights read once.
 //   x [N,d] bf16, gates [N,K] fp32, indices [N,K] int64 (-1: a dropped slot), w1/w3 [E,I,d], w2 [E,d,I] bf16
 //   y[n] = sum_k gates[n,k] * FFN_{indices[n,k]}(x[n]),   FFN_e(v) = w2_e (silu(w1_e v) * (w3_e v))
 //
@@ -12,7 +13,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -156,10 +160,156 @@ at::Tensor routed_experts_bf16(const at::Tensor& x_in, const at::Tensor& gates_i
   return y;
 }
 
+// linear_bf16 and linear_int8: y [M,N] = x [M,K] Wᵀ for M <= 16 rows and W [N,K] as it is stored, on AMX tiles.
+//
+// AMX multiplies a tile A [16 rows, 64 bytes] by a tile B [16 rows, 64 bytes] whose rows interleave groups of k
+// (bf16: B[k/2][j][k%2], 32 k per tile; int8: B[k/4][j][k%4], 64 k per tile) into C [16,16] (fp32 or int32).
+// W's rows are A tiles as they lie in memory (16 rows of 64 bytes, a row stride apart), so the weight is read in
+// place, never re-laid out; only x, a few KB, is interleaved as B (xᵀ, padded to 16 columns with zeros). Each
+// step multiplies 32 rows of W by all of x: the tiles' arithmetic (16x16x32 multiply-adds an instruction, 16x16x64
+// in int8) is far above what the weight's bytes allow, so the product runs at the rate W is read.
+// N need not be a multiple of 32: the last block's rows are copied into a zero-padded buffer. K must be a
+// multiple of one tile's k (32 or 64); the kernels refuse otherwise (cpu_kernels.py sends such matrices elsewhere).
+//
+// linear_int8 is "w8a8" (quant.py): each row of x is quantized to int8 on its own absmax (x ≈ q_x·a/127), W is
+// int8 with one scale per output channel (W ≈ q·s), and y[j,n] = (a_j/127)·s_n·Σ_k q_x[j,k]·q[n,k], the sum exact
+// in int32.
+
+constexpr int kMaxRows = 16;      // x's rows: the 16 columns of a B tile
+constexpr int kRowsPerStep = 32;  // W's rows per step: two A tiles, two accumulators (C tiles 0 and 1)
+
+struct TileConfig {  // the layout ldtilecfg reads (palette 1)
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+bool amx_permitted() {  // Linux hands out AMX's tile state only on request (once per process)
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+void configure_tiles() {  // per thread: tiles 0-1 C, 2-3 A (W rows), 4 B (x), each 16 rows x 64 bytes
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int t = 0; t < 5; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// C [N rows of W][16 columns of x] for W [N,K] of T (bf16 or int8) and xt, x interleaved as B tiles;
+// emit(n, rows, c) takes each step's rows n..n+rows of C, c[i][j] for x's row j
+template <typename T, typename Acc, typename Emit>
+void tile_product(const T* w, int64_t N, int64_t K, const T* xt, Emit emit) {
+  constexpr int64_t k_per_tile = 64 / sizeof(T);
+  at::parallel_for(0, (N + kRowsPerStep - 1) / kRowsPerStep, 1, [&](int64_t begin, int64_t end) {
+    configure_tiles();
+    alignas(64) Acc c[kRowsPerStep][kMaxRows];
+    std::vector<T> padded;
+    for (int64_t step = begin; step < end; ++step) {
+      const int64_t n = step * kRowsPerStep, rows = std::min<int64_t>(kRowsPerStep, N - n);
+      const T* a = w + n * K;
+      if (rows < kRowsPerStep) {
+        padded.assign(size_t(kRowsPerStep * K), T(0));
+        std::memcpy(padded.data(), a, size_t(rows * K) * sizeof(T));
+        a = padded.data();
+      }
+      _tile_zero(0);
+      _tile_zero(1);
+      for (int64_t k = 0; k < K; k += k_per_tile) {
+        _tile_loadd(4, xt + k * kMaxRows, 64);
+        _tile_loadd(2, a + k, K * sizeof(T));
+        _tile_loadd(3, a + 16 * K + k, K * sizeof(T));
+        if constexpr (sizeof(T) == 2) {
+          _tile_dpbf16ps(0, 2, 4);
+          _tile_dpbf16ps(1, 3, 4);
+        } else {
+          _tile_dpbssd(0, 2, 4);
+          _tile_dpbssd(1, 3, 4);
+        }
+      }
+      _tile_stored(0, c[0], kMaxRows * sizeof(Acc));
+      _tile_stored(1, c[16], kMaxRows * sizeof(Acc));
+      emit(n, rows, c);
+    }
+    _tile_release();
+  });
+}
+
+void check_tile_shapes(const char* name, const at::Tensor& x, const at::Tensor& w, int64_t k_per_tile) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), name, ": x [M,K] and a weight [N,K], got ",
+              x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(x.size(0) <= kMaxRows && x.size(1) % k_per_tile == 0, name, ": at most ", kMaxRows,
+              " rows and a width that is a multiple of ", k_per_tile, ", got x ", x.sizes());
+  TORCH_CHECK(amx_permitted(), name, ": the kernel asked Linux for AMX's tile state and was refused");
+}
+
+at::Tensor linear_bf16(const at::Tensor& x_in, const at::Tensor& w_in) {
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && w_in.scalar_type() == at::kBFloat16,
+              "linear_bf16: x and the weight must be bf16");
+  check_tile_shapes("linear_bf16", x_in, w_in, 32);
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  std::vector<bf16> xt(size_t(K * kMaxRows), 0);
+  const bf16* xp = reinterpret_cast<const bf16*>(x.data_ptr());
+  for (int64_t j = 0; j < M; ++j)
+    for (int64_t k = 0; k < K; ++k) xt[(k / 2) * 2 * kMaxRows + j * 2 + (k & 1)] = xp[j * K + k];
+
+  at::Tensor y = at::empty({M, N}, x.options());
+  bf16* yp = reinterpret_cast<bf16*>(y.data_ptr());
+  tile_product<bf16, float>(reinterpret_cast<const bf16*>(w.data_ptr()), N, K, xt.data(),
+                            [&](int64_t n, int64_t rows, const float (*c)[kMaxRows]) {
+                              for (int64_t i = 0; i < rows; ++i)
+                                for (int64_t j = 0; j < M; ++j) yp[j * N + n + i] = to_bf16(c[i][j]);
+                            });
+  return y;
+}
+
+at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& q_in, const at::Tensor& scale_in) {
+  TORCH_CHECK(q_in.scalar_type() == at::kChar, "linear_int8: the weight must be int8, got ", q_in.scalar_type());
+  TORCH_CHECK(scale_in.dim() == 1 && scale_in.size(0) == q_in.size(0), "linear_int8: one scale per output row, got ",
+              scale_in.sizes(), " for a weight ", q_in.sizes());
+  check_tile_shapes("linear_int8", x_in, q_in, 64);
+  const at::Tensor x = x_in.to(at::kFloat).contiguous(), q = q_in.contiguous();
+  const at::Tensor scale = scale_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  std::vector<int8_t> xt(size_t(K * kMaxRows), 0);
+  std::vector<float> step(kMaxRows, 0.0f);  // a_j / 127
+  const float* xp = x.data_ptr<float>();
+  for (int64_t j = 0; j < M; ++j) {
+    float amax = 0.0f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xp[j * K + k]));
+    step[j] = amax / 127.0f;
+    const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (int64_t k = 0; k < K; ++k)
+      xt[(k / 4) * 4 * kMaxRows + j * 4 + (k & 3)] = int8_t(std::nearbyint(xp[j * K + k] * inverse));
+  }
+
+  at::Tensor y = at::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  tile_product<int8_t, int32_t>(q.data_ptr<int8_t>(), N, K, xt.data(),
+                                [&](int64_t n, int64_t rows, const int32_t (*c)[kMaxRows]) {
+                                  for (int64_t i = 0; i < rows; ++i)
+                                    for (int64_t j = 0; j < M; ++j)
+                                      yp[j * N + n + i] = float(c[i][j]) * step[j] * sp[n + i];
+                                });
+  return y.to(x_in.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dsv2_cpu, m) {
   m.def("routed_experts_bf16(Tensor x, Tensor gates, Tensor indices, Tensor w1, Tensor w2, Tensor w3) -> Tensor");
+  m.def("linear_bf16(Tensor x, Tensor weight) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor weight, Tensor scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) { m.impl("routed_experts_bf16", &routed_experts_bf16); }
+TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) {
+  m.impl("routed_experts_bf16", &routed_experts_bf16);
+  m.impl("linear_bf16", &linear_bf16);
+  m.impl("linear_int8", &linear_int8);
+}

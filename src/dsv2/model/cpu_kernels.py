@@ -1,4 +1,5 @@
-"""A CPU kernel of dsv2's own: the routed experts of a decode step, each chosen expert's weights read once.
+"""CPU kernels of dsv2's own: the routed experts of a decode step, each chosen expert's weights read once; and
+x Wᵀ for a few rows on AMX tiles, bf16 and w8a8 int8.
 
 Why: a decode step is a few tokens, and its routed experts are most of the bytes it reads. Of the ways PyTorch
 offers to run them inside a compiled graph, none reads only the distinct experts the tokens chose at the
@@ -14,6 +15,13 @@ and ninja that `torch.compile` on a CPU needs anyway) into torch's extension cac
 compiled decode graphs on a CPU with AVX-512 BF16 (`dsv2.infer.compiled` calls `load()` before it traces). On
 any other machine, or if the build fails (a warning says why), the graphs keep `gathered` and the `dispatch`
 op. `DSV2_CPU_KERNELS=0` turns it off.
+
+The linear kernels (CPUs with AMX) exist because PyTorch's products for a few rows read the weight well below the
+machine's bandwidth: oneDNN re-lays the weight out per call or pays a ~20 us floor, inductor's packed GEMMs read
+small's one-row matrices at 7-14 GB/s, and for w8a8 fbgemm quantizes activations per tensor and reads int8 at
+~10-18 GB/s. AMX multiplies a tile of 16 weight rows (64 bytes each, as they lie in memory) by all of x at once,
+so the weight is read in place at the rate memory gives it; only x is re-laid out. The bf16 one runs a compiled
+one-row graph's linears (`dsv2.model.layers.linear`), the int8 one `Int8Linear`'s w8a8 forward, eager.
 """
 
 from __future__ import annotations
@@ -26,8 +34,14 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 # -fopenmp: at::parallel_for is inline, and without it runs on one thread (torch's own libgomp serves it)
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"]
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mamx-int8", "-fopenmp"]
+# rows at most that a graph sends to the bf16 AMX kernel, measured on the 2-core AMX Xeon (torch 2.13;
+# docs/benchmarks.md, eighth session): at one row it read small's matrices at 16-22 GB/s against inductor's packed
+# GEMMs' 7-14; at 8 and 16 rows the two were within ~10% either way
+BF16_MAX_ROWS = 1
+TILE_ROWS = 16  # the most rows one call of a kernel takes: the columns of one B tile
 _loaded = False  # a plain global, so a traced graph reads it as a constant (checked by a guard)
+_amx = False  # loaded on a CPU with AMX tiles (asked once in `load`: the query itself does not trace)
 _tried = False
 
 
@@ -39,7 +53,7 @@ def supported() -> bool:
 def load() -> bool:
     """Build (once per source version, cached by torch) and load the kernel where `supported`; whether it is
     loaded. Call it before tracing: building inside a traced region would be traced."""
-    global _loaded, _tried
+    global _loaded, _tried, _amx
     if _tried:
         return _loaded
     _tried = True
@@ -55,7 +69,9 @@ def load() -> bool:
                       f"paths: {error}", stacklevel=2)
         return False
     torch.library.register_fake("dsv2_cpu::routed_experts_bf16")(_output_like_x)
-    _loaded = True
+    torch.library.register_fake("dsv2_cpu::linear_bf16")(_linear_output)
+    torch.library.register_fake("dsv2_cpu::linear_int8")(_linear_int8_output)
+    _loaded, _amx = True, torch.cpu._is_amx_tile_supported()
     return True
 
 
@@ -64,8 +80,46 @@ def _output_like_x(x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor, 
     return torch.empty_like(x)
 
 
+def _linear_output(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _linear_int8_output(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 def loaded() -> bool:
     return _loaded
+
+
+def _takes_tiles(x: torch.Tensor, k_per_tile: int, max_rows: int) -> bool:
+    """Loaded, on a CPU with AMX, x on the CPU with at most max_rows rows and a width of whole tiles."""
+    return (_amx and x.device.type == "cpu" and x.shape[-1] % k_per_tile == 0
+            and x.numel() // x.shape[-1] <= max_rows)
+
+
+def takes_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a graph runs x [..., K] @ weightᵀ through `linear`: bf16 on both sides, K a multiple of 32, at most
+    BF16_MAX_ROWS rows (and `_takes_tiles`)."""
+    return x.dtype == weight.dtype == torch.bfloat16 and weight.dim() == 2 and _takes_tiles(x, 32, BF16_MAX_ROWS)
+
+
+def takes_linear_int8(x: torch.Tensor) -> bool:
+    """Whether `linear_int8` runs x [M, K]: float x, K a multiple of 64 (and `_takes_tiles`), any M."""
+    return x.is_floating_point() and x.dim() == 2 and _takes_tiles(x, 64, len(x))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ weightᵀ [K, N] for bf16 on AMX tiles, weight read in place (see `takes_linear`)."""
+    y = torch.ops.dsv2_cpu.linear_bf16(x.reshape(-1, x.shape[-1]), weight)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M,K] @ (weight·scale)ᵀ with x quantized to int8 per row ("w8a8"), for int8 weight [N,K] and scale [N],
+    summed in int32 on AMX tiles -> [M,N] in x's dtype (see `takes_linear_int8`). Past TILE_ROWS rows, one call
+    per TILE_ROWS (the weight read again for each): a row's result never depends on the rows beside it."""
+    return torch.cat([torch.ops.dsv2_cpu.linear_int8(rows, weight, scale) for rows in x.split(TILE_ROWS)])
 
 
 def routed_experts(x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor,

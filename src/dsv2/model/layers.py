@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv2.model import cpu_kernels
+
 
 def differentiating(weight: torch.Tensor) -> bool:
     """Whether this forward records gradients for `weight`. If so, a layout derived from it must be
@@ -36,7 +38,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
       266 us against 336; small's 768 x 1024, 128 rows: 156 against 234);
     - more rows: F.linear (oneDNN's GEMM; AMX on a CPU that has it).
     All of them accumulate in fp32. Inside a `torch.compile` graph (`dsv2.infer.compiled`) it is F.linear, whose
-    kernel the compiler picks (it packs the frozen weights for its own GEMMs, with none of these floors)."""
+    kernel the compiler picks (it packs the frozen weights for its own GEMMs, with none of these floors), except
+    one bf16 row on a CPU with AMX: dsv2's AMX kernel (`cpu_kernels.linear`, 1.3-2.2x inductor's GEMMs there)."""
+    if torch.compiler.is_compiling() and cpu_kernels.takes_linear(x, weight):
+        return cpu_kernels.linear(x, weight)
     if x.device.type != "cpu" or x.dtype != torch.bfloat16 or torch.compiler.is_compiling():
         return F.linear(x, weight)
     rows = x.numel() // x.shape[-1]

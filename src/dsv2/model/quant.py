@@ -30,6 +30,11 @@ absmax first and appends one anchor row holding +1 and -1: the range is then alw
 the same 8-bit grid whatever else is in the batch (batched = one at a time), and the product is scaled back
 per row. The cost is the activations' rounding: ~0.4% of a row's absmax per element (step 2/255; 2/127 on
 CPUs without VNNI, where fbgemm needs `reduce_range` to keep its int16 pair sums from saturating).
+On a CPU with AMX (and dsv2's kernels built, `dsv2.model.cpu_kernels`), w8a8 runs on dsv2's own AMX int8 kernel
+instead wherever K is a multiple of 64: each row on 127 levels of its own absmax (step absmax/127), int8 x int8
+summed exactly in int32, the weight read in place, 16 rows a call; 1.0-1.5x fbgemm's speed at 1-16 rows
+(V2-Lite's expert 1408x2048, 8 rows: 0.31 ms against 0.43; its LM head, 8 rows: 11.9 against 15.9). The two grids
+differ, so a machine's w8a8 logits depend on which it has, but on each a row's result is the same in any batch.
 
 Measured on the 2-core AVX-512 Xeon (torch 2.13, 2 threads, bf16 x, ms per call, 10th percentile; the
 machine was shared, so single figures are noisy):
@@ -84,6 +89,7 @@ from torch import nn
 
 from dsv2.atomic import atomic_path
 from dsv2.config import ModelConfig
+from dsv2.model import cpu_kernels
 from dsv2.model.fp8 import FP8Linear, FP8RoutedExperts
 from dsv2.model.moe import RoutedExperts
 from dsv2.model.transformer import Transformer
@@ -173,7 +179,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
         if x.device.type == "cpu" and len(x2d) <= INT8_KERNEL_MAX_ROWS:
-            if self.int8_activations:
+            if self.int8_activations and cpu_kernels.takes_linear_int8(x2d):
+                y = cpu_kernels.linear_int8(x2d, self.weight, self.scale)
+            elif self.int8_activations:
                 y = int8_rows(x2d, self.fbgemm_weight())
             else:
                 y = torch._weight_int8pack_mm(x2d.contiguous(), self.weight, self.scale)
