@@ -455,6 +455,7 @@ def for_inference(model: Transformer, quantization: str | None, group_size: int 
         for module in model.modules():
             if isinstance(module, Int8Linear):
                 module.int8_activations = True
+        cpu_kernels.load()  # the AMX int8 kernel w8a8 runs on (built here, not in the first decode step)
         return model
     stored = (model.config.quantization_config or {}).get("quant_method")
     kept_fp8 = any(isinstance(m, (FP8Linear, FP8RoutedExperts)) for m in model.modules())
