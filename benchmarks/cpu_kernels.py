@@ -8,14 +8,21 @@ bytes for each format dsv2 can run, at 1 thread and at all threads, beside a pla
 machine's bandwidth). A kernel whose GB/s doubles from 1 to 2 threads is compute-bound, not memory-bound:
 faster memory would not help it, a better kernel would.
 
+On a CPU with AMX it also times dsv2's own AMX kernels (dsv2.model.cpu_kernels: bf16 and w8a8 int8, the
+weight read in place as A tiles) and, with --inductor, inductor's frozen, autotuned GEMM for the same x Wᵀ (what
+a compiled decode graph runs where the bf16 kernel does not). --rows times a few rows at once (a batch of decode
+steps) instead of one.
+
 Each matrix is timed over enough distinct copies (≥ 64 MiB in all) that no call finds its weight in the
 core's L2 cache; the median of several repeats.
 
     python benchmarks/cpu_kernels.py
+    python benchmarks/cpu_kernels.py --rows 1 8 16 --inductor --shapes "small dense" "LM head"
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -23,8 +30,8 @@ from collections.abc import Callable
 import torch
 
 from dsv2 import hardware
-from dsv2.model import layers
-from dsv2.model.quant import Int4Linear, Int8Linear
+from dsv2.model import cpu_kernels, layers
+from dsv2.model.quant import Int4Linear, Int8Linear, int8_rows
 
 THREADS = torch.get_num_threads()  # all threads: the second column of every row
 SHAPES = {  # [N, K] of V2-Lite's weight matrices, then small's and nano's experts (where per-call cost rules)
@@ -33,6 +40,10 @@ SHAPES = {  # [N, K] of V2-Lite's weight matrices, then small's and nano's exper
     "shared experts 2816x2048": (2816, 2048),
     "dense MLP 10944x2048": (10944, 2048),
     "LM head 102400x2048": (102400, 2048),
+    "small dense gate/up 2816x1024": (2816, 1024),
+    "small dense down 1024x2816": (1024, 2816),
+    "small q_b 768x512": (768, 512),
+    "small LM head 32000x1024": (32000, 1024),
     "small expert 256x1024": (256, 1024),
     "nano expert 64x128": (64, 128),
 }
@@ -82,6 +93,50 @@ def w8a8(weight: torch.Tensor) -> Int8Linear:
     return module
 
 
+class Fbgemm(torch.nn.Module):
+    """w8a8 by fbgemm's dynamic linear (`quant.int8_rows`), what Int8Linear runs where the AMX kernel does not."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.packed = w8a8(weight).fbgemm_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_rows(x, self.packed)
+
+
+class AmxInt8(torch.nn.Module):
+    """w8a8 by dsv2's AMX int8 kernel (`cpu_kernels.linear_int8`)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        module = Int8Linear.quantize(weight)
+        self.weight, self.scale = module.weight, module.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.linear_int8(x, self.weight, self.scale)
+
+
+class Copies(torch.nn.Module):
+    """Every copy's x Wᵀ in one module: compiled as one graph, so inductor picks one GEMM per copy."""
+
+    def __init__(self, weights: list[torch.Tensor]):
+        super().__init__()
+        self.weights = torch.nn.ParameterList(torch.nn.Parameter(w, requires_grad=False) for w in weights)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.nn.functional.linear(x, w) for w in self.weights]
+
+
+def inductor_s(weights: list[torch.Tensor], x: torch.Tensor) -> float:
+    """Seconds per x Wᵀ of inductor's frozen, autotuned GEMM (C++ template or ATen, whichever it measures faster)."""
+    torch._dynamo.reset()
+    options = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+               "autotune_num_choices_displayed": 0}
+    with torch._inductor.config.patch(options):
+        compiled = torch.compile(Copies(weights))
+        return median_s(lambda: compiled(x)) / len(weights)
+
+
 FORMATS: dict[str, tuple[Callable[[torch.Tensor], torch.nn.Module], torch.dtype, float]] = {
     # name: (the module from a bf16 weight, the activations' dtype, bytes per weight element)
     "fp32 F.linear": (lambda w: linear(w.float()), torch.float32, 4),
@@ -90,8 +145,13 @@ FORMATS: dict[str, tuple[Callable[[torch.Tensor], torch.nn.Module], torch.dtype,
     "bf16 ATen F.linear (oneDNN off)": (lambda w: Kernel(w, layers.aten_linear), torch.bfloat16, 2),
     "bf16 dsv2 layers.linear (its pick)": (lambda w: Kernel(w, layers.linear), torch.bfloat16, 2),
     "int8 _weight_int8pack_mm": (Int8Linear.quantize, torch.bfloat16, 1),
-    "int8 w8a8 (fbgemm linear_dynamic)": (w8a8, torch.bfloat16, 1),
+    "int8 w8a8 (fbgemm linear_dynamic)": (Fbgemm, torch.bfloat16, 1),
+    "int8 w8a8 dsv2 Int8Linear (its pick)": (w8a8, torch.bfloat16, 1),
     "int4 _weight_int4pack_mm_for_cpu (g128)": (lambda w: Int4Linear.quantize(w, 128), torch.bfloat16, 0.5),
+}
+AMX_FORMATS: dict[str, tuple[Callable[[torch.Tensor], torch.nn.Module], torch.dtype, float]] = {
+    "bf16 dsv2 AMX kernel (cpu_kernels.linear)": (lambda w: Kernel(w, cpu_kernels.linear), torch.bfloat16, 2),
+    "int8 w8a8 dsv2 AMX kernel (linear_int8)": (AmxInt8, torch.bfloat16, 1),
 }
 
 
@@ -103,23 +163,45 @@ def per_call_s(modules: list[torch.nn.Module], x: torch.Tensor, threads: int) ->
         torch.set_num_threads(THREADS)
 
 
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1], help="rows of x per call (decode steps at once)")
+    parser.add_argument("--shapes", nargs="+", default=None,
+                        help="time only the matrices whose names contain one of these (default: all)")
+    parser.add_argument("--inductor", action="store_true",
+                        help="also time inductor's frozen, autotuned GEMM (bf16; compiles once per matrix and rows)")
+    return parser.parse_args()
+
+
 @torch.no_grad()
 def main() -> None:
+    args = arguments()
     print(hardware.describe())
     print(f"read bandwidth: {hardware.read_bandwidth_gbs():.1f} GB/s ({THREADS} threads; fastest full read of 512 MiB)")
+    formats = dict(FORMATS)
+    if cpu_kernels.load() and torch.cpu._is_amx_tile_supported():
+        formats.update(AMX_FORMATS)
+    else:
+        print("no AMX kernels here (not an AMX CPU, or the extension did not build): their rows are left out")
     torch.manual_seed(0)
-    for name, (n, k) in SHAPES.items():
+    shapes = {name: nk for name, nk in SHAPES.items() if args.shapes is None or any(p in name for p in args.shapes)}
+    for name, (n, k) in shapes.items():
         copies = max(2, (64 * 2**20) // (n * k))
         weights = [torch.randn(n, k, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-        print(f"\n{name}: {copies} copies")
-        for fmt, (build, dtype, nbytes) in FORMATS.items():
-            modules = [build(w) for w in weights]
-            x = torch.randn(1, k, dtype=dtype)
-            row = []
-            for threads in sorted({1, THREADS}):
-                s = per_call_s(modules, x, threads)
-                row.append(f"{threads} thread(s): {s * 1e3:7.3f} ms {n * k * nbytes / s / 1e9:5.1f} GB/s")
-            print(f"  {fmt:<40} " + "   ".join(row))
+        for rows in args.rows:
+            print(f"\n{name}, {rows} row(s): {copies} copies")
+            for fmt, (build, dtype, nbytes) in formats.items():
+                modules = [build(w) for w in weights]
+                x = torch.randn(rows, k, dtype=dtype)
+                row = []
+                for threads in sorted({1, THREADS}):
+                    s = per_call_s(modules, x, threads)
+                    row.append(f"{threads} thread(s): {s * 1e3:7.3f} ms {n * k * nbytes / s / 1e9:5.1f} GB/s")
+                print(f"  {fmt:<42} " + "   ".join(row), flush=True)
+            if args.inductor:
+                s = inductor_s(weights, torch.randn(rows, k, dtype=torch.bfloat16))
+                print(f"  {'bf16 inductor (frozen, max-autotune)':<42} {THREADS} thread(s): {s * 1e3:7.3f} ms "
+                      f"{n * k * 2 / s / 1e9:5.1f} GB/s", flush=True)
 
 
 if __name__ == "__main__":

@@ -146,6 +146,9 @@ def test_the_int8_kernel_is_w8a8_exactly(rows, n, k, dtype):
     assert ours.dtype == dtype and ours.shape == (rows, n)
     assert torch.equal(ours, w8a8_reference(x, module.weight, module.scale).to(dtype))
     assert torch.equal(ours[-2:], cpu_kernels.linear_int8(x[-2:], module.weight, module.scale))
+    other = torch.float32 if module.scale.dtype == torch.bfloat16 else torch.bfloat16  # scales read in either dtype
+    assert torch.equal(cpu_kernels.linear_int8(x, module.weight, module.scale.to(other)),
+                       w8a8_reference(x, module.weight, module.scale.to(other)).to(dtype))
     module.int8_activations = True
     assert torch.equal(module(x[None]), ours[None])
     exact = F.linear(x.double(), module.dequantized().double())
@@ -162,6 +165,8 @@ def test_the_int8_kernel_refuses_what_it_cannot_run():
         cpu_kernels.linear_int8(torch.randn(2, 64), q.float(), scale)
     with pytest.raises(RuntimeError, match="one scale per output row"):
         cpu_kernels.linear_int8(torch.randn(2, 64), q, scale[:4])
+    with pytest.raises(RuntimeError, match="fp32 or bf16, got Half"):
+        cpu_kernels.linear_int8(torch.randn(2, 64, dtype=torch.float16), q, scale)
     with pytest.raises(RuntimeError, match="at most 16 rows"):
         torch.ops.dsv2_cpu.linear_int8(torch.randn(17, 64), q, scale)
     assert cpu_kernels.takes_linear_int8(torch.randn(40, 64)) and not cpu_kernels.takes_linear_int8(torch.randn(2, 96))

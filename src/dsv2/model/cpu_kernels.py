@@ -119,6 +119,8 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     """x [M,K] @ (weight·scale)ᵀ with x quantized to int8 per row ("w8a8"), for int8 weight [N,K] and scale [N],
     summed in int32 on AMX tiles -> [M,N] in x's dtype (see `takes_linear_int8`). Past TILE_ROWS rows, one call
     per TILE_ROWS (the weight read again for each): a row's result never depends on the rows beside it."""
+    if len(x) <= TILE_ROWS:  # one call, no copy through torch.cat
+        return torch.ops.dsv2_cpu.linear_int8(x, weight, scale)
     return torch.cat([torch.ops.dsv2_cpu.linear_int8(rows, weight, scale) for rows in x.split(TILE_ROWS)])
 
 
