@@ -219,7 +219,14 @@ void tile_product(const T* w, int64_t N, int64_t K, const T* xt, Emit emit) {
       }
       _tile_zero(0);
       _tile_zero(1);
+      // the next step's 32 rows, a line of each per k-step, are fetched into cache while this step's tiles
+      // multiply: AMX tile loads from memory wait on each row's line (32 rows, 32 streams, more than the hardware
+      // prefetcher follows), and this thread's next rows are known
+      const int64_t next_rows = step + 1 < end ? std::min<int64_t>(kRowsPerStep, N - n - kRowsPerStep) : 0;
+      const char* next = reinterpret_cast<const char*>(w + (n + kRowsPerStep) * K);
       for (int64_t k = 0; k < K; k += k_per_tile) {
+        for (int64_t r = 0; r < next_rows; ++r)
+          _mm_prefetch(next + (r * K + k) * int64_t(sizeof(T)), _MM_HINT_T0);
         _tile_loadd(4, xt + k * kMaxRows, 64);
         _tile_loadd(2, a + k, K * sizeof(T));
         _tile_loadd(3, a + 16 * K + k, K * sizeof(T));
