@@ -1,4 +1,4 @@
-"""What the CPU GEMV kernels PyTorch ships read per second at batch 1: the wall under decode on the CPU.
+"""What the CPU kernels for a few rows (PyTorch's GEMVs, dsv2's AMX kernels) read per second: the wall under decode.
 
 A decode step at batch 1 is a chain of matrix-vector products, one per weight matrix, so its floor is the
 weights' bytes over the machine's read bandwidth. This prints, for the matrix shapes of DeepSeek-V2-Lite
