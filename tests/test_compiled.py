@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import PROMPTS, random_model, randomize_
 
+import dsv2
 from dsv2 import LLM, SamplingParams
 from dsv2.infer import compiled
 from dsv2.infer.cache import PagedLatentCache
@@ -147,6 +148,25 @@ def deviation(reference, outputs) -> tuple[float, int]:
     return max(differences), len(differences)
 
 
+@pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="w8a8 compiles on the AMX kernel only")
+def test_compiled_w8a8_decode_generates_what_the_eager_w8a8_engine_does(quick_compile):
+    """int8 weights with int8 activations in the compiled decode step, their linears on the AMX kernel: held, as
+    the bf16 case above, against the unquantized fp32 model, no further from it than the eager w8a8 engine."""
+    assert cpu_kernels.load()
+    model = dsv2.weights.random_model(dsv2.preset("nano").replace(q_lora_rank=128), dtype=torch.bfloat16, seed=0)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=2)
+    exact = LLM(deepcopy(model).float(), max_batch_size=3, skip_tokenizer_init=True).generate(PROMPTS, params)
+    out = {}
+    for compile_decode in (False, True):
+        llm = LLM(deepcopy(model), quantization="w8a8", max_batch_size=3, skip_tokenizer_init=True,
+                  compile_decode=compile_decode)
+        out[compile_decode] = llm.generate(PROMPTS, params)
+    assert llm.stats()["decode"] == "compiled"
+    eager_off, eager_n = deviation(exact, out[False])
+    compiled_off, compiled_n = deviation(exact, out[True])
+    assert compiled_off <= 1.5 * eager_off + 0.01 and compiled_n >= 0.75 * eager_n, (compiled_off, eager_off)
+
+
 def test_compiled_engine_follows_new_weights(quick_compile):
     """The weights are constants of the graph: after new weights are prepared, the engine compiles again
     rather than decoding with the old ones."""
@@ -200,9 +220,12 @@ def test_compiled_decode_refuses_what_it_cannot_run():
         step(torch.tensor([[3]]), cache.view([[1, 2]], [0], min_width=2))
     with pytest.raises(ValueError, match="CPU only"):
         compiled.CompiledDecode(random_model("lite_like").to("meta"))
-    quantized = quant.quantize_model(random_model("lite_like"), "int8")
+    quantized = quant.quantize_model(random_model("lite_like"), "int8")  # weight-only int8 does not trace
     with pytest.raises(ValueError, match="float weights"):
         compiled.CompiledDecode(quantized)
+    quant.for_inference(quantized, "w8a8")  # in w8a8 a decode step takes it (on an AMX CPU), a prefill does not
+    with pytest.raises(ValueError, match=r"float weights \(bf16, fp16, fp32\): .* is torch.int8"):
+        compiled.CompiledPrefill(quantized)
 
 
 

@@ -189,6 +189,11 @@ class Int8Linear(nn.Module):
             y = F.linear(x2d, self.dequantized())
         return y.view(*x.shape[:-1], self.out_features)
 
+    def traces(self) -> bool:
+        """Whether a compiled graph can run this module's decode rows: w8a8 through the AMX kernel (a custom op
+        the graph calls as it is), not fbgemm, whose quantized tensors do not trace."""
+        return self.int8_activations and cpu_kernels.takes_linear_int8(self.scale.new_empty(1, self.in_features))
+
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight, "weight_scale": self.scale}
 
