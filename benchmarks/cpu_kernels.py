@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 
 from dsv2 import hardware
+from dsv2.infer import compiled
 from dsv2.model import cpu_kernels, layers
 from dsv2.model.quant import Int4Linear, Int8Linear, int8_rows
 
@@ -127,14 +128,17 @@ class Copies(torch.nn.Module):
         return [torch.nn.functional.linear(x, w) for w in self.weights]
 
 
+INDUCTOR_COPIES = 64  # copies in one graph at most: small matrices have thousands, which take hours to compile
+
+
 def inductor_s(weights: list[torch.Tensor], x: torch.Tensor) -> float:
-    """Seconds per x Wᵀ of inductor's frozen, autotuned GEMM (C++ template or ATen, whichever it measures faster)."""
+    """Seconds per x Wᵀ of inductor's frozen, autotuned GEMM (C++ template or ATen, whichever it measures faster),
+    over the first INDUCTOR_COPIES copies (for matrices under 1 MiB these fit in cache: a per-call cost)."""
+    weights = weights[:INDUCTOR_COPIES]
     torch._dynamo.reset()
-    options = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-               "autotune_num_choices_displayed": 0}
-    with torch._inductor.config.patch(options):
-        compiled = torch.compile(Copies(weights))
-        return median_s(lambda: compiled(x)) / len(weights)
+    with torch._inductor.config.patch(compiled.AUTOTUNED):  # the settings of a compiled decode step
+        graph = torch.compile(Copies(weights))
+        return median_s(lambda: graph(x)) / len(weights)
 
 
 FORMATS: dict[str, tuple[Callable[[torch.Tensor], torch.nn.Module], torch.dtype, float]] = {

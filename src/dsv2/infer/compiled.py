@@ -78,7 +78,6 @@ class _CompiledForward:
     MIN_TABLE_WIDTH = 2  # tables this wide at least: a table of one block would be a graph of its own
     WHAT = "forward"
     TAKES_W8A8 = False  # int8 weights in w8a8 on the AMX kernel (`Int8Linear.traces`) besides float ones
-    OR_W8A8 = ""  # what the refusal adds when they are taken
 
     def __init__(self, model: Transformer, autotune: bool = True):
         device = next(model.parameters()).device
@@ -86,12 +85,14 @@ class _CompiledForward:
             raise ValueError(f"a compiled {self.WHAT} is built and measured on the CPU only; the model is on {device}")
         cpu_kernels.load()  # built before tracing (the experts kernel, where this CPU has AVX-512 BF16; the AMX ones)
         traced_int8 = {name for name, module in model.named_modules()
-                       if self.TAKES_W8A8 and isinstance(module, Int8Linear) and module.traces()}
+                       if isinstance(module, Int8Linear) and module.traces()} if self.TAKES_W8A8 else set()
+        takes = "float weights (bf16, fp16, fp32)" + (", or int8 in w8a8 on a CPU with AMX and K a multiple of 64"
+                                                      if self.TAKES_W8A8 else "")
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if (not tensor.is_floating_point() or tensor.element_size() == 1) and \
                     name.rpartition(".")[0] not in traced_int8:
-                raise ValueError(f"a compiled {self.WHAT} takes float weights (bf16, fp16, fp32){self.OR_W8A8}: "
-                                 f"{name} is {tensor.dtype}; run quantized weights eagerly")
+                raise ValueError(f"a compiled {self.WHAT} takes {takes}: {name} is {tensor.dtype}; run quantized "
+                                 f"weights eagerly")
         for module in model.modules():
             if isinstance(module, RoutedExperts):  # the key its graph calls `dsv2::routed_experts` with
                 register_for_compile(module)
@@ -134,10 +135,9 @@ class CompiledDecode(_CompiledForward):
 
     WHAT = "decode step"
     # the step's rows are few, so w8a8's linears run on the AMX kernel, an opaque call in the graph (V2-Lite-4
-    # w8a8 at batch 1: 66-81 ms against 86-93 eager, alternating processes on a noisy 2-core AMX Xeon). A prefill
-    # chunk's rows would dequantize past INT8_KERNEL_MAX_ROWS, and freezing would keep each dequantized weight
+    # w8a8 at batch 1: 46.8-52.7 ms against 56.7-63.6 eager, alternating processes on a noisy 2-core AMX Xeon). A
+    # prefill chunk's rows would dequantize past INT8_KERNEL_MAX_ROWS, and freezing would keep each dequantized weight
     TAKES_W8A8 = True
-    OR_W8A8 = ", or int8 in w8a8 on a CPU with AMX and K a multiple of 64"
 
     def _forward(self, tokens: torch.Tensor, cache: PagedBatch) -> torch.Tensor:
         return self.model(tokens, cache=cache, span=cache.capacity)[:, -1]
