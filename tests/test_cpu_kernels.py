@@ -170,3 +170,72 @@ def test_the_int8_kernel_refuses_what_it_cannot_run():
     with pytest.raises(RuntimeError, match="at most 16 rows"):
         torch.ops.dsv2_cpu.linear_int8(torch.randn(17, 64), q, scale)
     assert cpu_kernels.takes_linear_int8(torch.randn(40, 64)) and not cpu_kernels.takes_linear_int8(torch.randn(2, 96))
+
+
+def w4a8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                   group_size: int) -> torch.Tensor:
+    """Each row of x on 127 levels of its own absmax, times (q - z)·s, in float64 (the kernel's sums are exact in
+    int32 per group; only its fp32 scaling rounds)."""
+    x = x.float()
+    amax = x.abs().amax(dim=1, keepdim=True)
+    inverse = torch.full_like(amax, 127) / amax
+    xq = torch.round(x * torch.where(amax > 0, inverse, 0)).double()
+    weight = (q.double() - zero.double().repeat_interleave(group_size, 1)) * scale.double().repeat_interleave(
+        group_size, 1)
+    return xq @ weight.t() * (amax.double() / 127)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("rows", "n", "k", "group_size", "dtype"),
+                         [(1, 512, 1024, 128, torch.bfloat16), (2, 96, 1408, 64, torch.float32),
+                          (9, 48, 192, 64, torch.float32), (16, 112, 256, 128, torch.bfloat16),
+                          (37, 32, 320, 64, torch.float32)])
+def test_the_w4a8_kernel_is_its_definition(rows, n, k, group_size, dtype):
+    """Up to fp32 scaling, the kernel is w4a8's definition (K an odd number of 64-input chunks included); a zero
+    row is zero; a row's result is the same in any batch; the int4 module in w4a8 takes it, with the same
+    checkpoint as plain int4 and within the activations' rounding of the float product."""
+    assert cpu_kernels.load()
+    torch.manual_seed(n)
+    weight = torch.randn(n, k).to(dtype)
+    module = quant.Int4Linear.quantize(weight, group_size, int8_activations=True)
+    plain = quant.Int4Linear.quantize(weight, group_size)
+    assert module.layout == "w4a8" and plain.layout == "cpu"
+    q, scale, zero = quant.quantize_int4(weight, group_size, dtype)
+    assert torch.equal(module.nibbles(), q) and torch.equal(cpu_kernels.unpack_w4a8(module.weight), q)
+    stored, plain_stored = module.checkpoint_tensors(), plain.checkpoint_tensors()
+    assert all(torch.equal(stored[name], plain_stored[name]) for name in plain_stored)
+    x = torch.randn(rows, k, dtype=dtype)
+    x[-1] = 0 if rows > 1 else x[-1]
+    ours = cpu_kernels.linear_w4a8(x, module.weight, module.w4a8_scale, module.zero_point, group_size)
+    assert ours.dtype == dtype and ours.shape == (rows, n)
+    if rows > 1:
+        assert not ours[-1].any()
+    reference = w4a8_reference(x, q, scale, zero, group_size)
+    tolerance = 1e-5 if dtype == torch.float32 else 2 ** -8  # fp32 scaling; bf16: the output's own rounding
+    assert (ours.double() - reference).abs().max() <= tolerance * reference.abs().max()
+    for one in range(0, rows, 7):
+        assert torch.equal(ours[one:one + 1], cpu_kernels.linear_w4a8(x[one:one + 1], module.weight, module.w4a8_scale,
+                                                                      module.zero_point, group_size))
+    assert torch.equal(module(x[None]), ours[None])
+    exact = F.linear(x.double(), module.dequantized().double())
+    assert (ours.double() - exact).abs().max() <= 0.03 * exact.abs().max()
+
+
+@needs_kernel
+def test_the_w4a8_kernel_refuses_what_it_cannot_run():
+    assert cpu_kernels.load()
+    packed, scale, zero = torch.zeros(8, 64, dtype=torch.uint8), torch.ones(8, 1), torch.zeros(8, 1, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        cpu_kernels.linear_w4a8(torch.randn(2, 96), packed[:, :48], scale, zero, 96)
+    with pytest.raises(RuntimeError, match="group size must be a multiple of 64"):
+        cpu_kernels.linear_w4a8(torch.randn(2, 128), packed, scale.expand(8, 4), zero.expand(8, 4), 32)
+    with pytest.raises(RuntimeError, match=r"packed weight must be uint8 \[N, K/2\]"):
+        cpu_kernels.linear_w4a8(torch.randn(2, 64), packed, scale, zero, 64)
+    with pytest.raises(RuntimeError, match="scales and zero points must be"):
+        cpu_kernels.linear_w4a8(torch.randn(2, 128), packed, scale.expand(8, 2), zero, 64)
+    with pytest.raises(RuntimeError, match="fp32 or bf16, got Half"):
+        cpu_kernels.linear_w4a8(torch.randn(2, 128, dtype=torch.float16), packed, scale, zero, 128)
+    with pytest.raises(RuntimeError, match="M <= 16"):
+        torch.ops.dsv2_cpu.linear_w4a8(torch.randn(17, 128), packed, scale, zero, 128)
+    assert cpu_kernels.takes_w4a8(1344, 64) and not cpu_kernels.takes_w4a8(1344, 128)
+    assert not cpu_kernels.takes_w4a8(256, 32)

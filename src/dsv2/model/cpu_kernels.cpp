@@ -1,4 +1,4 @@
-// Two kernels for the few rows of a decode step, on a CPU with AVX-512 BF16; built and loaded by cpu_kernels.py
+// Kernels for the few rows of a decode step, on a CPU with AVX-512 BF16; built and loaded by cpu_kernels.py
 // (torch.utils.cpp_extension), where why they exist is written.
 //
 // routed_experts_bf16: routed experts for a few tokens, each chosen expert's weights read once.
@@ -246,12 +246,16 @@ void tile_product(const T* w, int64_t N, int64_t K, const T* xt, Emit emit) {
   });
 }
 
-void check_tile_shapes(const char* name, const at::Tensor& x, const at::Tensor& w, int64_t k_per_tile) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), name, ": x [M,K] and a weight [N,K], got ",
-              x.sizes(), " and ", w.sizes());
+void check_tile_rows(const char* name, const at::Tensor& x, int64_t k_per_tile) {  // x [M,K] fits a B tile
   TORCH_CHECK(x.size(0) <= kMaxRows && x.size(1) % k_per_tile == 0, name, ": at most ", kMaxRows,
               " rows and a width that is a multiple of ", k_per_tile, ", got x ", x.sizes());
   TORCH_CHECK(amx_permitted(), name, ": the kernel asked Linux for AMX's tile state and was refused");
+}
+
+void check_tile_shapes(const char* name, const at::Tensor& x, const at::Tensor& w, int64_t k_per_tile) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), name, ": x [M,K] and a weight [N,K], got ",
+              x.sizes(), " and ", w.sizes());
+  check_tile_rows(name, x, k_per_tile);
 }
 
 at::Tensor linear_bf16(const at::Tensor& x_in, const at::Tensor& w_in) {
@@ -325,16 +329,177 @@ at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& q_in, const at:
   return y;
 }
 
+
+// linear_w4a8: "w4a8" (quant.py), y [M,N] = x [M,K] Wᵀ for W in int4 with one scale s and zero point z per group of G
+// inputs (W ≈ (q - z)·s, q in 0..15) and x quantized per row to int8 as in linear_int8 (x ≈ q_x·a/127):
+//   y[j,n] = (a_j/127) · (Σ_g s[n,g]·Σ_{k in g} q_x[j,k]·q[n,k]  -  Σ_g s[n,g]·z[n,g]·Σ_{k in g} q_x[j,k])
+// on AVX-512 VNNI: vpdpbusd multiplies 64 unsigned bytes (the nibbles) by 64 signed ones (q_x) and sums each four
+// into one of 16 int32 lanes, exactly. The packed row holds each 64 inputs' nibbles in 32 bytes (byte b: q[k + b] in
+// the low nibble, q[k + 32 + b] in the high one), so one 64-byte load and two masks give 128 inputs as two vectors,
+// the lanes 0-7 of one chunk of 64 and 8-15 of the next; q_x is laid out to match once per call. Each 128 inputs'
+// int32 lanes are scaled by their group's s into fp32 lanes (G = 64: each half its own group) and summed across
+// lanes at the row's end; each x row's operations are the same whatever rows are beside it, so a row's result is the
+// same in any batch. Why not AMX tiles as linear_int8: the nibbles must be unpacked to memory for the tile loads,
+// and scaling each group means storing the accumulator tiles every group, a serial chain per group: 5-12 GB/s of
+// packed weight on V2-Lite's shapes at one row, where this reads 10-20 (its cost grows with the rows, the tiles' not).
+constexpr int kChunk = 64;        // inputs per 32 packed bytes
+constexpr int kRowsPerTask = 64;  // weight rows per parallel task
+
+// facc[r][j] for RB weight rows from `w` (row stride K/2 bytes) against M rows of laid-out q_x
+template <int M, int RB>
+void w4a8_rows(const uint8_t* w, int64_t K, const float* scale, int64_t groups, int64_t G, const __m512i* xlo,
+               const __m512i* xhi, float* out) {
+  const int64_t pairs = (K + 2 * kChunk - 1) / (2 * kChunk), row_bytes = K / 2;
+  const bool odd = (K / kChunk) % 2 == 1;  // the last pair has one chunk: its second 32 bytes are not there
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0f);
+  __m512 acc[RB][M];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < M; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t g0 = 2 * p * kChunk / G, g1 = std::min(groups - 1, (2 * p + 1) * kChunk / G);
+    const __mmask64 bytes = odd && p == pairs - 1 ? __mmask64(0xffffffffu) : ~__mmask64(0);
+    for (int r = 0; r < RB; ++r) {
+      const __m512i v = _mm512_maskz_loadu_epi8(bytes, w + r * row_bytes + p * kChunk);
+      const __m512i lo = _mm512_and_si512(v, low_nibbles), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles);
+      const float* s = scale + r * groups;
+      const __m512 sv = _mm512_mask_broadcastss_ps(_mm512_set1_ps(s[g0]), 0xff00, _mm_set_ss(s[g1]));
+      for (int j = 0; j < M; ++j) {
+        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo[j * pairs + p]);
+        dot = _mm512_dpbusd_epi32(dot, hi, xhi[j * pairs + p]);
+        acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sv, acc[r][j]);
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < M; ++j) out[r * kMaxRows + j] = _mm512_reduce_add_ps(acc[r][j]);
+}
+
+// w4a8_rows for m <= 8 x rows over `rows` weight rows: ~8-16 accumulators whatever m is
+template <int M>
+void w4a8_block(const uint8_t* w, int64_t rows, int64_t K, const float* scale, int64_t groups, int64_t G,
+                const __m512i* xlo, const __m512i* xhi, float* out) {
+  constexpr int RB = M == 1 ? 4 : M <= 2 ? 4 : M <= 4 ? 2 : 1;
+  int64_t r = 0;
+  for (; r + RB <= rows; r += RB)
+    w4a8_rows<M, RB>(w + r * (K / 2), K, scale + r * groups, groups, G, xlo, xhi, out + r * kMaxRows);
+  for (; r < rows; ++r) w4a8_rows<M, 1>(w + r * (K / 2), K, scale + r * groups, groups, G, xlo, xhi, out + r * kMaxRows);
+}
+
+void w4a8_block(int m, const uint8_t* w, int64_t rows, int64_t K, const float* scale, int64_t groups, int64_t G,
+                const __m512i* xlo, const __m512i* xhi, float* out) {
+  switch (m) {
+    case 1: return w4a8_block<1>(w, rows, K, scale, groups, G, xlo, xhi, out);
+    case 2: return w4a8_block<2>(w, rows, K, scale, groups, G, xlo, xhi, out);
+    case 3: return w4a8_block<3>(w, rows, K, scale, groups, G, xlo, xhi, out);
+    case 4: return w4a8_block<4>(w, rows, K, scale, groups, G, xlo, xhi, out);
+    case 5: return w4a8_block<5>(w, rows, K, scale, groups, G, xlo, xhi, out);
+    case 6: return w4a8_block<6>(w, rows, K, scale, groups, G, xlo, xhi, out);
+    case 7: return w4a8_block<7>(w, rows, K, scale, groups, G, xlo, xhi, out);
+    default: return w4a8_block<8>(w, rows, K, scale, groups, G, xlo, xhi, out);
+  }
+}
+
+
+at::Tensor linear_w4a8(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& scale_in,
+                       const at::Tensor& zero_in, int64_t G) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
+              "linear_w4a8: x must be fp32 or bf16, got ", x_in.scalar_type());
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) <= kMaxRows && x_in.size(1) % kChunk == 0, "linear_w4a8: x must be "
+              "[M,K] with M <= ", kMaxRows, " and K a multiple of ", kChunk, ", got ", x_in.sizes());
+  const int64_t M = x_in.size(0), K = x_in.size(1);
+  TORCH_CHECK(packed_in.scalar_type() == at::kByte && packed_in.dim() == 2 && packed_in.size(1) * 2 == K,
+              "linear_w4a8: the packed weight must be uint8 [N, K/2] for x ", x_in.sizes(), ", got ",
+              packed_in.scalar_type(), " ", packed_in.sizes());
+  const int64_t N = packed_in.size(0);
+  TORCH_CHECK(G > 0 && G % kChunk == 0 && K % G == 0, "linear_w4a8: the group size must be a multiple of ", kChunk,
+              " dividing K=", K, ", got ", G);
+  const int64_t groups = K / G;
+  for (const at::Tensor* t : {&scale_in, &zero_in})
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == N && t->size(1) == groups, "linear_w4a8: scales and zero points must be "
+                "[N, K/G] = [", N, ", ", groups, "], got ", t->sizes());
+  TORCH_CHECK(scale_in.scalar_type() == at::kFloat && zero_in.scalar_type() == at::kByte,
+              "linear_w4a8: scales must be fp32 and zero points uint8, got ", scale_in.scalar_type(), " and ",
+              zero_in.scalar_type());
+  const at::Tensor x = x_in.contiguous(), packed = packed_in.contiguous(), scale = scale_in.contiguous(),
+                   zero = zero_in.contiguous();
+
+  // q_x per row, laid out as the nibbles are: pair p's low vector holds inputs [128p, 128p+32) and [128p+64, +32),
+  // its high one [128p+32, +32) and [128p+96, +32) (zeros past K); and Σ_{k in g} q_x[j,k] per group
+  const int64_t pairs = (K + 2 * kChunk - 1) / (2 * kChunk);
+  const std::vector<float> xf = floats(x);
+  std::vector<__m512i> xlo(size_t(M * pairs)), xhi(size_t(M * pairs));
+  std::vector<float> step(M);
+  std::vector<float> xsum(size_t(groups * kMaxRows), 0.0f);  // [g][j], zero past M
+  std::vector<int8_t> qx(size_t(pairs * 2 * kChunk));
+  for (int64_t j = 0; j < M; ++j) {
+    const float* row = xf.data() + j * K;
+    float amax = 0.0f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
+    step[j] = amax / 127.0f;
+    const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+    std::fill(qx.begin(), qx.end(), int8_t(0));
+    for (int64_t k = 0; k < K; ++k) {
+      qx[k] = int8_t(std::nearbyint(row[k] * inverse));
+      xsum[k / G * kMaxRows + j] += float(qx[k]);
+    }
+    for (int64_t p = 0; p < pairs; ++p) {
+      alignas(64) int8_t lo[64], hi[64];
+      const int8_t* src = qx.data() + p * 2 * kChunk;
+      std::memcpy(lo, src, 32);
+      std::memcpy(lo + 32, src + 64, 32);
+      std::memcpy(hi, src + 32, 32);
+      std::memcpy(hi + 32, src + 96, 32);
+      xlo[j * pairs + p] = _mm512_load_si512(lo);
+      xhi[j * pairs + p] = _mm512_load_si512(hi);
+    }
+  }
+
+  at::Tensor y = at::empty({M, N}, x.options());
+  const bool to_bf16_out = y.scalar_type() == at::kBFloat16;
+  float* yf = to_bf16_out ? nullptr : y.data_ptr<float>();
+  bf16* yb = to_bf16_out ? reinterpret_cast<bf16*>(y.data_ptr()) : nullptr;
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const uint8_t* zp = zero.data_ptr<uint8_t>();
+  at::parallel_for(0, (N + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float dots[kRowsPerTask * kMaxRows];  // [i][j]: Σ_g s[n+i,g]·Σ_{k in g} q_x[j,k]·q[n+i,k]
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task * kRowsPerTask, rows = std::min<int64_t>(kRowsPerTask, N - n);
+      for (int64_t j0 = 0; j0 < M; j0 += 8)  // x rows eight at a time; each row's sums are the same in any batch
+        w4a8_block(int(std::min<int64_t>(8, M - j0)), wp + n * (K / 2), rows, K, sp + n * groups, groups, G,
+                   xlo.data() + j0 * pairs, xhi.data() + j0 * pairs, dots + j0);
+      for (int64_t i = 0; i < rows; ++i) {
+        const float* s = sp + (n + i) * groups;
+        const uint8_t* z = zp + (n + i) * groups;
+        __m512 zero_part = _mm512_setzero_ps();  // lane j: Σ_g s[n,g]·z[n,g]·Σ_{k in g} q_x[j,k]
+        for (int64_t g = 0; g < groups; ++g)
+          zero_part = _mm512_fmadd_ps(_mm512_set1_ps(s[g] * float(z[g])), _mm512_loadu_ps(xsum.data() + g * kMaxRows),
+                                      zero_part);
+        alignas(64) float centred[kMaxRows];
+        _mm512_store_ps(centred, _mm512_sub_ps(_mm512_load_ps(dots + i * kMaxRows), zero_part));
+        for (int64_t j = 0; j < M; ++j) {
+          const float v = centred[j] * step[j];
+          if (to_bf16_out) yb[j * N + n + i] = to_bf16(v);
+          else yf[j * N + n + i] = v;
+        }
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dsv2_cpu, m) {
   m.def("routed_experts_bf16(Tensor x, Tensor gates, Tensor indices, Tensor w1, Tensor w2, Tensor w3) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor weight) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor weight, Tensor scale) -> Tensor");
+  m.def("linear_w4a8(Tensor x, Tensor packed, Tensor scale, Tensor zero, int group_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) {
   m.impl("routed_experts_bf16", &routed_experts_bf16);
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_int8", &linear_int8);
+  m.impl("linear_w4a8", &linear_w4a8);
 }

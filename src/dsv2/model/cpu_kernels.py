@@ -34,7 +34,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 # -fopenmp: at::parallel_for is inline, and without it runs on one thread (torch's own libgomp serves it)
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mamx-int8", "-fopenmp"]
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mavx512vnni", "-mamx-tile", "-mamx-bf16", "-mamx-int8",
+          "-fopenmp"]
 # rows at most that a graph sends to the bf16 AMX kernel, measured on the 2-core AMX Xeon (torch 2.13;
 # docs/benchmarks.md, eighth session): at one row it read small's matrices at 16-22 GB/s against inductor's packed
 # GEMMs' 7-14; at 8 and 16 rows the two were within ~10% either way
@@ -71,6 +72,7 @@ def load() -> bool:
     torch.library.register_fake("dsv2_cpu::routed_experts_bf16")(_output_like_x)
     torch.library.register_fake("dsv2_cpu::linear_bf16")(_linear_output)
     torch.library.register_fake("dsv2_cpu::linear_int8")(_linear_int8_output)
+    torch.library.register_fake("dsv2_cpu::linear_w4a8")(_linear_w4a8_output)
     _loaded, _amx = True, torch.cpu._is_amx_tile_supported()
     return True
 
@@ -86,6 +88,11 @@ def _linear_output(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def _linear_int8_output(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _linear_w4a8_output(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                        group_size: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], packed.shape[0])
 
 
 def loaded() -> bool:
@@ -109,6 +116,25 @@ def takes_linear_int8(x: torch.Tensor) -> bool:
     return x.is_floating_point() and x.dim() == 2 and _takes_tiles(x, 64, len(x))
 
 
+def takes_w4a8(in_features: int, group_size: int) -> bool:
+    """Whether `linear_w4a8` takes a matrix of K = in_features in groups of group_size: loaded (its VNNI comes with
+    AVX-512 BF16), groups of a multiple of 64 (a chunk of the packed layout)."""
+    return _loaded and group_size % 64 == 0 and in_features % group_size == 0
+
+
+def pack_w4a8(q: torch.Tensor) -> torch.Tensor:
+    """q uint8 [N,K] in 0..15 -> [N,K/2] bytes in `linear_w4a8`'s layout: byte b of each row's 32-byte chunk c
+    holds q[:, 64c + b] in its low nibble and q[:, 64c + 32 + b] in its high one."""
+    halves = q.view(q.shape[0], -1, 2, 32)
+    return (halves[:, :, 0] | (halves[:, :, 1] << 4)).flatten(1)
+
+
+def unpack_w4a8(packed: torch.Tensor) -> torch.Tensor:
+    """`pack_w4a8`'s inverse: q uint8 [N,K]."""
+    chunks = packed.view(packed.shape[0], -1, 1, 32)
+    return torch.cat([chunks & 15, chunks >> 4], dim=2).flatten(1)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ weightᵀ [K, N] for bf16 on AMX tiles, weight read in place (see `takes_linear`)."""
     y = torch.ops.dsv2_cpu.linear_bf16(x.reshape(-1, x.shape[-1]), weight)
@@ -122,6 +148,17 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     if len(x) <= TILE_ROWS:  # one call, no copy through torch.cat
         return torch.ops.dsv2_cpu.linear_int8(x, weight, scale)
     return torch.cat([torch.ops.dsv2_cpu.linear_int8(rows, weight, scale) for rows in x.split(TILE_ROWS)])
+
+
+def linear_w4a8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                group_size: int) -> torch.Tensor:
+    """x [M,K] @ Wᵀ for int4 W = (q - z)·s per group of group_size inputs, x quantized to int8 per row ("w4a8"),
+    the group sums exact in int32 on AMX tiles -> [M,N] in x's dtype. packed: `pack_w4a8(q)`; scale fp32 [K/G, N];
+    zero_point uint8 [N, K/G]. Past TILE_ROWS rows, one call per TILE_ROWS, as `linear_int8`."""
+    if len(x) <= TILE_ROWS:
+        return torch.ops.dsv2_cpu.linear_w4a8(x, packed, scale, zero_point, group_size)
+    return torch.cat([torch.ops.dsv2_cpu.linear_w4a8(rows, packed, scale, zero_point, group_size)
+                      for rows in x.split(TILE_ROWS)])
 
 
 def routed_experts(x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor,

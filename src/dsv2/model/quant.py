@@ -141,6 +141,13 @@ def int8_rows(x2d: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return (y[:-1] * amax).to(x2d.dtype)
 
 
+def int8_grid(x2d: torch.Tensor) -> torch.Tensor:
+    """x [M,K] with each row rounded to 127 levels of its own absmax (what the AMX kernels multiply), in x's dtype."""
+    x = x2d.float()
+    step = x.abs().amax(dim=1, keepdim=True) / 127
+    return (torch.round(x / step.clamp_min(torch.finfo(torch.float32).tiny)) * step).to(x2d.dtype)
+
+
 class Int8Linear(nn.Module):
     """y = x Wᵀ with W = q·s: int8 weight [N,K], one scale per output channel. With `int8_activations` (set by
     `for_inference(model, "w8a8")`) the CPU forward quantizes x's rows too and multiplies in integers."""
@@ -244,16 +251,22 @@ def _cpu_int4_order(n: int, k: int) -> torch.Tensor:
 
 
 class Int4Linear(nn.Module):
-    """y = x Wᵀ with W = (q - z)·s per group of `group_size` inputs: 4-bit weight, scales and zero points.
+    """y = x Wᵀ with W = (q - z)·s per group of `group_size` inputs: 4-bit weight, scales and zero points. With
+    `int8_activations` ("w4a8", `for_inference(model, "w4a8")`) the CPU forward quantizes x's rows to 8 bits too.
 
-    `weight` holds uint8 [N,K/2]: on CPU in the kernel's packed layout, elsewhere in the checkpoint layout
-    (`pack_pairs`). The layout is chosen where the weights are set, so move a model by loading it there."""
+    `weight` holds uint8 [N,K/2] in one of three layouts (`layout`), chosen where the weights are set (so move a
+    model by loading it there): "cpu", torch's CPU kernel's; "w4a8", dsv2's w4a8 kernel's (`cpu_kernels.pack_w4a8`,
+    on a CPU with AMX, groups of a multiple of 64); "pairs", the checkpoint's (`pack_pairs`), elsewhere."""
 
     checkpoint_suffixes = ("weight", "weight_scale", "weight_zero_point")
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 128,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 int8_activations: bool = False):
         super().__init__()
+        self.int8_activations = int8_activations
+        self.layout = "pairs"
+        self.w4a8_scale: torch.Tensor | None = None  # s as fp32 [N, K/G], the w4a8 kernel's
         if not self.fits(out_features, in_features, group_size):
             raise ValueError(f"int4 needs out_features % 16 == 0 and in_features % group_size == 0, got "
                              f"[{out_features}, {in_features}] with group_size={group_size}")
@@ -270,46 +283,71 @@ class Int4Linear(nn.Module):
         return out_features % 16 == 0 and in_features % group_size == 0
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, group_size: int = 128) -> Int4Linear:
-        module = cls(weight.shape[1], weight.shape[0], group_size, weight.dtype, weight.device)
+    def quantize(cls, weight: torch.Tensor, group_size: int = 128, int8_activations: bool = False) -> Int4Linear:
+        module = cls(weight.shape[1], weight.shape[0], group_size, weight.dtype, weight.device, int8_activations)
         module.set_quantized(*quantize_int4(weight, group_size, weight.dtype))
         return module
 
+    def use_int8_activations(self) -> None:
+        """Switch to w4a8, re-laying out the weights for the w4a8 kernel where it runs."""
+        if not self.int8_activations:
+            q = self.nibbles()
+            self.int8_activations = True
+            self.set_quantized(q, self.scales_and_zeros[..., 0].t(), self.zero_point)
+
     @torch.no_grad()
     def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
-        """Set from q uint8 [N,K], s [N,K/G], z uint8 [N,K/G]; packs q for the CPU kernel."""
-        if self.weight.device.type == "cpu":
-            packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), INT4_INNER_K_TILES)
-        else:
-            packed = pack_pairs(q.to(self.weight.device))
-        self.weight.copy_(packed)
+        """Set from q uint8 [N,K], s [N,K/G], z uint8 [N,K/G]; packs q for the kernel that will run it."""
         s = scale.to(self.scales_and_zeros.dtype)
+        if self.weight.device.type != "cpu":
+            self.layout, packed = "pairs", pack_pairs(q.to(self.weight.device))
+        elif self.int8_activations and cpu_kernels.takes_w4a8(self.in_features, self.group_size):
+            self.layout, packed = "w4a8", cpu_kernels.pack_w4a8(q)
+            self.w4a8_scale = s.float().contiguous()
+        else:
+            self.layout = "cpu"
+            packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), INT4_INNER_K_TILES)
+        self.weight.copy_(packed)
         zero = ((8 - zero_point.float()) * s.float()).to(s.dtype)
         self.scales_and_zeros.copy_(torch.stack([s, zero], dim=-1).transpose(0, 1))
         self.zero_point.copy_(zero_point)
 
     def nibbles(self) -> torch.Tensor:
         """q uint8 [N,K], undoing whichever layout `weight` holds."""
-        if self.weight.device.type != "cpu":
+        if self.layout == "pairs":
             return unpack_pairs(self.weight)
+        if self.layout == "w4a8":
+            return cpu_kernels.unpack_w4a8(self.weight)
         stream = unpack_pairs(self.weight).flatten()
         q = torch.empty_like(stream)
         q[_cpu_int4_order(self.out_features, self.in_features)] = stream
         return q.view(self.out_features, self.in_features)
 
     def dequantized(self) -> torch.Tensor:
-        """W [N,K] in the scale dtype, exactly as the kernel reconstructs it: (q - 8)·s + zero."""
+        """W [N,K] in the scale dtype, exactly as the kernel reconstructs it: (q - 8)·s + zero for torch's, (q - z)·s
+        for the w4a8 one."""
+        if self.layout == "w4a8":
+            s, z = (t.repeat_interleave(self.group_size, dim=1) for t in (self.w4a8_scale, self.zero_point))
+            return ((self.nibbles().float() - z.float()) * s).to(self.scales_and_zeros.dtype)
         s, zero = (t.t().repeat_interleave(self.group_size, dim=1).float() for t in self.scales_and_zeros.unbind(-1))
         return ((self.nibbles().float() - 8) * s + zero).to(self.scales_and_zeros.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu":
-            y = torch._weight_int4pack_mm_for_cpu(x2d.contiguous(), self.weight, self.group_size,
+        if self.layout == "w4a8" and len(x2d) <= INT8_KERNEL_MAX_ROWS:
+            y = cpu_kernels.linear_w4a8(x2d, self.weight, self.w4a8_scale, self.zero_point, self.group_size)
+        elif self.layout == "cpu":
+            # w4a8 without its kernel: the rows rounded to their 8-bit grid, then torch's int4 kernel
+            rows = int8_grid(x2d) if self.int8_activations else x2d
+            y = torch._weight_int4pack_mm_for_cpu(rows.contiguous(), self.weight, self.group_size,
                                                   self.scales_and_zeros)
         else:
             y = F.linear(x2d, self.dequantized())
         return y.view(*x.shape[:-1], self.out_features)
+
+    def traces(self) -> bool:
+        """Whether a compiled graph can run this module's decode rows: w4a8 on dsv2's kernel (a custom op)."""
+        return self.layout == "w4a8"
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": pack_pairs(self.nibbles()), "weight_scale": self.scales_and_zeros[..., 0].t(),
@@ -417,9 +455,11 @@ def _not_converted(model: Transformer) -> list[str]:
 
 
 @torch.no_grad()
-def quantize_model(model: Transformer, method: str, group_size: int = 128) -> Transformer:
+def quantize_model(model: Transformer, method: str, group_size: int = 128,
+                   int8_activations: bool = False) -> Transformer:
     """Swap the model's weight matrices for `method` ("int8" or "int4", groups of `group_size` along K) in
-    place; returns the model, its config's `quantization_config` set to what a checkpoint records."""
+    place; returns the model, its config's `quantization_config` set to what a checkpoint records.
+    `int8_activations`: int4 modules laid out for w4a8 (`Int4Linear`)."""
     _check_method(method, group_size)
     if model.config.quantization_config:
         raise ValueError(f"model is already quantized ({model.config.quantization_config.get('quant_method')})")
@@ -429,7 +469,7 @@ def quantize_model(model: Transformer, method: str, group_size: int = 128) -> Tr
             return None
         if method == "int8":
             return Int8Linear.quantize(weight)
-        return Int4Linear.quantize(weight, int4_group_size(tuple(weight.shape), group_size))
+        return Int4Linear.quantize(weight, int4_group_size(tuple(weight.shape), group_size), int8_activations)
 
     _swap(model, convert)
     model.config = model.config.replace(quantization_config={
@@ -439,7 +479,7 @@ def quantize_model(model: Transformer, method: str, group_size: int = 128) -> Tr
     return model.eval()
 
 
-INFERENCE_FORMATS = ("int8", "w8a8", "int4", "fp8")  # LLM(quantization=...), --quantization
+INFERENCE_FORMATS = ("int8", "w8a8", "int4", "w4a8", "fp8")  # LLM(quantization=...), --quantization
 
 
 def check_quantization(quantization: str | None) -> str | None:
@@ -450,9 +490,9 @@ def check_quantization(quantization: str | None) -> str | None:
 
 def for_inference(model: Transformer, quantization: str | None, group_size: int = 128) -> Transformer:
     """The model in the weight format `quantization` asks for (`LLM`, `--quantization`): None leaves it as it is;
-    "int8" / "int4" quantize a float model (or accept one stored that way); "w8a8" is int8 weights computed with
-    int8 activations (the module docstring); "fp8" accepts a block-FP8 checkpoint loaded with fp8="keep"
-    (converting a float model to FP8 is `dsv2 quantize --format fp8`)."""
+    "int8" / "int4" quantize a float model (or accept one stored that way); "w8a8" and "w4a8" are int8 and int4
+    weights computed with int8 activations (the module docstring); "fp8" accepts a block-FP8 checkpoint loaded with
+    fp8="keep" (converting a float model to FP8 is `dsv2 quantize --format fp8`)."""
     if check_quantization(quantization) is None:
         return model
     if quantization == "w8a8":
@@ -469,7 +509,16 @@ def for_inference(model: Transformer, quantization: str | None, group_size: int 
             raise ValueError("quantization fp8 runs a block-FP8 checkpoint kept in FP8; write one with "
                              "`dsv2 quantize MODEL --out DIR --format fp8`")
         return model
-    if stored == METHODS[quantization]:
+    if quantization == "w4a8":
+        cpu_kernels.load()  # before the weights are laid out: the w4a8 kernel's layout where it runs
+        if stored == METHODS["int4"]:  # a stored int4 checkpoint: its modules re-laid out
+            for module in model.modules():
+                if isinstance(module, Int4Linear):
+                    module.use_int8_activations()
+            return model
+        if stored is None:
+            return quantize_model(model, "int4", group_size, int8_activations=True)
+    elif stored == METHODS[quantization]:
         return model  # a checkpoint `dsv2 quantize` wrote: already in this format
     if stored is not None:
         raise ValueError(f"quantization {quantization}: the model is stored as {stored}; load it as it is")
