@@ -24,7 +24,7 @@ MODELS = {"nano": lambda: dsv2.preset("nano"), "small": lambda: dsv2.preset("sma
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", choices=list(MODELS))
-    p.add_argument("weights", choices=["bf16", "int8", "w8a8", "int4"])
+    p.add_argument("weights", choices=["bf16", "int8", "w8a8", "int4", "w4a8"])
     p.add_argument("batches", type=int, nargs="+")
     p.add_argument("--compile", action="store_true", help="decode steps compiled (compiling is in the warm-up)")
     args = p.parse_args()

@@ -148,23 +148,29 @@ def deviation(reference, outputs) -> tuple[float, int]:
     return max(differences), len(differences)
 
 
-@pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="w8a8 compiles on the AMX kernel only")
-def test_compiled_w8a8_decode_generates_what_the_eager_w8a8_engine_does(quick_compile):
-    """int8 weights with int8 activations in the compiled decode step, their linears on the AMX kernel: held, as
-    the bf16 case above, against the unquantized fp32 model, no further from it than the eager w8a8 engine."""
+@pytest.mark.parametrize("quantization", [
+    pytest.param("w8a8", marks=pytest.mark.skipif(
+        not (cpu_kernels.supported() and torch.cpu._is_amx_tile_supported()), reason="w8a8 compiles on AMX only")),
+    pytest.param("w4a8", marks=pytest.mark.skipif(not cpu_kernels.supported(), reason="w4a8 needs dsv2's kernel")),
+])
+def test_compiled_int8_activations_decode_generates_what_the_eager_engine_does(quick_compile, quantization):
+    """int8 or int4 weights with int8 activations in the compiled decode step, their linears on dsv2's kernels:
+    held, as the bf16 case above, against the unquantized fp32 model, no further from it than the eager engine in
+    the same format."""
     assert cpu_kernels.load()
     model = dsv2.weights.random_model(dsv2.preset("nano").replace(q_lora_rank=128), dtype=torch.bfloat16, seed=0)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=2)
     exact = LLM(deepcopy(model).float(), max_batch_size=3, skip_tokenizer_init=True).generate(PROMPTS, params)
     out = {}
     for compile_decode in (False, True):
-        llm = LLM(deepcopy(model), quantization="w8a8", max_batch_size=3, skip_tokenizer_init=True,
+        llm = LLM(deepcopy(model), quantization=quantization, max_batch_size=3, skip_tokenizer_init=True,
                   compile_decode=compile_decode)
         out[compile_decode] = llm.generate(PROMPTS, params)
     assert llm.stats()["decode"] == "compiled"
     eager_off, eager_n = deviation(exact, out[False])
     compiled_off, compiled_n = deviation(exact, out[True])
-    assert compiled_off <= 1.5 * eager_off + 0.01 and compiled_n >= 0.75 * eager_n, (compiled_off, eager_off)
+    assert compiled_off <= 1.5 * eager_off + 0.01 and compiled_n >= 0.75 * eager_n, \
+        (compiled_off, compiled_n, eager_off, eager_n)
 
 
 def test_compiled_engine_follows_new_weights(quick_compile):

@@ -37,8 +37,9 @@ The eager forward is the readable twin; `tests/test_compiled.py` holds the two e
 seconds per graph, once per process (inductor keeps its kernels on disk, so a second process is faster).
 
 Weights: float ones, and for a decode step also int8 ones in w8a8 (`Int8Linear.traces`: on a CPU with AMX, K a
-multiple of 64), whose linears the graph calls as dsv2's AMX kernel, an opaque op, with the rest of the step fused
-around them; other quantized formats (weight-only int8, int4, FP8, w8a8 on fbgemm) do not trace and run eagerly.
+multiple of 64) and int4 ones in w4a8 (`Int4Linear.traces`: dsv2's kernels built, groups of a multiple of 64), whose
+linears the graph calls as dsv2's kernels, opaque ops, with the rest of the step fused around them; other quantized
+formats (weight-only int8 and int4, FP8, w8a8 on fbgemm, w4a8 in groups of 32) do not trace and run eagerly.
 
 Freezing makes the weights constants of the graph: inductor keeps its own packed copy of every weight the
 graph multiplies by (more memory), and a graph outlives any change to them. So the graph belongs to one
@@ -55,7 +56,7 @@ import torch
 from dsv2.infer.cache import PagedBatch
 from dsv2.model import cpu_kernels
 from dsv2.model.moe import RoutedExperts, register_for_compile
-from dsv2.model.quant import Int8Linear
+from dsv2.model.quant import Int4Linear, Int8Linear
 from dsv2.model.transformer import Transformer
 
 # inductor's settings: weights frozen into the graph (packed once for its GEMMs), and GEMMs chosen by timing
@@ -77,7 +78,7 @@ class _CompiledForward:
 
     MIN_TABLE_WIDTH = 2  # tables this wide at least: a table of one block would be a graph of its own
     WHAT = "forward"
-    TAKES_W8A8 = False  # int8 weights in w8a8 on the AMX kernel (`Int8Linear.traces`) besides float ones
+    TAKES_INT8_ACTIVATIONS = False  # w8a8 and w4a8 weights on dsv2's kernels (`traces()`) besides float ones
 
     def __init__(self, model: Transformer, autotune: bool = True):
         device = next(model.parameters()).device
@@ -85,9 +86,11 @@ class _CompiledForward:
             raise ValueError(f"a compiled {self.WHAT} is built and measured on the CPU only; the model is on {device}")
         cpu_kernels.load()  # built before tracing (the experts kernel, where this CPU has AVX-512 BF16; the AMX ones)
         traced_int8 = {name for name, module in model.named_modules()
-                       if isinstance(module, Int8Linear) and module.traces()} if self.TAKES_W8A8 else set()
-        takes = "float weights (bf16, fp16, fp32)" + (", or int8 in w8a8 on a CPU with AMX and K a multiple of 64"
-                                                      if self.TAKES_W8A8 else "")
+                       if isinstance(module, Int8Linear | Int4Linear) and module.traces()} \
+            if self.TAKES_INT8_ACTIVATIONS else set()
+        takes = "float weights (bf16, fp16, fp32)" + (
+            ", or w8a8 on a CPU with AMX and K a multiple of 64, or w4a8 in groups of 64 or 128 on dsv2's kernel"
+            if self.TAKES_INT8_ACTIVATIONS else "")
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if (not tensor.is_floating_point() or tensor.element_size() == 1) and \
                     name.rpartition(".")[0] not in traced_int8:
@@ -134,10 +137,11 @@ class CompiledDecode(_CompiledForward):
     model prepared for inference and run under `torch.inference_mode()` (what `LLMEngine` does)."""
 
     WHAT = "decode step"
-    # the step's rows are few, so w8a8's linears run on the AMX kernel, an opaque call in the graph (V2-Lite-4
-    # w8a8 at batch 1: 46.8-52.7 ms against 56.7-63.6 eager, alternating processes on a noisy 2-core AMX Xeon). A
-    # prefill chunk's rows would dequantize past INT8_KERNEL_MAX_ROWS, and freezing would keep each dequantized weight
-    TAKES_W8A8 = True
+    # the step's rows are few, so w8a8's and w4a8's linears run on dsv2's kernels, opaque calls in the graph
+    # (V2-Lite-4 w8a8 at batch 1: 46.8-52.7 ms against 56.7-63.6 eager, alternating processes on a noisy 2-core AMX
+    # Xeon). A prefill chunk's rows would dequantize past INT8_KERNEL_MAX_ROWS, and freezing would keep each
+    # dequantized weight
+    TAKES_INT8_ACTIVATIONS = True
 
     def _forward(self, tokens: torch.Tensor, cache: PagedBatch) -> torch.Tensor:
         return self.model(tokens, cache=cache, span=cache.capacity)[:, -1]
