@@ -106,14 +106,15 @@ def sync(device: str) -> None:
 # ----------------------------------------------------------------------------------- the two runners
 def dsv2_runner(path: str, dtype: torch.dtype, device: str, max_batch: int,
                 quantization: str | None = None, compiled: bool = False) -> tuple[Run, int]:
-    """dsv2's engine on the checkpoint (its weights quantized as `LLM(quantization=...)` does; its decode steps
-    and prefill steps compiled with `compiled`, `infer/compiled.py`); also its latent-cache bytes per token."""
+    """dsv2's engine on the checkpoint (its weights quantized as `LLM(quantization=...)` does; with `compiled`, its
+    decode steps compiled, and its prefill steps where the weights are float: `infer/compiled.py`); also its
+    latent-cache bytes per token."""
     net = quant.for_inference(dsv2.load_model(path, dtype=dtype, device=device, progress=False), quantization)
     # one chunk per sequence per step fits the budget, so equal prompts prefill in lock-step; no prefix
     # caching, as `measure` hands the same prompts over again and they would be served from the cache
     engine = LLMEngine(net, max_running=max_batch, prefill_chunk=PREFILL_CHUNK,
                        max_prefill_tokens=max_batch * PREFILL_CHUNK, prefix_caching=False,
-                       compile_decode=compiled, compile_prefill=compiled)
+                       compile_decode=compiled, compile_prefill=compiled and quantization is None)
 
     def run(ids: list[list[int]], new_tokens: int) -> tuple[float, list[float]]:
         params = dsv2.SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)

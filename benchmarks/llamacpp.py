@@ -14,17 +14,18 @@ and Q4_0 from it. Then, with the same thread count everywhere, on a prompt of P 
   each in its own process, timed by decode.py's `measure` (a warm-up run, then the median of R runs) at
   (1, P, N) and (B, P, N): prefill tok/s = B·P / seconds to the first token; decode tok/s = B / step time.
 
-The pairs are dsv2 bf16 / llama.cpp BF16, dsv2 int8 and w8a8 / Q8_0, dsv2 int4 / Q4_0. They are not the same
-formats: dsv2's int8 has one scale per output channel and its int4 one per group of 128, both weight-only; Q8_0
-and Q4_0 have one fp16 scale per block of 32 and quantize the activations to 8 bits for their dot products, as
-dsv2's w8a8 does per row (the same int8 weights as int8; model/quant.py).
+The pairs are dsv2 bf16 / llama.cpp BF16, dsv2 int8 and w8a8 / Q8_0, dsv2 int4 and w4a8 / Q4_0. They are not the
+same formats: dsv2's int8 has one scale per output channel and its int4 one scale and zero point per group of 128,
+both weight-only; Q8_0 and Q4_0 have one fp16 scale per block of 32 and quantize the activations to 8 bits for their
+dot products, as dsv2's w8a8 and w4a8 do per row (the same weights as int8 and int4; model/quant.py).
+With --compile, dsv2's decode steps run as compiled graphs in bf16, w8a8 and w4a8 (bf16's prefill too).
 
 The converter identifies a tokenizer's pre-tokenizer by hashing the ids a known model's tokenizer gives for a
 test string, so a tokenizer trained here is never in its table; this script names it "gpt-2", which is what
 it is (tokenizers' ByteLevel split, GPT-2's regex). tests/test_llamacpp.py checks the two tokenize alike.
 
     DSV2_LLAMA_CPP=/path/to/llama.cpp DSV2_LLAMA_CPP_BIN=/path/to/build/bin \\
-        python benchmarks/llamacpp.py --models small lite4      # README "Benchmarks" says how to build it
+        python benchmarks/llamacpp.py --models small lite4 [--compile]   # README "Benchmarks": how to build it
 
 Time it alone on the machine (another process on the cores skews both sides): the project's runs take
 `flock -x /tmp/cpu.lock`.
@@ -58,7 +59,9 @@ from dsv2.tokenizer import Tokenizer, train_bpe
 SOURCE_ENV, BIN_ENV = "DSV2_LLAMA_CPP", "DSV2_LLAMA_CPP_BIN"
 TOOLS = ("llama-bench", "llama-batched-bench", "llama-quantize")
 # dsv2 weight format -> the llama.cpp type it is compared with
-PAIRS = {"bf16": "BF16", "int8": "Q8_0", "w8a8": "Q8_0", "int4": "Q4_0"}
+PAIRS = {"bf16": "BF16", "int8": "Q8_0", "w8a8": "Q8_0", "int4": "Q4_0", "w4a8": "Q4_0"}
+# the formats whose decode step compiles (`infer/compiled.py`), timed that way with --compile
+COMPILES = ("bf16", "w8a8", "w4a8")
 TOKENIZER_DOCUMENTS = 100  # stdlib files the benchmark tokenizer learns its merges from
 
 # Runs llama.cpp's converter with the pre-tokenizer named (see the module docstring); argv: the llama.cpp
@@ -174,11 +177,13 @@ def save_checkpoint(model: dsv2.Transformer, folder: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- dsv2 side
-def worker(which: str, path: str, quantization: str | None, pts: list[decode.Point], repeats: int) -> dict:
-    """dsv2 (in `quantization`) or transformers on the checkpoint in bf16, every point timed by decode.measure."""
+def worker(which: str, path: str, quantization: str | None, pts: list[decode.Point], repeats: int,
+           compiled: bool = False) -> dict:
+    """dsv2 (in `quantization`; `compiled`: its decode steps, and a float model's prefill, as compiled graphs) or
+    transformers on the checkpoint in bf16, every point timed by decode.measure (compiling in the warm-up)."""
     max_batch = max(b for b, _, _ in pts)
     if which == "dsv2":
-        run, _ = decode.dsv2_runner(path, torch.bfloat16, "cpu", max_batch, quantization)
+        run, _ = decode.dsv2_runner(path, torch.bfloat16, "cpu", max_batch, quantization, compiled)
     else:
         run = decode.transformers_runner(path, torch.bfloat16, "cpu")
     vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
@@ -194,6 +199,7 @@ def worker(which: str, path: str, quantization: str | None, pts: list[decode.Poi
 def run_worker(which: str, path: Path, fmt: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--threads", str(args.threads), "--prompt", str(args.prompt),
            "--new-tokens", str(args.new_tokens), "--batch", str(args.batch), "--repeats", str(args.repeats),
+           *(["--compile"] if args.compile and which == "dsv2" and fmt in COMPILES else []),
            "--worker", which, str(path), fmt]
     # the checkpoint (or GGUF) written just before is flushed to disk now: left to the kernel's writeback it
     # competes for the 2 cores with the first timed point (small 1x128 prefill measured at 0.6x its speed)
@@ -239,7 +245,8 @@ def report(name: str, r: dict[str, Any], args: argparse.Namespace, bandwidth_gbs
     params = summarize(config)["total_params"]
     b, p, n = args.batch, args.prompt, args.new_tokens
     print(f"\n### {name} ({params / 1e6:.0f}M params), prompt {p}, {n} new tokens, {args.threads} threads")
-    print("tok/s; ratios are dsv2 / the other (above 1: dsv2 faster). transformers runs bf16 only.")
+    print("tok/s; ratios are dsv2 / the other (above 1: dsv2 faster). transformers runs bf16 only."
+          + (f" dsv2's decode steps compiled in {', '.join(COMPILES)} (and bf16's prefill)" if args.compile else ""))
     print("| dsv2 weights / llama.cpp | batch | prefill dsv2 | llama.cpp | ratio | decode dsv2 | llama.cpp | ratio "
           "| transformers prefill | ratio | transformers decode | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -286,6 +293,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="concurrent sequences of the batched point")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per point after a warm-up (median)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true",
+                    help=f"dsv2's decode steps as compiled graphs where the format allows ({', '.join(COMPILES)}; "
+                         "infer/compiled.py), and bf16's prefill")
     ap.add_argument("--json", help="also write all figures to this file")
     ap.add_argument("--worker", nargs=3, metavar=("WHICH", "PATH", "FORMAT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -295,7 +305,7 @@ def main() -> None:
     if args.worker:
         which, path, fmt = args.worker
         pts = [(1, args.prompt, args.new_tokens), (args.batch, args.prompt, args.new_tokens)]
-        print(json.dumps(worker(which, path, None if fmt == "bf16" else fmt, pts, args.repeats)))
+        print(json.dumps(worker(which, path, None if fmt == "bf16" else fmt, pts, args.repeats, args.compile)))
         return
     llama = LlamaCpp.from_env()
     if llama is None:
@@ -306,7 +316,7 @@ def main() -> None:
           f"{bandwidth:.1f} GB/s; every figure the median of {args.repeats} runs after a warm-up"
           f"{decode.busy_warning()}")
     saved: dict[str, Any] = {"machine": hardware.describe(), "llama.cpp": llama.version(), "bandwidth_gbs": bandwidth,
-                             "models": {}}
+                             "compiled": args.compile, "models": {}}
     for name in args.models:
         with tempfile.TemporaryDirectory() as tmp:  # one model's GGUFs at a time on disk
             saved["models"][name] = measure_model(llama, name, Path(tmp), args)

@@ -342,63 +342,69 @@ at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& q_in, const at:
 // same in any batch. Why not AMX tiles as linear_int8: the nibbles must be unpacked to memory for the tile loads,
 // and scaling each group means storing the accumulator tiles every group, a serial chain per group: 5-12 GB/s of
 // packed weight on V2-Lite's shapes at one row, where this reads 10-20 (its cost grows with the rows, the tiles' not).
-constexpr int kChunk = 64;        // inputs per 32 packed bytes
+constexpr int kChunk = 64;        // inputs per 32 packed bytes (a group is one or two chunks)
 constexpr int kRowsPerTask = 64;  // weight rows per parallel task
+constexpr int kPrefetchRows = 16;  // how far ahead (in weight rows) each load's line is prefetched
 
-// facc[r][j] for RB weight rows from `w` (row stride K/2 bytes) against M rows of laid-out q_x
-template <int M, int RB>
-void w4a8_rows(const uint8_t* w, int64_t K, const float* scale, int64_t groups, int64_t G, const __m512i* xlo,
-               const __m512i* xhi, float* out) {
+// out[r][j] = Σ_g s[r,g]·Σ_{k in g} q_x[j,k]·q[r,k] for RB weight rows from `w` (row stride K/2 bytes) and M rows
+// of laid-out q_x; groups of 64 (GC = 1: a pair's two halves are two groups) or 128 (GC = 2: one group a pair)
+template <int M, int RB, int GC>
+void w4a8_rows(const uint8_t* w, int64_t K, const float* scale, int64_t groups, const __m512i* xlo, const __m512i* xhi,
+               float* out) {
   const int64_t pairs = (K + 2 * kChunk - 1) / (2 * kChunk), row_bytes = K / 2;
-  const bool odd = (K / kChunk) % 2 == 1;  // the last pair has one chunk: its second 32 bytes are not there
   const __m512i low_nibbles = _mm512_set1_epi8(0x0f);
   __m512 acc[RB][M];
   for (int r = 0; r < RB; ++r)
     for (int j = 0; j < M; ++j) acc[r][j] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < pairs; ++p) {
-    const int64_t g0 = 2 * p * kChunk / G, g1 = std::min(groups - 1, (2 * p + 1) * kChunk / G);
-    const __mmask64 bytes = odd && p == pairs - 1 ? __mmask64(0xffffffffu) : ~__mmask64(0);
+  auto pair = [&](int64_t p, __mmask64 bytes) {
     for (int r = 0; r < RB; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + kPrefetchRows) * row_bytes + p * kChunk), _MM_HINT_T1);
       const __m512i v = _mm512_maskz_loadu_epi8(bytes, w + r * row_bytes + p * kChunk);
       const __m512i lo = _mm512_and_si512(v, low_nibbles), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles);
       const float* s = scale + r * groups;
-      const __m512 sv = _mm512_mask_broadcastss_ps(_mm512_set1_ps(s[g0]), 0xff00, _mm_set_ss(s[g1]));
+      const __m512 sv = GC == 2 ? _mm512_set1_ps(s[p])  // past K (an odd last chunk) the nibbles are 0: any scale
+                                : _mm512_mask_broadcastss_ps(_mm512_set1_ps(s[2 * p]), 0xff00,
+                                                             _mm_set_ss(s[std::min(groups - 1, 2 * p + 1)]));
       for (int j = 0; j < M; ++j) {
         __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo[j * pairs + p]);
         dot = _mm512_dpbusd_epi32(dot, hi, xhi[j * pairs + p]);
         acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sv, acc[r][j]);
       }
     }
-  }
+  };
+  const int64_t whole = K / (2 * kChunk);
+  for (int64_t p = 0; p < whole; ++p) pair(p, ~__mmask64(0));
+  if (whole < pairs) pair(whole, __mmask64(0xffffffffu));  // K an odd number of chunks: the last one's 32 bytes
   for (int r = 0; r < RB; ++r)
     for (int j = 0; j < M; ++j) out[r * kMaxRows + j] = _mm512_reduce_add_ps(acc[r][j]);
 }
 
-// w4a8_rows for m <= 8 x rows over `rows` weight rows: ~8-16 accumulators whatever m is
-template <int M>
-void w4a8_block(const uint8_t* w, int64_t rows, int64_t K, const float* scale, int64_t groups, int64_t G,
-                const __m512i* xlo, const __m512i* xhi, float* out) {
-  constexpr int RB = M == 1 ? 4 : M <= 2 ? 4 : M <= 4 ? 2 : 1;
+// w4a8_rows for M <= 8 x rows over `rows` weight rows: 8-16 accumulators whatever M is
+template <int M, int GC>
+void w4a8_block(const uint8_t* w, int64_t rows, int64_t K, const float* scale, int64_t groups, const __m512i* xlo,
+                const __m512i* xhi, float* out) {
+  constexpr int RB = M <= 2 ? 4 : M <= 4 ? 2 : 1;
   int64_t r = 0;
   for (; r + RB <= rows; r += RB)
-    w4a8_rows<M, RB>(w + r * (K / 2), K, scale + r * groups, groups, G, xlo, xhi, out + r * kMaxRows);
-  for (; r < rows; ++r) w4a8_rows<M, 1>(w + r * (K / 2), K, scale + r * groups, groups, G, xlo, xhi, out + r * kMaxRows);
+    w4a8_rows<M, RB, GC>(w + r * (K / 2), K, scale + r * groups, groups, xlo, xhi, out + r * kMaxRows);
+  for (; r < rows; ++r)
+    w4a8_rows<M, 1, GC>(w + r * (K / 2), K, scale + r * groups, groups, xlo, xhi, out + r * kMaxRows);
 }
 
-void w4a8_block(int m, const uint8_t* w, int64_t rows, int64_t K, const float* scale, int64_t groups, int64_t G,
+template <int GC>
+void w4a8_block(int m, const uint8_t* w, int64_t rows, int64_t K, const float* scale, int64_t groups,
                 const __m512i* xlo, const __m512i* xhi, float* out) {
   switch (m) {
-    case 1: return w4a8_block<1>(w, rows, K, scale, groups, G, xlo, xhi, out);
-    case 2: return w4a8_block<2>(w, rows, K, scale, groups, G, xlo, xhi, out);
-    case 3: return w4a8_block<3>(w, rows, K, scale, groups, G, xlo, xhi, out);
-    case 4: return w4a8_block<4>(w, rows, K, scale, groups, G, xlo, xhi, out);
-    case 5: return w4a8_block<5>(w, rows, K, scale, groups, G, xlo, xhi, out);
-    case 6: return w4a8_block<6>(w, rows, K, scale, groups, G, xlo, xhi, out);
-    case 7: return w4a8_block<7>(w, rows, K, scale, groups, G, xlo, xhi, out);
-    default: return w4a8_block<8>(w, rows, K, scale, groups, G, xlo, xhi, out);
+    case 1: return w4a8_block<1, GC>(w, rows, K, scale, groups, xlo, xhi, out);
+    case 2: return w4a8_block<2, GC>(w, rows, K, scale, groups, xlo, xhi, out);
+    case 3: return w4a8_block<3, GC>(w, rows, K, scale, groups, xlo, xhi, out);
+    case 4: return w4a8_block<4, GC>(w, rows, K, scale, groups, xlo, xhi, out);
+    case 5: return w4a8_block<5, GC>(w, rows, K, scale, groups, xlo, xhi, out);
+    case 6: return w4a8_block<6, GC>(w, rows, K, scale, groups, xlo, xhi, out);
+    case 7: return w4a8_block<7, GC>(w, rows, K, scale, groups, xlo, xhi, out);
+    default: return w4a8_block<8, GC>(w, rows, K, scale, groups, xlo, xhi, out);
   }
 }
-
 
 at::Tensor linear_w4a8(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& scale_in,
                        const at::Tensor& zero_in, int64_t G) {
@@ -411,8 +417,8 @@ at::Tensor linear_w4a8(const at::Tensor& x_in, const at::Tensor& packed_in, cons
               "linear_w4a8: the packed weight must be uint8 [N, K/2] for x ", x_in.sizes(), ", got ",
               packed_in.scalar_type(), " ", packed_in.sizes());
   const int64_t N = packed_in.size(0);
-  TORCH_CHECK(G > 0 && G % kChunk == 0 && K % G == 0, "linear_w4a8: the group size must be a multiple of ", kChunk,
-              " dividing K=", K, ", got ", G);
+  TORCH_CHECK((G == 64 || G == 128) && K % G == 0, "linear_w4a8: the group size must be 64 or 128 and divide K=", K,
+              ", got ", G);
   const int64_t groups = K / G;
   for (const at::Tensor* t : {&scale_in, &zero_in})
     TORCH_CHECK(t->dim() == 2 && t->size(0) == N && t->size(1) == groups, "linear_w4a8: scales and zero points must be "
@@ -465,9 +471,11 @@ at::Tensor linear_w4a8(const at::Tensor& x_in, const at::Tensor& packed_in, cons
     alignas(64) float dots[kRowsPerTask * kMaxRows];  // [i][j]: Σ_g s[n+i,g]·Σ_{k in g} q_x[j,k]·q[n+i,k]
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task * kRowsPerTask, rows = std::min<int64_t>(kRowsPerTask, N - n);
-      for (int64_t j0 = 0; j0 < M; j0 += 8)  // x rows eight at a time; each row's sums are the same in any batch
-        w4a8_block(int(std::min<int64_t>(8, M - j0)), wp + n * (K / 2), rows, K, sp + n * groups, groups, G,
-                   xlo.data() + j0 * pairs, xhi.data() + j0 * pairs, dots + j0);
+      for (int64_t j0 = 0; j0 < M; j0 += 8) {  // x rows eight at a time; each row's sums are the same in any batch
+        const int m = int(std::min<int64_t>(8, M - j0));
+        (G == 64 ? w4a8_block<1> : w4a8_block<2>)(m, wp + n * (K / 2), rows, K, sp + n * groups, groups,
+                                                  xlo.data() + j0 * pairs, xhi.data() + j0 * pairs, dots + j0);
+      }
       for (int64_t i = 0; i < rows; ++i) {
         const float* s = sp + (n + i) * groups;
         const uint8_t* z = zp + (n + i) * groups;

@@ -118,8 +118,8 @@ def takes_linear_int8(x: torch.Tensor) -> bool:
 
 def takes_w4a8(in_features: int, group_size: int) -> bool:
     """Whether `linear_w4a8` takes a matrix of K = in_features in groups of group_size: loaded (its VNNI comes with
-    AVX-512 BF16), groups of a multiple of 64 (a chunk of the packed layout)."""
-    return _loaded and group_size % 64 == 0 and in_features % group_size == 0
+    AVX-512 BF16), groups of 64 or 128 (one or two chunks of the packed layout)."""
+    return _loaded and group_size in (64, 128) and in_features % group_size == 0
 
 
 def pack_w4a8(q: torch.Tensor) -> torch.Tensor:
