@@ -217,6 +217,9 @@ def test_the_w4a8_kernel_is_its_definition(rows, n, k, group_size, dtype):
         assert torch.equal(ours[one:one + 1], cpu_kernels.linear_w4a8(x[one:one + 1], module.weight, module.w4a8_scale,
                                                                       module.zero_point, group_size))
     assert torch.equal(module(x[None]), ours[None])
+    groups_wide = [t.float().repeat_interleave(group_size, 1) for t in (zero, scale)]
+    spelled = (q.float() - groups_wide[0]) * groups_wide[1]
+    assert torch.equal(module.dequantized(), spelled.to(dtype))  # the prefill's weight, computed in fp32, rounded once
     exact = F.linear(x.double(), module.dequantized().double())
     assert (ours.double() - exact).abs().max() <= 0.03 * exact.abs().max()
 
@@ -237,5 +240,9 @@ def test_the_w4a8_kernel_refuses_what_it_cannot_run():
         cpu_kernels.linear_w4a8(torch.randn(2, 128, dtype=torch.float16), packed, scale, zero, 128)
     with pytest.raises(RuntimeError, match="M <= 16"):
         torch.ops.dsv2_cpu.linear_w4a8(torch.randn(17, 128), packed, scale, zero, 128)
+    with pytest.raises(RuntimeError, match="fp32 scales and uint8 zero points"):
+        cpu_kernels.dequantize_w4a8(packed, scale.expand(8, 2), zero, 64, torch.float32)
+    with pytest.raises(RuntimeError, match="fp32 or bf16 out"):
+        cpu_kernels.dequantize_w4a8(packed, scale, zero, 128, torch.float16)
     assert cpu_kernels.takes_w4a8(1344, 64) and not cpu_kernels.takes_w4a8(1344, 128)
     assert not cpu_kernels.takes_w4a8(256, 32)

@@ -496,6 +496,54 @@ at::Tensor linear_w4a8(const at::Tensor& x_in, const at::Tensor& packed_in, cons
   return y;
 }
 
+// dequantize_w4a8: W [N,K] = (q - z)·s from linear_w4a8's operands, each value computed in fp32 and rounded once to
+// `dtype` (fp32 or bf16) - what a prefill chunk multiplies by (torch's GEMM), one pass over the packed weight
+at::Tensor dequantize_w4a8(const at::Tensor& packed_in, const at::Tensor& scale_in, const at::Tensor& zero_in,
+                           int64_t G, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequantize_w4a8: fp32 or bf16 out, got ", dtype);
+  TORCH_CHECK(packed_in.scalar_type() == at::kByte && packed_in.dim() == 2 && (packed_in.size(1) * 2) % kChunk == 0,
+              "dequantize_w4a8: the packed weight must be uint8 [N, K/2] with K a multiple of ", kChunk, ", got ",
+              packed_in.sizes());
+  const int64_t N = packed_in.size(0), K = packed_in.size(1) * 2;
+  TORCH_CHECK((G == 64 || G == 128) && K % G == 0, "dequantize_w4a8: the group size must be 64 or 128 and divide K=",
+              K, ", got ", G);
+  const int64_t groups = K / G;
+  TORCH_CHECK(scale_in.scalar_type() == at::kFloat && zero_in.scalar_type() == at::kByte && scale_in.dim() == 2 &&
+                  zero_in.dim() == 2 && scale_in.size(0) == N && zero_in.size(0) == N && scale_in.size(1) == groups &&
+                  zero_in.size(1) == groups,
+              "dequantize_w4a8: fp32 scales and uint8 zero points [N, K/G] = [", N, ", ", groups, "], got ",
+              scale_in.sizes(), " and ", zero_in.sizes());
+  const at::Tensor packed = packed_in.contiguous(), scale = scale_in.contiguous(), zero = zero_in.contiguous();
+  at::Tensor w = at::empty({N, K}, packed.options().dtype(dtype));
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const uint8_t* zp = zero.data_ptr<uint8_t>();
+  const bool bf16_out = dtype == at::kBFloat16;
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t c = 0; c < K / kChunk; ++c) {
+        const int64_t g = c * kChunk / G;
+        const __m512 s = _mm512_set1_ps(sp[n * groups + g]), z = _mm512_set1_ps(float(zp[n * groups + g]));
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + n * (K / 2) + c * 32));
+        alignas(64) uint8_t q[kChunk];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(q), _mm256_and_si256(v, _mm256_set1_epi8(0x0f)));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(q + 32),
+                           _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0f)));
+        for (int i = 0; i < kChunk; i += 16) {
+          const __m512 qf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(q + i))));
+          const __m512 value = _mm512_mul_ps(_mm512_sub_ps(qf, z), s);
+          const int64_t at = n * K + c * kChunk + i;
+          if (bf16_out)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(reinterpret_cast<bf16*>(w.data_ptr()) + at),
+                                (__m256i)_mm512_cvtneps_pbh(value));
+          else
+            _mm512_storeu_ps(w.data_ptr<float>() + at, value);
+        }
+      }
+  });
+  return w;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dsv2_cpu, m) {
@@ -503,6 +551,7 @@ TORCH_LIBRARY(dsv2_cpu, m) {
   m.def("linear_bf16(Tensor x, Tensor weight) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("linear_w4a8(Tensor x, Tensor packed, Tensor scale, Tensor zero, int group_size) -> Tensor");
+  m.def("dequantize_w4a8(Tensor packed, Tensor scale, Tensor zero, int group_size, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) {
@@ -510,4 +559,5 @@ TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_w4a8", &linear_w4a8);
+  m.impl("dequantize_w4a8", &dequantize_w4a8);
 }

@@ -1,5 +1,5 @@
 """CPU kernels of dsv2's own: the routed experts of a decode step, each chosen expert's weights read once; and
-x Wᵀ for a few rows on AMX tiles, bf16 and w8a8 int8.
+x Wᵀ for a few rows on AMX tiles, bf16 and w8a8 int8; and w4a8 (int4 weights, int8 rows) on AVX-512 VNNI.
 
 Why: a decode step is a few tokens, and its routed experts are most of the bytes it reads. Of the ways PyTorch
 offers to run them inside a compiled graph, none reads only the distinct experts the tokens chose at the
@@ -22,6 +22,10 @@ small's one-row matrices at 7-14 GB/s, and for w8a8 fbgemm quantizes activations
 ~10-18 GB/s. AMX multiplies a tile of 16 weight rows (64 bytes each, as they lie in memory) by all of x at once,
 so the weight is read in place at the rate memory gives it; only x is re-laid out. The bf16 one runs a compiled
 one-row graph's linears (`dsv2.model.layers.linear`), the int8 one `Int8Linear`'s w8a8 forward, eager.
+
+The w4a8 kernel exists because torch's int4 kernel (`_weight_int4pack_mm_for_cpu`) reads V2-Lite's experts at ~8 GB/s
+of packed weight at one row, below llama.cpp's Q4_0: it multiplies the nibbles by the rows quantized to int8 with
+`vpdpbusd` (exact per group), from a packed layout of its own (`pack_w4a8`), 12-16 GB/s (cpp file: why not AMX).
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ def load() -> bool:
     torch.library.register_fake("dsv2_cpu::linear_bf16")(_linear_output)
     torch.library.register_fake("dsv2_cpu::linear_int8")(_linear_int8_output)
     torch.library.register_fake("dsv2_cpu::linear_w4a8")(_linear_w4a8_output)
+    torch.library.register_fake("dsv2_cpu::dequantize_w4a8")(_dequantized_w4a8)
     _loaded, _amx = True, torch.cpu._is_amx_tile_supported()
     return True
 
@@ -93,6 +98,11 @@ def _linear_int8_output(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
 def _linear_w4a8_output(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                         group_size: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], packed.shape[0])
+
+
+def _dequantized_w4a8(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    return packed.new_empty(packed.shape[0], packed.shape[1] * 2, dtype=dtype)
 
 
 def loaded() -> bool:
@@ -159,6 +169,13 @@ def linear_w4a8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
         return torch.ops.dsv2_cpu.linear_w4a8(x, packed, scale, zero_point, group_size)
     return torch.cat([torch.ops.dsv2_cpu.linear_w4a8(rows, packed, scale, zero_point, group_size)
                       for rows in x.split(TILE_ROWS)])
+
+
+def dequantize_w4a8(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """W [N,K] = (q - z)·s in `dtype` (fp32 or bf16) from `linear_w4a8`'s operands, computed in fp32 and rounded once
+    (what a prefill chunk multiplies by)."""
+    return torch.ops.dsv2_cpu.dequantize_w4a8(packed, scale, zero_point, group_size, dtype)
 
 
 def routed_experts(x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor,

@@ -1,4 +1,5 @@
-"""Weight-only int8 and int4 for inference: a module swap applied to a built model, and its checkpoints.
+"""Weight-only int8 and int4 for inference, and both with int8 activations (w8a8, w4a8): a module swap applied to a
+built model, and its checkpoints.
 
 Activations stay in the model dtype (bf16 or fp32); only weight matrices are stored in fewer bits, so a
 memory-bound decode step reads fewer bytes.
@@ -51,6 +52,15 @@ calls the kernel for M <= INT8_KERNEL_MAX_ROWS = 64 rows and dequantizes above (
 crossover measured 32-64 rows for the small matrix and ~128 for the large one.
 The int4 kernel is used for every M on CPU: its packed layout cannot be dequantized cheaply, and prefill
 through it costs about as much per row as int8 (see the figures above).
+
+"w4a8" is the same for int4 weights (same checkpoint): each row of x on 127 levels of its own absmax, as w8a8's AMX
+kernel does, times W = (q - z)·s. In groups of 64 or 128 on a CPU where dsv2's kernels build (AVX-512 BF16 and so
+VNNI), `Int4Linear` lays its weight out for dsv2's w4a8 kernel (`cpu_kernels.linear_w4a8`: nibbles x int8 summed
+exactly per group, scaled in fp32; V2-Lite's 102400 x 2048 LM head at one row 8.7 ms, against 12.4 for w8a8's AMX
+kernel and its twice larger weight) for up to INT8_KERNEL_MAX_ROWS rows, and dequantizes to (q - z)·s above. Elsewhere
+(groups of 32, no kernel) it keeps torch's layout and rounds the rows to the same grid (`int8_grid`) before torch's
+int4 kernel, which reconstructs W as (q - 8)·s + (8 - z)·s rounded to the model dtype: the same product but for that
+rounding and the float sums' order.
 
 What is converted (`quantize_model`): every nn.Linear of attention, the dense and shared-expert MLPs, the
 routed experts (per expert) and the LM head (a large GEMV). Kept in the model dtype: the embedding (a
@@ -326,9 +336,11 @@ class Int4Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         """W [N,K] in the scale dtype, exactly as the kernel reconstructs it: (q - 8)·s + zero for torch's, (q - z)·s
         for the w4a8 one."""
-        if self.layout == "w4a8":
-            s, z = (t.repeat_interleave(self.group_size, dim=1) for t in (self.w4a8_scale, self.zero_point))
-            return ((self.nibbles().float() - z.float()) * s).to(self.scales_and_zeros.dtype)
+        if self.layout == "w4a8":  # one pass over the packed weight, in dsv2's kernel (fp32 or bf16 out)
+            dtype = self.scales_and_zeros.dtype
+            out = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+            return cpu_kernels.dequantize_w4a8(self.weight, self.w4a8_scale, self.zero_point, self.group_size,
+                                               out).to(dtype)
         s, zero = (t.t().repeat_interleave(self.group_size, dim=1).float() for t in self.scales_and_zeros.unbind(-1))
         return ((self.nibbles().float() - 8) * s + zero).to(self.scales_and_zeros.dtype)
 
