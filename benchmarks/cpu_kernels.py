@@ -8,10 +8,10 @@ bytes for each format dsv2 can run, at 1 thread and at all threads, beside a pla
 machine's bandwidth). A kernel whose GB/s doubles from 1 to 2 threads is compute-bound, not memory-bound:
 faster memory would not help it, a better kernel would.
 
-On a CPU with AMX it also times dsv2's own AMX kernels (dsv2.model.cpu_kernels: bf16 and w8a8 int8, the
-weight read in place as A tiles) and, with --inductor, inductor's frozen, autotuned GEMM for the same x Wᵀ (what
-a compiled decode graph runs where the bf16 kernel does not). --rows times a few rows at once (a batch of decode
-steps) instead of one.
+dsv2's w4a8 (int4 weights, int8 rows) runs on its own VNNI kernel where dsv2's kernels build. On a CPU with AMX
+it also times dsv2's own AMX kernels (dsv2.model.cpu_kernels: bf16 and w8a8 int8, the weight read in place as A
+tiles) and, with --inductor, inductor's frozen, autotuned GEMM for the same x Wᵀ (what a compiled decode graph runs
+where the bf16 kernel does not). --rows times a few rows at once (a batch of decode steps) instead of one.
 
 Each matrix is timed over enough distinct copies (≥ 64 MiB in all) that no call finds its weight in the
 core's L2 cache; the median of several repeats.
@@ -152,6 +152,9 @@ FORMATS: dict[str, tuple[Callable[[torch.Tensor], torch.nn.Module], torch.dtype,
     "int8 w8a8 (fbgemm linear_dynamic)": (Fbgemm, torch.bfloat16, 1),
     "int8 w8a8 dsv2 Int8Linear (its pick)": (w8a8, torch.bfloat16, 1),
     "int4 _weight_int4pack_mm_for_cpu (g128)": (lambda w: Int4Linear.quantize(w, 128), torch.bfloat16, 0.5),
+    # dsv2's VNNI kernel (cpu_kernels.linear_w4a8) where it is built, else torch's int4 kernel on the rounded rows
+    "int4 w4a8 dsv2 Int4Linear (its pick, g128)": (lambda w: Int4Linear.quantize(w, 128, int8_activations=True),
+                                                   torch.bfloat16, 0.5),
 }
 AMX_FORMATS: dict[str, tuple[Callable[[torch.Tensor], torch.nn.Module], torch.dtype, float]] = {
     "bf16 dsv2 AMX kernel (cpu_kernels.linear)": (lambda w: Kernel(w, cpu_kernels.linear), torch.bfloat16, 2),
