@@ -290,6 +290,15 @@ std::vector<float> floats(const at::Tensor& t) {
   return out;
 }
 
+// one row of x on 127 levels of its own absmax: q[k] = round(row[k]·127/a) -> the step a/127 (0 for a zero row)
+float quantize_row(const float* row, int64_t K, int8_t* q) {
+  float amax = 0.0f;
+  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
+  const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+  for (int64_t k = 0; k < K; ++k) q[k] = int8_t(std::nearbyint(row[k] * inverse));
+  return amax / 127.0f;
+}
+
 at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& q_in, const at::Tensor& scale_in) {
   TORCH_CHECK(q_in.scalar_type() == at::kChar, "linear_int8: the weight must be int8, got ", q_in.scalar_type());
   TORCH_CHECK(scale_in.dim() == 1 && scale_in.size(0) == q_in.size(0), "linear_int8: one scale per output row, got ",
@@ -303,14 +312,10 @@ at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& q_in, const at:
   const std::vector<float> xf = floats(x), sp = floats(scale);
   std::vector<int8_t> xt(size_t(K * kMaxRows), 0);
   std::vector<float> step(kMaxRows, 0.0f);  // a_j / 127
+  std::vector<int8_t> qx(size_t(K));
   for (int64_t j = 0; j < M; ++j) {
-    const float* row = xf.data() + j * K;
-    float amax = 0.0f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
-    step[j] = amax / 127.0f;
-    const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-    for (int64_t k = 0; k < K; ++k)
-      xt[(k / 4) * 4 * kMaxRows + j * 4 + (k & 3)] = int8_t(std::nearbyint(row[k] * inverse));
+    step[j] = quantize_row(xf.data() + j * K, K, qx.data());
+    for (int64_t k = 0; k < K; ++k) xt[(k / 4) * 4 * kMaxRows + j * 4 + (k & 3)] = qx[k];
   }
 
   at::Tensor y = at::empty({M, N}, x.options());
@@ -436,18 +441,10 @@ at::Tensor linear_w4a8(const at::Tensor& x_in, const at::Tensor& packed_in, cons
   std::vector<__m512i> xlo(size_t(M * pairs)), xhi(size_t(M * pairs));
   std::vector<float> step(M);
   std::vector<float> xsum(size_t(groups * kMaxRows), 0.0f);  // [g][j], zero past M
-  std::vector<int8_t> qx(size_t(pairs * 2 * kChunk));
+  std::vector<int8_t> qx(size_t(pairs * 2 * kChunk), 0);  // zeros past K stay zeros
   for (int64_t j = 0; j < M; ++j) {
-    const float* row = xf.data() + j * K;
-    float amax = 0.0f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
-    step[j] = amax / 127.0f;
-    const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-    std::fill(qx.begin(), qx.end(), int8_t(0));
-    for (int64_t k = 0; k < K; ++k) {
-      qx[k] = int8_t(std::nearbyint(row[k] * inverse));
-      xsum[k / G * kMaxRows + j] += float(qx[k]);
-    }
+    step[j] = quantize_row(xf.data() + j * K, K, qx.data());
+    for (int64_t k = 0; k < K; ++k) xsum[k / G * kMaxRows + j] += float(qx[k]);
     for (int64_t p = 0; p < pairs; ++p) {
       alignas(64) int8_t lo[64], hi[64];
       const int8_t* src = qx.data() + p * 2 * kChunk;
