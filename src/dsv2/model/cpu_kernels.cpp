@@ -312,7 +312,7 @@ at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& q_in, const at:
   const std::vector<float> xf = floats(x), sp = floats(scale);
   std::vector<int8_t> xt(size_t(K * kMaxRows), 0);
   std::vector<float> step(kMaxRows, 0.0f);  // a_j / 127
-  std::vector<int8_t> qx(size_t(K));
+  std::vector<int8_t> qx(static_cast<size_t>(K));
   for (int64_t j = 0; j < M; ++j) {
     step[j] = quantize_row(xf.data() + j * K, K, qx.data());
     for (int64_t k = 0; k < K; ++k) xt[(k / 4) * 4 * kMaxRows + j * 4 + (k & 3)] = qx[k];
