@@ -37,7 +37,7 @@ The eager forward is the readable twin; `tests/test_compiled.py` holds the two e
 seconds per graph, once per process (inductor keeps its kernels on disk, so a second process is faster).
 
 Weights: float ones, and for a decode step also int8 ones in w8a8 (`Int8Linear.traces`: on a CPU with AMX, K a
-multiple of 64) and int4 ones in w4a8 (`Int4Linear.traces`: dsv2's kernels built, groups of a multiple of 64), whose
+multiple of 64) and int4 ones in w4a8 (`Int4Linear.traces`: dsv2's kernels built, groups of 64 or 128), whose
 linears the graph calls as dsv2's kernels, opaque ops, with the rest of the step fused around them; other quantized
 formats (weight-only int8 and int4, FP8, w8a8 on fbgemm, w4a8 in groups of 32) do not trace and run eagerly.
 
@@ -85,7 +85,7 @@ class _CompiledForward:
         if device.type != "cpu":
             raise ValueError(f"a compiled {self.WHAT} is built and measured on the CPU only; the model is on {device}")
         cpu_kernels.load()  # built before tracing (the experts kernel, where this CPU has AVX-512 BF16; the AMX ones)
-        traced_int8 = {name for name, module in model.named_modules()
+        traced_quantized = {name for name, module in model.named_modules()
                        if isinstance(module, Int8Linear | Int4Linear) and module.traces()} \
             if self.TAKES_INT8_ACTIVATIONS else set()
         takes = "float weights (bf16, fp16, fp32)" + (
@@ -93,7 +93,7 @@ class _CompiledForward:
             if self.TAKES_INT8_ACTIVATIONS else "")
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if (not tensor.is_floating_point() or tensor.element_size() == 1) and \
-                    name.rpartition(".")[0] not in traced_int8:
+                    name.rpartition(".")[0] not in traced_quantized:
                 raise ValueError(f"a compiled {self.WHAT} takes {takes}: {name} is {tensor.dtype}; run quantized "
                                  f"weights eagerly")
         for module in model.modules():

@@ -515,7 +515,8 @@ at::Tensor dequantize_w4a8(const at::Tensor& packed_in, const at::Tensor& scale_
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
   const uint8_t* zp = zero.data_ptr<uint8_t>();
-  const bool bf16_out = dtype == at::kBFloat16;
+  bf16* wb = dtype == at::kBFloat16 ? reinterpret_cast<bf16*>(w.data_ptr()) : nullptr;
+  float* wf = wb ? nullptr : w.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n)
       for (int64_t c = 0; c < K / kChunk; ++c) {
@@ -530,11 +531,8 @@ at::Tensor dequantize_w4a8(const at::Tensor& packed_in, const at::Tensor& scale_
           const __m512 qf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(q + i))));
           const __m512 value = _mm512_mul_ps(_mm512_sub_ps(qf, z), s);
           const int64_t at = n * K + c * kChunk + i;
-          if (bf16_out)
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(reinterpret_cast<bf16*>(w.data_ptr()) + at),
-                                (__m256i)_mm512_cvtneps_pbh(value));
-          else
-            _mm512_storeu_ps(w.data_ptr<float>() + at, value);
+          if (wb) _mm256_storeu_si256(reinterpret_cast<__m256i*>(wb + at), (__m256i)_mm512_cvtneps_pbh(value));
+          else _mm512_storeu_ps(wf + at, value);
         }
       }
   });

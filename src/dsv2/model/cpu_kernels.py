@@ -162,9 +162,9 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
 
 def linear_w4a8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                 group_size: int) -> torch.Tensor:
-    """x [M,K] @ Wᵀ for int4 W = (q - z)·s per group of group_size inputs, x quantized to int8 per row ("w4a8"),
-    the group sums exact in int32 on AMX tiles -> [M,N] in x's dtype. packed: `pack_w4a8(q)`; scale fp32 [K/G, N];
-    zero_point uint8 [N, K/G]. Past TILE_ROWS rows, one call per TILE_ROWS, as `linear_int8`."""
+    """x [M,K] @ Wᵀ for int4 W = (q - z)·s per group of group_size (64 or 128) inputs, x quantized to int8 per row
+    ("w4a8"), the group sums exact in int32 (AVX-512 VNNI) -> [M,N] in x's dtype. packed: `pack_w4a8(q)`; scale fp32
+    [N, K/G]; zero_point uint8 [N, K/G]. Past TILE_ROWS rows, one call per TILE_ROWS, as `linear_int8`."""
     if len(x) <= TILE_ROWS:
         return torch.ops.dsv2_cpu.linear_w4a8(x, packed, scale, zero_point, group_size)
     return torch.cat([torch.ops.dsv2_cpu.linear_w4a8(rows, packed, scale, zero_point, group_size)

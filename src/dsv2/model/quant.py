@@ -266,7 +266,8 @@ class Int4Linear(nn.Module):
 
     `weight` holds uint8 [N,K/2] in one of three layouts (`layout`), chosen where the weights are set (so move a
     model by loading it there): "cpu", torch's CPU kernel's; "w4a8", dsv2's w4a8 kernel's (`cpu_kernels.pack_w4a8`,
-    on a CPU with AMX, groups of a multiple of 64); "pairs", the checkpoint's (`pack_pairs`), elsewhere."""
+    in w4a8 where `cpu_kernels.takes_w4a8`: the kernels built, groups of 64 or 128); "pairs", the checkpoint's
+    (`pack_pairs`), off the CPU."""
 
     checkpoint_suffixes = ("weight", "weight_scale", "weight_zero_point")
 
