@@ -1,4 +1,4 @@
-"""What the CPU kernels for a few rows (PyTorch's GEMVs, dsv2's AMX kernels) read per second: the wall under decode.
+"""What the CPU kernels for a few rows (PyTorch's GEMVs, dsv2's kernels) read per second: the wall under decode.
 
 A decode step at batch 1 is a chain of matrix-vector products, one per weight matrix, so its floor is the
 weights' bytes over the machine's read bandwidth. This prints, for the matrix shapes of DeepSeek-V2-Lite
@@ -8,10 +8,11 @@ bytes for each format dsv2 can run, at 1 thread and at all threads, beside a pla
 machine's bandwidth). A kernel whose GB/s doubles from 1 to 2 threads is compute-bound, not memory-bound:
 faster memory would not help it, a better kernel would.
 
-dsv2's w4a8 (int4 weights, int8 rows) runs on its own VNNI kernel where dsv2's kernels build. On a CPU with AMX
-it also times dsv2's own AMX kernels (dsv2.model.cpu_kernels: bf16 and w8a8 int8, the weight read in place as A
-tiles) and, with --inductor, inductor's frozen, autotuned GEMM for the same x Wᵀ (what a compiled decode graph runs
-where the bf16 kernel does not). --rows times a few rows at once (a batch of decode steps) instead of one.
+dsv2's w4a8 (int4 weights, int8 rows) and w8a8 run on its own kernels where they build (dsv2.model.cpu_kernels:
+VNNI, and for w8a8 AMX tiles where the CPU has them). On a CPU with AMX it also times dsv2's bf16 AMX kernel (the
+weight read in place as A tiles) and, with --inductor, inductor's frozen, autotuned GEMM for the same x Wᵀ (what a
+compiled decode graph runs where the bf16 kernel does not). --rows times a few rows at once (a batch of decode
+steps) instead of one.
 
 Each matrix is timed over enough distinct copies (≥ 64 MiB in all) that no call finds its weight in the
 core's L2 cache; the median of several repeats.
@@ -105,8 +106,8 @@ class Fbgemm(torch.nn.Module):
         return int8_rows(x, self.packed)
 
 
-class AmxInt8(torch.nn.Module):
-    """w8a8 by dsv2's AMX int8 kernel (`cpu_kernels.linear_int8`)."""
+class DsvInt8(torch.nn.Module):
+    """w8a8 by dsv2's int8 kernel (`cpu_kernels.linear_int8`: AMX tiles, or VNNI where there are none)."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
@@ -156,9 +157,11 @@ FORMATS: dict[str, tuple[Callable[[torch.Tensor], torch.nn.Module], torch.dtype,
     "int4 w4a8 dsv2 Int4Linear (its pick, g128)": (lambda w: Int4Linear.quantize(w, 128, int8_activations=True),
                                                    torch.bfloat16, 0.5),
 }
+KERNEL_FORMATS: dict[str, tuple[Callable[[torch.Tensor], torch.nn.Module], torch.dtype, float]] = {
+    "int8 w8a8 dsv2 kernel (linear_int8)": (DsvInt8, torch.bfloat16, 1),
+}
 AMX_FORMATS: dict[str, tuple[Callable[[torch.Tensor], torch.nn.Module], torch.dtype, float]] = {
     "bf16 dsv2 AMX kernel (cpu_kernels.linear)": (lambda w: Kernel(w, cpu_kernels.linear), torch.bfloat16, 2),
-    "int8 w8a8 dsv2 AMX kernel (linear_int8)": (AmxInt8, torch.bfloat16, 1),
 }
 
 
@@ -186,10 +189,14 @@ def main() -> None:
     print(hardware.describe())
     print(f"read bandwidth: {hardware.read_bandwidth_gbs():.1f} GB/s ({THREADS} threads; fastest full read of 512 MiB)")
     formats = dict(FORMATS)
-    if cpu_kernels.load() and torch.cpu._is_amx_tile_supported():
+    if cpu_kernels.load():
+        formats.update(KERNEL_FORMATS)
+    else:
+        print("dsv2's kernels did not build here (no AVX-512 BF16, or no compiler): their rows are left out")
+    if cpu_kernels.loaded() and torch.cpu._is_amx_tile_supported():
         formats.update(AMX_FORMATS)
     else:
-        print("no AMX kernels here (not an AMX CPU, or the extension did not build): their rows are left out")
+        print("no bf16 AMX kernel here (not an AMX CPU): its row is left out")
     torch.manual_seed(0)
     shapes = {name: nk for name, nk in SHAPES.items() if args.shapes is None or any(p in name for p in args.shapes)}
     for name, (n, k) in shapes.items():

@@ -149,9 +149,8 @@ def deviation(reference, outputs) -> tuple[float, int]:
 
 
 @pytest.mark.parametrize("quantization", [
-    pytest.param("w8a8", marks=pytest.mark.skipif(
-        not (cpu_kernels.supported() and torch.cpu._is_amx_tile_supported()), reason="w8a8 compiles on AMX only")),
-    pytest.param("w4a8", marks=pytest.mark.skipif(not cpu_kernels.supported(), reason="w4a8 needs dsv2's kernel")),
+    pytest.param(quantization, marks=pytest.mark.skipif(not cpu_kernels.supported(), reason="needs dsv2's kernels"))
+    for quantization in ("w8a8", "w4a8")
 ])
 def test_compiled_int8_activations_decode_generates_what_the_eager_engine_does(quick_compile, quantization):
     """int8 or int4 weights with int8 activations in the compiled decode step, their linears on dsv2's kernels:

@@ -80,7 +80,7 @@ def test_turned_off_by_the_environment(monkeypatch):
 
 
 needs_amx = pytest.mark.skipif(not (cpu_kernels.supported() and torch.cpu._is_amx_tile_supported()),
-                               reason="the linear kernel needs a CPU with AMX")
+                               reason="the bf16 linear kernel needs a CPU with AMX")
 
 
 @needs_amx
@@ -128,14 +128,14 @@ def w8a8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> tor
     return (xq @ q.long().t()).float() * (amax / 127) * scale.float()
 
 
-@needs_amx
+@needs_kernel
 @pytest.mark.parametrize(("rows", "n", "k", "dtype"), [(1, 512, 1024, torch.bfloat16), (8, 288, 2816, torch.bfloat16),
                                                        (16, 100, 64, torch.float32), (3, 33, 128, torch.float32),
                                                        (37, 40, 64, torch.float32)])
 def test_the_int8_kernel_is_w8a8_exactly(rows, n, k, dtype):
-    """The integer sums are exact, so the kernel equals its definition up to x's last rounding; a zero row is
-    zero; past 16 rows each row is what it is alone; the int8 module's w8a8 forward takes it, within the
-    activations' rounding of the float product."""
+    """The integer sums are exact (AMX tiles or VNNI, whichever this CPU has), so the kernel equals its
+    definition up to x's last rounding; a zero row is zero; past 16 rows each row is what it is alone; the int8
+    module's w8a8 forward takes it, within the activations' rounding of the float product."""
     assert cpu_kernels.load()
     torch.manual_seed(n)
     weight = torch.randn(n, k)
@@ -155,7 +155,17 @@ def test_the_int8_kernel_is_w8a8_exactly(rows, n, k, dtype):
     assert (ours.double() - exact).abs().max() <= 0.02 * exact.abs().max()
 
 
-@needs_amx
+@pytest.mark.skipif(not cpu_kernels.supported() or torch.cpu._is_amx_tile_supported(), reason="a CPU without AMX")
+def test_without_amx_the_bf16_linear_kernel_is_refused_and_never_taken():
+    """Without tiles ATen's bf16 kernel reads as fast (layers.linear): the bf16 kernel says so and no graph takes it."""
+    assert cpu_kernels.load()
+    x, weight = torch.randn(1, 96, dtype=torch.bfloat16), torch.randn(64, 96, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="needs AMX tiles"):
+        cpu_kernels.linear(x, weight)
+    assert not cpu_kernels.takes_linear(x, weight)
+
+
+@needs_kernel
 def test_the_int8_kernel_refuses_what_it_cannot_run():
     assert cpu_kernels.load()
     q, scale = torch.zeros(8, 64, dtype=torch.int8), torch.ones(8)
@@ -169,6 +179,10 @@ def test_the_int8_kernel_refuses_what_it_cannot_run():
         cpu_kernels.linear_int8(torch.randn(2, 64, dtype=torch.float16), q, scale)
     with pytest.raises(RuntimeError, match="at most 16 rows"):
         torch.ops.dsv2_cpu.linear_int8(torch.randn(17, 64), q, scale)
+    wide = torch.zeros(8, 65536 + 64, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="K at most 65536"):
+        cpu_kernels.linear_int8(torch.zeros(1, wide.shape[1]), wide, scale)
+    assert not cpu_kernels.takes_linear_int8(torch.zeros(1, wide.shape[1]))
     assert cpu_kernels.takes_linear_int8(torch.randn(40, 64)) and not cpu_kernels.takes_linear_int8(torch.randn(2, 96))
 
 

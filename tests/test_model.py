@@ -67,17 +67,19 @@ def test_training_backward_reaches_every_parameter():
 
 @pytest.mark.parametrize("rows, out_features, in_features", [
     (1, 64, 128),  # one row, small matrix: ATen's own kernel, oneDNN off for the call
-    (1, 1024, 1024),  # one row, matrix >= MV_MIN_ELEMENTS: torch.mv
+    (1, 1024, 1024),  # one row, matrix >= MV_MIN_ELEMENTS: torch.mv on an AMX CPU, else ATen
     (4, 64, 128),  # a few rows of a small matrix: ATen's kernel
-    (64, 512, 512),  # up to WEIGHT_LEFT_MAX_ROWS rows: W @ xᵀ
+    (64, 512, 512),  # up to WEIGHT_LEFT_MAX_ROWS rows: W @ xᵀ on an AMX CPU, else F.linear
     (256, 512, 512),  # more rows: F.linear
 ])
 @pytest.mark.parametrize("mkldnn_on", [True, False])
-def test_linear_paths_equal_fp32_and_restore_onednn(rows, out_features, in_features, mkldnn_on, monkeypatch):
-    """Every kernel `layers.linear` picks for bf16 on the CPU computes x @ Wᵀ as an fp32-accumulated product rounded
-    once to bf16 (so within one bf16 rounding of the fp32 product), keeps the leading dims, and leaves oneDNN's
-    process-wide switch as it found it."""
+@pytest.mark.parametrize("amx", [True, False])
+def test_linear_paths_equal_fp32_and_restore_onednn(rows, out_features, in_features, mkldnn_on, amx, monkeypatch):
+    """Every kernel `layers.linear` picks for bf16 on the CPU (either CPU's rule, whichever this one is) computes
+    x @ Wᵀ as an fp32-accumulated product rounded once to bf16 (so within one bf16 rounding of the fp32 product),
+    keeps the leading dims, and leaves oneDNN's process-wide switch as it found it."""
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", mkldnn_on)
+    monkeypatch.setattr(layers, "AMX", amx)
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 1, in_features, generator=g).bfloat16()
     w = torch.randn(out_features, in_features, generator=g).bfloat16()
@@ -88,9 +90,12 @@ def test_linear_paths_equal_fp32_and_restore_onednn(rows, out_features, in_featu
     assert torch.backends.mkldnn.enabled is mkldnn_on
 
 
-def test_linear_chooses_by_size(monkeypatch):
-    """The size rule: small products go to ATen's kernel (oneDNN's per-call floor is ~20 us), one row of a big
-    matrix to torch.mv, a few rows to W @ xᵀ, many to F.linear; fp32 always to F.linear."""
+@pytest.mark.parametrize("amx", [True, False])
+def test_linear_chooses_by_size_and_cpu(amx, monkeypatch):
+    """The size rule: small products go to ATen's kernel (oneDNN's per-call floor is ~20 us); on an AMX CPU one
+    row of a big matrix to torch.mv, a few rows to W @ xᵀ; without AMX every row to ATen's kernel, more rows to
+    F.linear; many rows always to F.linear, fp32 always to F.linear."""
+    monkeypatch.setattr(layers, "AMX", amx)
     taken = []
     monkeypatch.setattr(layers, "aten_linear", lambda x, w: taken.append(("aten", x.shape[0])) or x @ w.t())
     monkeypatch.setattr(torch, "mv", lambda w, x: taken.append(("mv", 1)) or w @ x)
@@ -101,4 +106,7 @@ def test_linear_chooses_by_size(monkeypatch):
     for rows in (1, 8, 200):
         layers.linear(torch.randn(rows, 1024).bfloat16(), w_big)
     layers.linear(torch.randn(1, 128), w_small.float())
-    assert taken == [("aten", 1), ("aten", 8), ("weight left", 64), ("mv", 1), ("weight left", 8)]
+    if amx:
+        assert taken == [("aten", 1), ("aten", 8), ("weight left", 64), ("mv", 1), ("weight left", 8)]
+    else:
+        assert taken == [("aten", 1), ("aten", 8), ("aten", 1)]

@@ -754,9 +754,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-prefill-tokens", dest="max_prefill_tokens", type=int, default=1024,
                        help="prompt tokens a step may prefill while nobody decodes")
     serve.add_argument("--compile-decode", dest="compile_decode", action="store_true",
-                       help="decode steps as one compiled graph (CPU; float weights, or --quantization w8a8 on an "
-                            "AMX CPU, or w4a8): 3x faster steps for small models, after about a minute of compiling "
-                            "on the first steps")
+                       help="decode steps as one compiled graph (CPU; float weights, or --quantization w8a8 or "
+                            "w4a8 on an AVX-512 BF16 CPU): 3x faster steps for small models, after about a minute "
+                            "of compiling on the first steps")
     serve.add_argument("--compile-prefill", dest="compile_prefill", action="store_true",
                        help="short prefill steps (chunks all one length, <= 256 tokens) as compiled graphs (CPU, "
                             "float weights; nano's 128-token prompt 2.5x faster), after compiling on the first ones")

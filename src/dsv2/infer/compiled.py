@@ -36,7 +36,7 @@ logprobs are asked for; uneven or larger chunks run eagerly, packed.
 The eager forward is the readable twin; `tests/test_compiled.py` holds the two equal. Compiling takes tens of
 seconds per graph, once per process (inductor keeps its kernels on disk, so a second process is faster).
 
-Weights: float ones, and for a decode step also int8 ones in w8a8 (`Int8Linear.traces`: on a CPU with AMX, K a
+Weights: float ones, and for a decode step also int8 ones in w8a8 (`Int8Linear.traces`: dsv2's kernels built, K a
 multiple of 64) and int4 ones in w4a8 (`Int4Linear.traces`: dsv2's kernels built, groups of 64 or 128), whose
 linears the graph calls as dsv2's kernels, opaque ops, with the rest of the step fused around them; other quantized
 formats (weight-only int8 and int4, FP8, w8a8 on fbgemm, w4a8 in groups of 32) do not trace and run eagerly.
@@ -84,12 +84,12 @@ class _CompiledForward:
         device = next(model.parameters()).device
         if device.type != "cpu":
             raise ValueError(f"a compiled {self.WHAT} is built and measured on the CPU only; the model is on {device}")
-        cpu_kernels.load()  # built before tracing (the experts kernel, where this CPU has AVX-512 BF16; the AMX ones)
+        cpu_kernels.load()  # built before tracing (the experts and int8 kernels, where this CPU has AVX-512 BF16)
         traced_quantized = {name for name, module in model.named_modules()
                        if isinstance(module, Int8Linear | Int4Linear) and module.traces()} \
             if self.TAKES_INT8_ACTIVATIONS else set()
         takes = "float weights (bf16, fp16, fp32)" + (
-            ", or w8a8 on a CPU with AMX and K a multiple of 64, or w4a8 in groups of 64 or 128 on dsv2's kernel"
+            ", or w8a8 with K a multiple of 64 or w4a8 in groups of 64 or 128 on dsv2's kernel"
             if self.TAKES_INT8_ACTIVATIONS else "")
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if (not tensor.is_floating_point() or tensor.element_size() == 1) and \

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -76,18 +77,27 @@ void rows_dot(const bf16* W, int64_t R, int64_t D, const bf16* const* v, float* 
   if (r < R) rows_dot<M, 1>(W + r * D, R - r, D, v, out + r, out_stride);
 }
 
+// f(std::integral_constant<int, m>) for m in 1..8 (m > 8 as 8): the kernels' templates on their x row count
+template <typename F>
+void with_rows(int m, F f) {
+  switch (m) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+
 // rows_dot for m <= kTokensPerPass vectors: ~16 accumulators whatever m is
 void rows_dot(const bf16* W, int64_t R, int64_t D, const bf16* const* v, int m, float* out, int64_t out_stride) {
-  switch (m) {
-    case 1: return rows_dot<1, 8>(W, R, D, v, out, out_stride);
-    case 2: return rows_dot<2, 8>(W, R, D, v, out, out_stride);
-    case 3: return rows_dot<3, 4>(W, R, D, v, out, out_stride);
-    case 4: return rows_dot<4, 4>(W, R, D, v, out, out_stride);
-    case 5: return rows_dot<5, 2>(W, R, D, v, out, out_stride);
-    case 6: return rows_dot<6, 2>(W, R, D, v, out, out_stride);
-    case 7: return rows_dot<7, 2>(W, R, D, v, out, out_stride);
-    default: return rows_dot<8, 2>(W, R, D, v, out, out_stride);
-  }
+  with_rows(m, [&](auto rows) {
+    constexpr int M = decltype(rows)::value;
+    rows_dot<M, M <= 2 ? 8 : M <= 4 ? 4 : 2>(W, R, D, v, out, out_stride);
+  });
 }
 
 at::Tensor routed_experts_bf16(const at::Tensor& x_in, const at::Tensor& gates_in, const at::Tensor& indices_in,
@@ -160,7 +170,8 @@ at::Tensor routed_experts_bf16(const at::Tensor& x_in, const at::Tensor& gates_i
   return y;
 }
 
-// linear_bf16 and linear_int8: y [M,N] = x [M,K] Wᵀ for M <= 16 rows and W [N,K] as it is stored, on AMX tiles.
+// linear_bf16 and linear_int8: y [M,N] = x [M,K] Wᵀ for M <= 16 rows and W [N,K] as it is stored, on AMX tiles
+// (linear_int8 on a CPU without them, e.g. AMD Zen 4: the same sums on VNNI, below).
 //
 // AMX multiplies a tile A [16 rows, 64 bytes] by a tile B [16 rows, 64 bytes] whose rows interleave groups of k
 // (bf16: B[k/2][j][k%2], 32 k per tile; int8: B[k/4][j][k%4], 64 k per tile) into C [16,16] (fp32 or int32).
@@ -246,31 +257,27 @@ void tile_product(const T* w, int64_t N, int64_t K, const T* xt, Emit emit) {
   });
 }
 
-void check_tile_rows(const char* name, const at::Tensor& x, int64_t k_per_tile) {  // x [M,K] fits a B tile
-  TORCH_CHECK(x.size(0) <= kMaxRows && x.size(1) % k_per_tile == 0, name, ": at most ", kMaxRows,
-              " rows and a width that is a multiple of ", k_per_tile, ", got x ", x.sizes());
-  TORCH_CHECK(amx_permitted(), name, ": the kernel asked Linux for AMX's tile state and was refused");
-}
-
-void check_tile_shapes(const char* name, const at::Tensor& x, const at::Tensor& w, int64_t k_per_tile) {
+void check_shapes(const char* name, const at::Tensor& x, const at::Tensor& w, int64_t k_per_tile) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), name, ": x [M,K] and a weight [N,K], got ",
               x.sizes(), " and ", w.sizes());
-  check_tile_rows(name, x, k_per_tile);
+  TORCH_CHECK(x.size(0) <= kMaxRows && x.size(1) % k_per_tile == 0, name, ": at most ", kMaxRows,
+              " rows and a width that is a multiple of ", k_per_tile, ", got x ", x.sizes());
 }
 
 at::Tensor linear_bf16(const at::Tensor& x_in, const at::Tensor& w_in) {
   TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && w_in.scalar_type() == at::kBFloat16,
               "linear_bf16: x and the weight must be bf16");
-  check_tile_shapes("linear_bf16", x_in, w_in, 32);
+  check_shapes("linear_bf16", x_in, w_in, 32);
+  // without tiles ATen's own bf16 kernel reads as fast as rows_dot would (27-30 GB/s on a Zen 4): no fallback here
+  TORCH_CHECK(amx_permitted(), "linear_bf16: needs AMX tiles, and this CPU (or Linux) does not grant them");
   const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  std::vector<bf16> xt(size_t(K * kMaxRows), 0);
   const bf16* xp = reinterpret_cast<const bf16*>(x.data_ptr());
-  for (int64_t j = 0; j < M; ++j)
-    for (int64_t k = 0; k < K; ++k) xt[(k / 2) * 2 * kMaxRows + j * 2 + (k & 1)] = xp[j * K + k];
-
   at::Tensor y = at::empty({M, N}, x.options());
   bf16* yp = reinterpret_cast<bf16*>(y.data_ptr());
+  std::vector<bf16> xt(size_t(K * kMaxRows), 0);  // x interleaved as B tiles
+  for (int64_t j = 0; j < M; ++j)
+    for (int64_t k = 0; k < K; ++k) xt[(k / 2) * 2 * kMaxRows + j * 2 + (k & 1)] = xp[j * K + k];
   tile_product<bf16, float>(reinterpret_cast<const bf16*>(w.data_ptr()), N, K, xt.data(),
                             [&](int64_t n, int64_t rows, const float (*c)[kMaxRows]) {
                               for (int64_t i = 0; i < rows; ++i)
@@ -299,6 +306,59 @@ float quantize_row(const float* row, int64_t K, int8_t* q) {
   return amax / 127.0f;
 }
 
+constexpr int kRowsPerTask = 64;   // weight rows per parallel task of the VNNI kernels
+constexpr int kPrefetchRows = 16;  // how far ahead (in weight rows) their loads' lines are prefetched
+
+// linear_int8 where there are no AMX tiles (AVX-512 VNNI, e.g. AMD Zen 4): vpdpbusd multiplies 64 unsigned bytes by
+// 64 signed ones and sums each four into one of 16 int32 lanes. The weight's bytes are made unsigned as they are
+// loaded (q ^ 0x80 = q + 128) and the row's sum corrected by 128·Σ_k q_x[j,k] afterwards, so c is the same exact
+// integer the tiles give (|Σ (q+128)·q_x| <= 255·127·K fits int32 for K <= 65536). out[r][j] = Σ_k (q[r,k]+128)·q_x[j,k]
+// for RB weight rows from w (row stride K) and M rows of q_x, one __m512i per 64 inputs.
+template <int M, int RB>
+void int8_rows(const int8_t* w, int64_t K, const __m512i* qx, int32_t* out) {
+  const int64_t chunks = K / 64;
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  __m512i acc[RB][M];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < M; ++j) acc[r][j] = _mm512_setzero_si512();
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int r = 0; r < RB; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + kPrefetchRows) * K + c * 64), _MM_HINT_T1);
+      const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(w + r * K + c * 64), flip);
+      for (int j = 0; j < M; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], v, qx[j * chunks + c]);
+    }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < M; ++j) out[r * kMaxRows + j] = _mm512_reduce_add_epi32(acc[r][j]);
+}
+
+// int8_rows for m <= 8 x rows over `rows` weight rows: 8-16 accumulators whatever m is
+void int8_block(int m, const int8_t* w, int64_t rows, int64_t K, const __m512i* qx, int32_t* out) {
+  with_rows(m, [&](auto x_rows) {
+    constexpr int M = decltype(x_rows)::value, RB = M <= 2 ? 4 : M <= 4 ? 2 : 1;
+    int64_t r = 0;
+    for (; r + RB <= rows; r += RB) int8_rows<M, RB>(w + r * K, K, qx, out + r * kMaxRows);
+    for (; r < rows; ++r) int8_rows<M, 1>(w + r * K, K, qx, out + r * kMaxRows);
+  });
+}
+
+// C [N rows of W][M rows of x] as tile_product's emit receives it, on VNNI: q_x [M,K] row-major, xsum[j] = Σ_k q_x[j,k]
+template <typename Emit>
+void vnni_product(const int8_t* w, int64_t N, int64_t K, const int8_t* q_x, const int32_t* xsum, int64_t M, Emit emit) {
+  std::vector<__m512i> qx(size_t(M * (K / 64)));
+  std::memcpy(qx.data(), q_x, size_t(M * K));
+  at::parallel_for(0, (N + kRowsPerStep - 1) / kRowsPerStep, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) int32_t c[kRowsPerStep][kMaxRows];
+    for (int64_t step = begin; step < end; ++step) {
+      const int64_t n = step * kRowsPerStep, rows = std::min<int64_t>(kRowsPerStep, N - n);
+      for (int64_t j0 = 0; j0 < M; j0 += 8)  // x rows eight at a time; each row's sums are the same in any batch
+        int8_block(int(std::min<int64_t>(8, M - j0)), w + n * K, rows, K, qx.data() + j0 * (K / 64), &c[0][j0]);
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < M; ++j) c[i][j] -= 128 * xsum[j];
+      emit(n, rows, c);
+    }
+  });
+}
+
 at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& q_in, const at::Tensor& scale_in) {
   TORCH_CHECK(q_in.scalar_type() == at::kChar, "linear_int8: the weight must be int8, got ", q_in.scalar_type());
   TORCH_CHECK(scale_in.dim() == 1 && scale_in.size(0) == q_in.size(0), "linear_int8: one scale per output row, got ",
@@ -306,31 +366,39 @@ at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& q_in, const at:
   for (const at::Tensor* t : {&x_in, &scale_in})
     TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16,
                 "linear_int8: x and the scales must be fp32 or bf16, got ", t->scalar_type());
-  check_tile_shapes("linear_int8", x_in, q_in, 64);
+  check_shapes("linear_int8", x_in, q_in, 64);
+  TORCH_CHECK(x_in.size(1) <= 65536, "linear_int8: K at most 65536 (int32 sums), got ", x_in.size(1));
   const at::Tensor x = x_in.contiguous(), q = q_in.contiguous(), scale = scale_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   const std::vector<float> xf = floats(x), sp = floats(scale);
-  std::vector<int8_t> xt(size_t(K * kMaxRows), 0);
   std::vector<float> step(kMaxRows, 0.0f);  // a_j / 127
-  std::vector<int8_t> qx(static_cast<size_t>(K));
+  std::vector<int8_t> qx(size_t(M * K));
+  std::vector<int32_t> xsum(kMaxRows, 0);
   for (int64_t j = 0; j < M; ++j) {
-    step[j] = quantize_row(xf.data() + j * K, K, qx.data());
-    for (int64_t k = 0; k < K; ++k) xt[(k / 4) * 4 * kMaxRows + j * 4 + (k & 3)] = qx[k];
+    step[j] = quantize_row(xf.data() + j * K, K, qx.data() + j * K);
+    for (int64_t k = 0; k < K; ++k) xsum[j] += qx[j * K + k];
   }
 
   at::Tensor y = at::empty({M, N}, x.options());
   const bool to_bf16_out = y.scalar_type() == at::kBFloat16;
   float* yf = to_bf16_out ? nullptr : y.data_ptr<float>();
   bf16* yb = to_bf16_out ? reinterpret_cast<bf16*>(y.data_ptr()) : nullptr;
-  tile_product<int8_t, int32_t>(q.data_ptr<int8_t>(), N, K, xt.data(),
-                                [&](int64_t n, int64_t rows, const int32_t (*c)[kMaxRows]) {
-                                  for (int64_t i = 0; i < rows; ++i)
-                                    for (int64_t j = 0; j < M; ++j) {
-                                      const float v = float(c[i][j]) * step[j] * sp[n + i];
-                                      if (to_bf16_out) yb[j * N + n + i] = to_bf16(v);
-                                      else yf[j * N + n + i] = v;
-                                    }
-                                });
+  auto emit = [&](int64_t n, int64_t rows, const int32_t (*c)[kMaxRows]) {
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < M; ++j) {
+        const float v = float(c[i][j]) * step[j] * sp[n + i];
+        if (to_bf16_out) yb[j * N + n + i] = to_bf16(v);
+        else yf[j * N + n + i] = v;
+      }
+  };
+  if (!amx_permitted()) {  // a CPU without AMX (or a kernel that withholds it): the same sums on VNNI
+    vnni_product(q.data_ptr<int8_t>(), N, K, qx.data(), xsum.data(), M, emit);
+    return y;
+  }
+  std::vector<int8_t> xt(size_t(K * kMaxRows), 0);  // q_x interleaved as B tiles
+  for (int64_t j = 0; j < M; ++j)
+    for (int64_t k = 0; k < K; ++k) xt[(k / 4) * 4 * kMaxRows + j * 4 + (k & 3)] = qx[j * K + k];
+  tile_product<int8_t, int32_t>(q.data_ptr<int8_t>(), N, K, xt.data(), emit);
   return y;
 }
 
@@ -347,9 +415,7 @@ at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& q_in, const at:
 // same in any batch. Why not AMX tiles as linear_int8: the nibbles must be unpacked to memory for the tile loads,
 // and scaling each group means storing the accumulator tiles every group, a serial chain per group: 5-12 GB/s of
 // packed weight on V2-Lite's shapes at one row, where this reads 10-20 (its cost grows with the rows, the tiles' not).
-constexpr int kChunk = 64;        // inputs per 32 packed bytes (a group is one or two chunks)
-constexpr int kRowsPerTask = 64;  // weight rows per parallel task
-constexpr int kPrefetchRows = 16;  // how far ahead (in weight rows) each load's line is prefetched
+constexpr int kChunk = 64;  // inputs per 32 packed bytes (a group is one or two chunks)
 
 // out[r][j] = Σ_g s[r,g]·Σ_{k in g} q_x[j,k]·q[r,k] for RB weight rows from `w` (row stride K/2 bytes) and M rows
 // of laid-out q_x; groups of 64 (GC = 1: a pair's two halves are two groups) or 128 (GC = 2: one group a pair)
@@ -399,16 +465,9 @@ void w4a8_block(const uint8_t* w, int64_t rows, int64_t K, const float* scale, i
 template <int GC>
 void w4a8_block(int m, const uint8_t* w, int64_t rows, int64_t K, const float* scale, int64_t groups,
                 const __m512i* xlo, const __m512i* xhi, float* out) {
-  switch (m) {
-    case 1: return w4a8_block<1, GC>(w, rows, K, scale, groups, xlo, xhi, out);
-    case 2: return w4a8_block<2, GC>(w, rows, K, scale, groups, xlo, xhi, out);
-    case 3: return w4a8_block<3, GC>(w, rows, K, scale, groups, xlo, xhi, out);
-    case 4: return w4a8_block<4, GC>(w, rows, K, scale, groups, xlo, xhi, out);
-    case 5: return w4a8_block<5, GC>(w, rows, K, scale, groups, xlo, xhi, out);
-    case 6: return w4a8_block<6, GC>(w, rows, K, scale, groups, xlo, xhi, out);
-    case 7: return w4a8_block<7, GC>(w, rows, K, scale, groups, xlo, xhi, out);
-    default: return w4a8_block<8, GC>(w, rows, K, scale, groups, xlo, xhi, out);
-  }
+  with_rows(m, [&](auto x_rows) {
+    w4a8_block<decltype(x_rows)::value, GC>(w, rows, K, scale, groups, xlo, xhi, out);
+  });
 }
 
 at::Tensor linear_w4a8(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& scale_in,

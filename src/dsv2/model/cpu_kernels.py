@@ -16,12 +16,15 @@ compiled decode graphs on a CPU with AVX-512 BF16 (`dsv2.infer.compiled` calls `
 any other machine, or if the build fails (a warning says why), the graphs keep `gathered` and the `dispatch`
 op. `DSV2_CPU_KERNELS=0` turns it off.
 
-The linear kernels (CPUs with AMX) exist because PyTorch's products for a few rows read the weight well below the
-machine's bandwidth: oneDNN re-lays the weight out per call or pays a ~20 us floor, inductor's packed GEMMs read
-small's one-row matrices at 7-14 GB/s, and for w8a8 fbgemm quantizes activations per tensor and reads int8 at
-~10-18 GB/s. AMX multiplies a tile of 16 weight rows (64 bytes each, as they lie in memory) by all of x at once,
-so the weight is read in place at the rate memory gives it; only x is re-laid out. The bf16 one runs a compiled
-one-row graph's linears (`dsv2.model.layers.linear`), the int8 one `Int8Linear`'s w8a8 forward, eager.
+The linear kernels exist because PyTorch's products for a few rows read the weight well below the machine's
+bandwidth: oneDNN re-lays the weight out per call or pays a ~20 us floor, inductor's packed GEMMs read small's
+one-row matrices at 7-14 GB/s, and for w8a8 fbgemm quantizes activations per tensor and reads int8 at ~10-18 GB/s.
+On a CPU with AMX a tile of 16 weight rows (64 bytes each, as they lie in memory) multiplies all of x at once, so
+the weight is read in place at the rate memory gives it; only x is re-laid out. The bf16 one runs a compiled
+one-row graph's linears on such a CPU (`dsv2.model.layers.linear`; without AMX, ATen's own kernel reads bf16 as
+fast, 27-30 GB/s on a 2-core Zen 4, so there is no fallback), the int8 one `Int8Linear`'s w8a8 forward, eager or
+compiled; without AMX the int8 one makes the same exact sums with VNNI (`vpdpbusd`), 25-30 GB/s on that Zen 4
+at one row against fbgemm's 15-27.
 
 The w4a8 kernel exists because torch's int4 kernel (`_weight_int4pack_mm_for_cpu`) reads V2-Lite's experts at ~8 GB/s
 of packed weight at one row, below llama.cpp's Q4_0: it multiplies the nibbles by the rows quantized to int8 with
@@ -109,21 +112,18 @@ def loaded() -> bool:
     return _loaded
 
 
-def _takes_tiles(x: torch.Tensor, k_per_tile: int, max_rows: int) -> bool:
-    """Loaded, on a CPU with AMX, x on the CPU with at most max_rows rows and a width of whole tiles."""
-    return (_amx and x.device.type == "cpu" and x.shape[-1] % k_per_tile == 0
-            and x.numel() // x.shape[-1] <= max_rows)
-
-
 def takes_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a graph runs x [..., K] @ weightᵀ through `linear`: bf16 on both sides, K a multiple of 32, at most
-    BF16_MAX_ROWS rows (and `_takes_tiles`)."""
-    return x.dtype == weight.dtype == torch.bfloat16 and weight.dim() == 2 and _takes_tiles(x, 32, BF16_MAX_ROWS)
+    """Whether a graph runs x [..., K] @ weightᵀ through `linear`: loaded on a CPU with AMX, bf16 on both sides, x on
+    the CPU, K a multiple of 32, at most BF16_MAX_ROWS rows."""
+    return (_amx and x.dtype == weight.dtype == torch.bfloat16 and weight.dim() == 2 and x.device.type == "cpu"
+            and x.shape[-1] % 32 == 0 and x.numel() // x.shape[-1] <= BF16_MAX_ROWS)
 
 
 def takes_linear_int8(x: torch.Tensor) -> bool:
-    """Whether `linear_int8` runs x [M, K]: float x, K a multiple of 64 (and `_takes_tiles`), any M."""
-    return x.is_floating_point() and x.dim() == 2 and _takes_tiles(x, 64, len(x))
+    """Whether `linear_int8` runs x [M, K]: loaded (AMX tiles, or VNNI, which comes with AVX-512 BF16), float x on
+    the CPU, K a multiple of 64 and at most 65536, any M."""
+    return (_loaded and x.is_floating_point() and x.dim() == 2 and x.device.type == "cpu"
+            and x.shape[-1] % 64 == 0 and x.shape[-1] <= 65536)
 
 
 def takes_w4a8(in_features: int, group_size: int) -> bool:
@@ -153,7 +153,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M,K] @ (weight·scale)ᵀ with x quantized to int8 per row ("w8a8"), for int8 weight [N,K] and scale [N],
-    summed in int32 on AMX tiles -> [M,N] in x's dtype (see `takes_linear_int8`). Past TILE_ROWS rows, one call
+    summed in int32 on AMX tiles, or with VNNI where there are none (the same exact sums) -> [M,N] in x's dtype
+    (see `takes_linear_int8`). Past TILE_ROWS rows, one call
     per TILE_ROWS (the weight read again for each): a row's result never depends on the rows beside it."""
     if len(x) <= TILE_ROWS:  # one call, no copy through torch.cat
         return torch.ops.dsv2_cpu.linear_int8(x, weight, scale)

@@ -31,10 +31,11 @@ absmax first and appends one anchor row holding +1 and -1: the range is then alw
 the same 8-bit grid whatever else is in the batch (batched = one at a time), and the product is scaled back
 per row. The cost is the activations' rounding: ~0.4% of a row's absmax per element (step 2/255; 2/127 on
 CPUs without VNNI, where fbgemm needs `reduce_range` to keep its int16 pair sums from saturating).
-On a CPU with AMX (and dsv2's kernels built, `dsv2.model.cpu_kernels`), w8a8 runs on dsv2's own AMX int8 kernel
-instead wherever K is a multiple of 64: each row on 127 levels of its own absmax (step absmax/127), int8 x int8
-summed exactly in int32, the weight read in place, 16 rows a call; 1.0-1.5x fbgemm's speed at 1-16 rows
-(V2-Lite's expert 1408x2048, 8 rows: 0.31 ms against 0.43; its LM head, 8 rows: 11.9 against 15.9). The two grids
+Where dsv2's kernels build (AVX-512 BF16 and so VNNI, `dsv2.model.cpu_kernels`), w8a8 runs on dsv2's own int8
+kernel instead wherever K is a multiple of 64: each row on 127 levels of its own absmax (step absmax/127), int8 x
+int8 summed exactly in int32, the weight read in place, 16 rows a call, on AMX tiles where the CPU has them and
+VNNI where not (the same sums); on AMX 1.0-1.5x fbgemm's speed at 1-16 rows (V2-Lite's expert 1408x2048, 8 rows:
+0.31 ms against 0.43; its LM head, 8 rows: 11.9 against 15.9). The two grids
 differ, so a machine's w8a8 logits depend on which it has, but on each a row's result is the same in any batch.
 
 Measured on the 2-core AVX-512 Xeon (torch 2.13, 2 threads, bf16 x, ms per call, 10th percentile; the
@@ -53,7 +54,7 @@ crossover measured 32-64 rows for the small matrix and ~128 for the large one.
 The int4 kernel is used for every M on CPU: its packed layout cannot be dequantized cheaply, and prefill
 through it costs about as much per row as int8 (see the figures above).
 
-"w4a8" is the same for int4 weights (same checkpoint): each row of x on 127 levels of its own absmax, as w8a8's AMX
+"w4a8" is the same for int4 weights (same checkpoint): each row of x on 127 levels of its own absmax, as w8a8's
 kernel does, times W = (q - z)·s. In groups of 64 or 128 on a CPU where dsv2's kernels build (AVX-512 BF16 and so
 VNNI), `Int4Linear` lays its weight out for dsv2's w4a8 kernel (`cpu_kernels.linear_w4a8`: nibbles x int8 summed
 exactly per group, scaled in fp32; V2-Lite's 102400 x 2048 LM head at one row 8.7 ms, against 12.4 for w8a8's AMX
@@ -152,7 +153,7 @@ def int8_rows(x2d: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 
 def int8_grid(x2d: torch.Tensor) -> torch.Tensor:
-    """x [M,K] with each row rounded to 127 levels of its own absmax (what the AMX kernels multiply), in x's dtype."""
+    """x [M,K], each row rounded to 127 levels of its own absmax (what dsv2's int8 kernels multiply), in x's dtype."""
     x = x2d.float()
     step = x.abs().amax(dim=1, keepdim=True) / 127
     return (torch.round(x / step.clamp_min(torch.finfo(torch.float32).tiny)) * step).to(x2d.dtype)
@@ -207,7 +208,7 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def traces(self) -> bool:
-        """Whether a compiled graph can run this module's decode rows: w8a8 through the AMX kernel (a custom op
+        """Whether a compiled graph can run this module's decode rows: w8a8 through dsv2's int8 kernel (a custom op
         the graph calls as it is), not fbgemm, whose quantized tensors do not trace."""
         return self.int8_activations and cpu_kernels.takes_linear_int8(self.scale.new_empty(1, self.in_features))
 
@@ -513,7 +514,7 @@ def for_inference(model: Transformer, quantization: str | None, group_size: int 
         for module in model.modules():
             if isinstance(module, Int8Linear):
                 module.int8_activations = True
-        cpu_kernels.load()  # the AMX int8 kernel w8a8 runs on (built here, not in the first decode step)
+        cpu_kernels.load()  # the int8 kernel w8a8 runs on (built here, not in the first decode step)
         return model
     stored = (model.config.quantization_config or {}).get("quant_method")
     kept_fp8 = any(isinstance(m, (FP8Linear, FP8RoutedExperts)) for m in model.modules())
