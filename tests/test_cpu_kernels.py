@@ -260,3 +260,60 @@ def test_the_w4a8_kernel_refuses_what_it_cannot_run():
         cpu_kernels.dequantize_w4a8(packed, scale, zero, 128, torch.float16)
     assert cpu_kernels.takes_w4a8(1344, 64) and not cpu_kernels.takes_w4a8(1344, 128)
     assert not cpu_kernels.takes_w4a8(256, 32)
+
+
+def w4a8_experts(n_experts: int, dim: int, inner: int, dtype: torch.dtype) -> quant.QuantizedRoutedExperts:
+    """Random experts quantized to w4a8, groups of 128 where they divide the width, else 64."""
+    experts = RoutedExperts(n_experts, dim, inner).to(dtype)
+    for w in (experts.w1, experts.w2, experts.w3):
+        w.data.normal_(0, 0.05)
+    projections = {name: [quant.Int4Linear.quantize(w, 128 if w.shape[1] % 128 == 0 else 64, int8_activations=True)
+                          for w in getattr(experts, name)] for name in ("w1", "w2", "w3")}
+    return quant.QuantizedRoutedExperts(**projections)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("n_experts", "dim", "inner", "top_k", "n_tokens", "dtype"),
+                         [(16, 256, 192, 4, 1, torch.bfloat16), (8, 128, 64, 2, 9, torch.float32),
+                          (6, 192, 320, 3, 20, torch.bfloat16), (4, 256, 128, 4, 40, torch.float32)])
+@torch.no_grad()
+def test_the_w4a8_experts_kernel_is_the_dispatched_experts(n_experts, dim, inner, top_k, n_tokens, dtype):
+    """One expert pass of 1 row, groups of 64 on one side and 128 on the other, an expert with more slots than one
+    pass takes (16), dropped slots, fp32 and bf16: each projection is `linear_w4a8`'s, so the layer equals
+    `dispatch` up to silu's exp and the order of the gates' fp32 sum; a compiled graph takes it."""
+    assert cpu_kernels.load()
+    torch.manual_seed(n_tokens)
+    experts = w4a8_experts(n_experts, dim, inner, dtype)
+    x = torch.randn(n_tokens, dim, dtype=dtype)
+    weights = torch.rand(n_tokens, top_k)
+    indices = torch.stack([torch.randperm(n_experts)[:top_k] for _ in range(n_tokens)])
+    if n_tokens > 2:
+        indices[1, 0] = indices[2, top_k - 1] = -1
+    assert experts.takes_w4a8_kernel(x)
+    ours = cpu_kernels.routed_experts_w4a8(x, weights, indices, *experts.w4a8_operands())
+    dispatched = experts.dispatch(x, weights, indices)
+    assert ours.dtype == dtype and ours.shape == dispatched.shape
+    torch.testing.assert_close(ours, dispatched, rtol=1e-5 if dtype == torch.float32 else 2**-7, atol=1e-5)
+    if dtype == torch.bfloat16:  # fp32 keeps silu's last bits, which differ from torch's
+        assert (ours == dispatched).float().mean() >= 0.9  # mostly the very same bits
+    compiled = torch.compile(experts, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x, weights, indices), ours)
+
+
+@needs_kernel
+def test_the_w4a8_experts_kernel_refuses_what_it_cannot_run():
+    assert cpu_kernels.load()
+    experts = w4a8_experts(4, 128, 64, torch.float32)
+    x, weights = torch.randn(2, 128), torch.rand(2, 2)
+    (p1, s1, z1), w3, w2 = experts.w4a8_operands()
+    with pytest.raises(RuntimeError, match="expert id 4 out of range"):
+        cpu_kernels.routed_experts_w4a8(x, weights, torch.tensor([[0, 4], [1, 2]]), (p1, s1, z1), w3, w2)
+    with pytest.raises(RuntimeError, match="one tensor per expert in each list"):
+        cpu_kernels.routed_experts_w4a8(x, weights, torch.tensor([[0, 1], [1, 2]]), (p1, s1[:3], z1), w3, w2)
+    with pytest.raises(RuntimeError, match=r"\(w1\): the packed weight must be uint8 \[N, K/2\]"):
+        cpu_kernels.routed_experts_w4a8(torch.randn(2, 192), weights, torch.tensor([[0, 1], [1, 2]]), (p1, s1, z1),
+                                        w3, w2)
+    with pytest.raises(RuntimeError, match="gates and indices"):
+        cpu_kernels.routed_experts_w4a8(x, weights[:1], torch.tensor([[0, 1], [1, 2]]), (p1, s1, z1), w3, w2)
+    assert not experts.takes_w4a8_kernel(torch.randn(quant.INT8_KERNEL_MAX_ROWS + 1, 128))
+    assert not experts.takes_w4a8_kernel(x.half())

@@ -369,7 +369,9 @@ class LLMEngine:
     def _emit(self, requests: list[Request], logits: torch.Tensor) -> list[StreamEvent]:
         """Sample one token per request, update its output, retire finished ones, return the events."""
         plain_greedy = [r.params.plain_greedy for r in requests]
-        argmax = logits.argmax(dim=-1).tolist() if any(plain_greedy) else None  # one op for the batch
+        # one op for the batch, in fp32 (exact from bf16, same first-maximum ties): torch's bf16 argmax is 4x slower
+        # (V2-Lite's 102400 logits: 372 us against 90 plus the cast, 2-core Zen 4)
+        argmax = logits.float().argmax(dim=-1).tolist() if any(plain_greedy) else None
         events = []
         for i, (r, row) in enumerate(zip(requests, logits, strict=True)):
             seq, out = r.seq, r.out

@@ -8,6 +8,8 @@
 // Rounding follows the eager path (RoutedExperts.forward in bf16): each projection accumulates in fp32 and
 // rounds to bf16, silu and the product round to bf16, and the gates sum the K expert outputs in fp32 in slot
 // order before one last rounding.
+//
+// routed_experts_w4a8: the same sum for experts whose projections are w4a8 (linear_w4a8's operands, per expert).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -470,6 +472,94 @@ void w4a8_block(int m, const uint8_t* w, int64_t rows, int64_t K, const float* s
   });
 }
 
+// A w4a8 weight as linear_w4a8 reads it: packed nibbles [N, K/2], fp32 scales and uint8 zero points [N, K/G],
+// the group size G = K / (scales' columns), 64 or 128
+struct W4a8Weight {
+  const uint8_t* packed;
+  const float* scale;
+  const uint8_t* zero;
+  int64_t N, K, G, groups;
+};
+
+// the operands' checks (naming `name`'s tensors), for inputs of width K; the tensors must outlive the view
+W4a8Weight w4a8_weight(const char* name, const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero,
+                       int64_t K) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.size(1) * 2 == K &&
+                  packed.is_contiguous(),
+              name, ": the packed weight must be uint8 [N, K/2] (contiguous) for inputs of width ", K, ", got ",
+              packed.scalar_type(), " ", packed.sizes());
+  const int64_t N = packed.size(0);
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) > 0 && K % scale.size(1) == 0, name,
+              ": scales must be [N, K/G] for a weight [", N, ", ", K, "], got ", scale.sizes());
+  const int64_t groups = scale.size(1), G = K / groups;
+  TORCH_CHECK(G == 64 || G == 128, name, ": the group size must be 64 or 128, got K=", K, " in ", groups, " groups");
+  TORCH_CHECK(zero.sizes() == scale.sizes(), name, ": scales and zero points must be [N, K/G] alike, got ",
+              scale.sizes(), " and ", zero.sizes());
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && zero.scalar_type() == at::kByte && scale.is_contiguous() &&
+                  zero.is_contiguous(),
+              name, ": scales must be contiguous fp32 and zero points uint8, got ", scale.scalar_type(), " and ",
+              zero.scalar_type());
+  return {packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<uint8_t>(), N, K, G, groups};
+}
+
+// Up to kMaxRows rows of x [., K], each quantized to int8 on its own absmax and laid out as the nibbles are: pair
+// p's low vector holds inputs [128p, 128p+32) and [128p+64, +32), its high one [128p+32, +32) and [128p+96, +32)
+// (zeros past K); with Σ_{k in g} q_x[j,k] per group of G. A row's layout is the same whatever rows are beside it.
+struct W4a8Rows {
+  int64_t M = 0, K, G, pairs;
+  std::vector<__m512i> lo, hi;  // [j * pairs + p]
+  std::vector<float> step;      // a_j / 127
+  std::vector<float> sums;      // [g][j], zero past M
+
+  W4a8Rows(int64_t K_, int64_t G_)
+      : K(K_), G(G_), pairs((K_ + 2 * kChunk - 1) / (2 * kChunk)), lo(size_t(kMaxRows * pairs)),
+        hi(size_t(kMaxRows * pairs)), step(kMaxRows, 0.0f), sums(size_t(K_ / G_ * kMaxRows), 0.0f) {}
+
+  void add(const float* row) {
+    TORCH_CHECK(M < kMaxRows, "W4a8Rows: at most ", kMaxRows, " rows");
+    const int64_t j = M++;
+    std::vector<int8_t> q(size_t(pairs * 2 * kChunk), 0);  // zeros past K stay zeros
+    step[j] = quantize_row(row, K, q.data());
+    for (int64_t k = 0; k < K; ++k) sums[k / G * kMaxRows + j] += float(q[k]);
+    for (int64_t p = 0; p < pairs; ++p) {
+      alignas(64) int8_t l[64], h[64];
+      const int8_t* src = q.data() + p * 2 * kChunk;
+      std::memcpy(l, src, 32);
+      std::memcpy(l + 32, src + 64, 32);
+      std::memcpy(h, src + 32, 32);
+      std::memcpy(h + 32, src + 96, 32);
+      lo[j * pairs + p] = _mm512_load_si512(l);
+      hi[j * pairs + p] = _mm512_load_si512(h);
+    }
+  }
+};
+
+// emit(row, j, y[j, row]) for weight rows n .. n+rows (rows <= kRowsPerTask) and every row j of x, in fp32:
+// the group sums (w4a8_rows), minus the zero points' part Σ_g s·z·Σ_{k in g} q_x, times the row's step
+template <typename Emit>
+void w4a8_task(const W4a8Rows& x, const W4a8Weight& w, int64_t n, int64_t rows, Emit emit) {
+  alignas(64) float dots[kRowsPerTask * kMaxRows];  // [i][j]: Σ_g s[n+i,g]·Σ_{k in g} q_x[j,k]·q[n+i,k]
+  const int64_t K = w.K, groups = w.groups;
+  for (int64_t j0 = 0; j0 < x.M; j0 += 8) {  // x rows eight at a time; each row's sums are the same in any batch
+    const int m = int(std::min<int64_t>(8, x.M - j0));
+    (w.G == 64 ? w4a8_block<1> : w4a8_block<2>)(m, w.packed + n * (K / 2), rows, K, w.scale + n * groups, groups,
+                                                x.lo.data() + j0 * x.pairs, x.hi.data() + j0 * x.pairs, dots + j0);
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* s = w.scale + (n + i) * groups;
+    const uint8_t* z = w.zero + (n + i) * groups;
+    __m512 zero_part = _mm512_setzero_ps();  // lane j: Σ_g s[n,g]·z[n,g]·Σ_{k in g} q_x[j,k]
+    for (int64_t g = 0; g < groups; ++g)
+      zero_part = _mm512_fmadd_ps(_mm512_set1_ps(s[g] * float(z[g])), _mm512_loadu_ps(x.sums.data() + g * kMaxRows),
+                                  zero_part);
+    alignas(64) float centred[kMaxRows];
+    _mm512_store_ps(centred, _mm512_sub_ps(_mm512_load_ps(dots + i * kMaxRows), zero_part));
+    for (int64_t j = 0; j < x.M; ++j) emit(n + i, j, centred[j] * x.step[j]);
+  }
+}
+
+int64_t row_tasks(int64_t N) { return (N + kRowsPerTask - 1) / kRowsPerTask; }
+
 at::Tensor linear_w4a8(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& scale_in,
                        const at::Tensor& zero_in, int64_t G) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
@@ -477,78 +567,150 @@ at::Tensor linear_w4a8(const at::Tensor& x_in, const at::Tensor& packed_in, cons
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) <= kMaxRows && x_in.size(1) % kChunk == 0, "linear_w4a8: x must be "
               "[M,K] with M <= ", kMaxRows, " and K a multiple of ", kChunk, ", got ", x_in.sizes());
   const int64_t M = x_in.size(0), K = x_in.size(1);
-  TORCH_CHECK(packed_in.scalar_type() == at::kByte && packed_in.dim() == 2 && packed_in.size(1) * 2 == K,
-              "linear_w4a8: the packed weight must be uint8 [N, K/2] for x ", x_in.sizes(), ", got ",
-              packed_in.scalar_type(), " ", packed_in.sizes());
-  const int64_t N = packed_in.size(0);
   TORCH_CHECK((G == 64 || G == 128) && K % G == 0, "linear_w4a8: the group size must be 64 or 128 and divide K=", K,
               ", got ", G);
-  const int64_t groups = K / G;
-  for (const at::Tensor* t : {&scale_in, &zero_in})
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == N && t->size(1) == groups, "linear_w4a8: scales and zero points must be "
-                "[N, K/G] = [", N, ", ", groups, "], got ", t->sizes());
-  TORCH_CHECK(scale_in.scalar_type() == at::kFloat && zero_in.scalar_type() == at::kByte,
-              "linear_w4a8: scales must be fp32 and zero points uint8, got ", scale_in.scalar_type(), " and ",
-              zero_in.scalar_type());
   const at::Tensor x = x_in.contiguous(), packed = packed_in.contiguous(), scale = scale_in.contiguous(),
                    zero = zero_in.contiguous();
-
-  // q_x per row, laid out as the nibbles are: pair p's low vector holds inputs [128p, 128p+32) and [128p+64, +32),
-  // its high one [128p+32, +32) and [128p+96, +32) (zeros past K); and Σ_{k in g} q_x[j,k] per group
-  const int64_t pairs = (K + 2 * kChunk - 1) / (2 * kChunk);
+  TORCH_CHECK(scale.dim() == 2 && scale.size(1) == K / G, "linear_w4a8: scales and zero points must be [N, K/G] = "
+              "[N, ", K / G, "], got ", scale.sizes());
+  const W4a8Weight w = w4a8_weight("linear_w4a8", packed, scale, zero, K);
   const std::vector<float> xf = floats(x);
-  std::vector<__m512i> xlo(size_t(M * pairs)), xhi(size_t(M * pairs));
-  std::vector<float> step(M);
-  std::vector<float> xsum(size_t(groups * kMaxRows), 0.0f);  // [g][j], zero past M
-  std::vector<int8_t> qx(size_t(pairs * 2 * kChunk), 0);  // zeros past K stay zeros
-  for (int64_t j = 0; j < M; ++j) {
-    step[j] = quantize_row(xf.data() + j * K, K, qx.data());
-    for (int64_t k = 0; k < K; ++k) xsum[k / G * kMaxRows + j] += float(qx[k]);
-    for (int64_t p = 0; p < pairs; ++p) {
-      alignas(64) int8_t lo[64], hi[64];
-      const int8_t* src = qx.data() + p * 2 * kChunk;
-      std::memcpy(lo, src, 32);
-      std::memcpy(lo + 32, src + 64, 32);
-      std::memcpy(hi, src + 32, 32);
-      std::memcpy(hi + 32, src + 96, 32);
-      xlo[j * pairs + p] = _mm512_load_si512(lo);
-      xhi[j * pairs + p] = _mm512_load_si512(hi);
-    }
-  }
+  W4a8Rows rows(K, G);
+  for (int64_t j = 0; j < M; ++j) rows.add(xf.data() + j * K);
 
+  const int64_t N = w.N;
   at::Tensor y = at::empty({M, N}, x.options());
   const bool to_bf16_out = y.scalar_type() == at::kBFloat16;
   float* yf = to_bf16_out ? nullptr : y.data_ptr<float>();
   bf16* yb = to_bf16_out ? reinterpret_cast<bf16*>(y.data_ptr()) : nullptr;
-  const uint8_t* wp = packed.data_ptr<uint8_t>();
-  const float* sp = scale.data_ptr<float>();
-  const uint8_t* zp = zero.data_ptr<uint8_t>();
-  at::parallel_for(0, (N + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float dots[kRowsPerTask * kMaxRows];  // [i][j]: Σ_g s[n+i,g]·Σ_{k in g} q_x[j,k]·q[n+i,k]
+  at::parallel_for(0, row_tasks(N), 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task * kRowsPerTask, rows = std::min<int64_t>(kRowsPerTask, N - n);
-      for (int64_t j0 = 0; j0 < M; j0 += 8) {  // x rows eight at a time; each row's sums are the same in any batch
-        const int m = int(std::min<int64_t>(8, M - j0));
-        (G == 64 ? w4a8_block<1> : w4a8_block<2>)(m, wp + n * (K / 2), rows, K, sp + n * groups, groups,
-                                                  xlo.data() + j0 * pairs, xhi.data() + j0 * pairs, dots + j0);
-      }
-      for (int64_t i = 0; i < rows; ++i) {
-        const float* s = sp + (n + i) * groups;
-        const uint8_t* z = zp + (n + i) * groups;
-        __m512 zero_part = _mm512_setzero_ps();  // lane j: Σ_g s[n,g]·z[n,g]·Σ_{k in g} q_x[j,k]
-        for (int64_t g = 0; g < groups; ++g)
-          zero_part = _mm512_fmadd_ps(_mm512_set1_ps(s[g] * float(z[g])), _mm512_loadu_ps(xsum.data() + g * kMaxRows),
-                                      zero_part);
-        alignas(64) float centred[kMaxRows];
-        _mm512_store_ps(centred, _mm512_sub_ps(_mm512_load_ps(dots + i * kMaxRows), zero_part));
-        for (int64_t j = 0; j < M; ++j) {
-          const float v = centred[j] * step[j];
-          if (to_bf16_out) yb[j * N + n + i] = to_bf16(v);
-          else yf[j * N + n + i] = v;
-        }
-      }
+      const int64_t n = task * kRowsPerTask;
+      w4a8_task(rows, w, n, std::min<int64_t>(kRowsPerTask, N - n), [&](int64_t row, int64_t j, float v) {
+        if (to_bf16_out) yb[j * N + row] = to_bf16(v);
+        else yf[j * N + row] = v;
+      });
     }
   });
+  return y;
+}
+
+// routed_experts_w4a8: routed_experts_bf16's sum for experts whose projections are w4a8 (linear_w4a8's operands,
+// one tensor per expert in each list), x fp32 or bf16. Each chosen expert's slots go in passes of <= kMaxRows rows;
+// the gate and up projections of every pass are the tasks of one parallel loop (64 weight rows each), the down
+// projections of a second, so both threads stream weights even when the few chosen experts are uneven. Rounding
+// is that of QuantizedRoutedExperts.dispatch in x's dtype: each projection is linear_w4a8's, silu and the product
+// round to x's dtype, and the gates sum the K outputs in fp32 in slot order.
+at::Tensor routed_experts_w4a8(const at::Tensor& x_in, const at::Tensor& gates_in, const at::Tensor& indices_in,
+                               at::TensorList w1, at::TensorList w1_scale, at::TensorList w1_zero, at::TensorList w3,
+                               at::TensorList w3_scale, at::TensorList w3_zero, at::TensorList w2,
+                               at::TensorList w2_scale, at::TensorList w2_zero) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
+              "routed_experts_w4a8: x must be fp32 or bf16, got ", x_in.scalar_type());
+  TORCH_CHECK(x_in.dim() == 2 && indices_in.dim() == 2 && gates_in.sizes() == indices_in.sizes() &&
+                  indices_in.size(0) == x_in.size(0),
+              "routed_experts_w4a8: x [N,d], gates and indices [N,K], got ", x_in.sizes(), ", ", gates_in.sizes(),
+              " and ", indices_in.sizes());
+  const int64_t E = int64_t(w1.size());
+  for (const at::TensorList* list : {&w1_scale, &w1_zero, &w3, &w3_scale, &w3_zero, &w2, &w2_scale, &w2_zero})
+    TORCH_CHECK(int64_t(list->size()) == E, "routed_experts_w4a8: one tensor per expert in each list (", E,
+                " in w1), got ", list->size());
+  const at::Tensor x = x_in.contiguous(), gates = gates_in.to(at::kFloat).contiguous(),
+                   indices = indices_in.to(at::kLong).contiguous();
+  const int64_t N = x.size(0), d = x.size(1), K = indices.size(1);
+  TORCH_CHECK(d % kChunk == 0, "routed_experts_w4a8: x's width must be a multiple of ", kChunk, ", got ", d);
+  std::vector<W4a8Weight> gate_w, up_w, down_w;
+  for (int64_t e = 0; e < E; ++e) {
+    gate_w.push_back(w4a8_weight("routed_experts_w4a8 (w1)", w1[e], w1_scale[e], w1_zero[e], d));
+    const int64_t I = gate_w[0].N;
+    TORCH_CHECK(gate_w[e].N == I, "routed_experts_w4a8: expert ", e, "'s w1 has ", gate_w[e].N, " rows, expert 0's ",
+                I);
+    up_w.push_back(w4a8_weight("routed_experts_w4a8 (w3)", w3[e], w3_scale[e], w3_zero[e], d));
+    TORCH_CHECK(up_w[e].N == I, "routed_experts_w4a8: expert ", e, "'s w3 must have w1's ", I, " rows");
+    down_w.push_back(w4a8_weight("routed_experts_w4a8 (w2)", w2[e], w2_scale[e], w2_zero[e], I));
+    TORCH_CHECK(down_w[e].N == d, "routed_experts_w4a8: expert ", e, "'s w2 must have ", d, " rows (x's width)");
+  }
+  const int64_t I = E ? gate_w[0].N : 0;
+  TORCH_CHECK(I % kChunk == 0, "routed_experts_w4a8: the experts' width must be a multiple of ", kChunk, ", got ", I);
+
+  // passes: an expert and up to kMaxRows of its slots, in slot order (a dropped slot, id -1, belongs to none)
+  const int64_t* ids = indices.data_ptr<int64_t>();
+  std::vector<std::vector<int64_t>> slots_of(E);
+  for (int64_t s = 0; s < N * K; ++s)
+    if (ids[s] >= 0) {
+      TORCH_CHECK(ids[s] < E, "routed_experts_w4a8: expert id ", ids[s], " out of range (", E, " experts)");
+      slots_of[ids[s]].push_back(s);
+    }
+  struct Pass {
+    int64_t expert;
+    std::vector<int64_t> slots;
+  };
+  std::vector<Pass> passes;
+  for (int64_t e = 0; e < E; ++e)
+    for (size_t first = 0; first < slots_of[e].size(); first += kMaxRows)
+      passes.push_back({e, std::vector<int64_t>(slots_of[e].begin() + first,
+                                                slots_of[e].begin() + std::min(slots_of[e].size(), first + kMaxRows))});
+
+  const bool round_bf16 = x.scalar_type() == at::kBFloat16;
+  auto to_x = [&](float v) { return round_bf16 ? rounded(v) : v; };
+  const std::vector<float> xf = floats(x);
+  const int64_t P = int64_t(passes.size()), up_tasks = row_tasks(I), down_tasks = row_tasks(d);
+
+  // gate and up: gate_up[pass][0 or 1][j][i], each value rounded to x's dtype as linear_w4a8 returns it
+  std::vector<W4a8Rows> inputs;
+  for (const Pass& pass : passes) {
+    inputs.emplace_back(d, gate_w[pass.expert].G);
+    TORCH_CHECK(up_w[pass.expert].G == gate_w[pass.expert].G, "routed_experts_w4a8: expert ", pass.expert,
+                "'s w1 and w3 have different group sizes");
+    for (int64_t s : pass.slots) inputs.back().add(xf.data() + s / K * d);
+  }
+  std::vector<float> gate_up(size_t(P * 2 * kMaxRows * I));
+  at::parallel_for(0, P * 2 * up_tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t p = t / (2 * up_tasks), which = t / up_tasks % 2, n = t % up_tasks * kRowsPerTask;
+      const W4a8Weight& w = (which ? up_w : gate_w)[passes[p].expert];
+      float* out = gate_up.data() + (p * 2 + which) * kMaxRows * I;
+      w4a8_task(inputs[p], w, n, std::min<int64_t>(kRowsPerTask, I - n),
+                [&](int64_t row, int64_t j, float v) { out[j * I + row] = to_x(v); });
+    }
+  });
+
+  // silu(gate)·up in x's dtype, the down projections' inputs
+  std::vector<W4a8Rows> inner_rows;
+  std::vector<float> inner(static_cast<size_t>(I));
+  for (int64_t p = 0; p < P; ++p) {
+    inner_rows.emplace_back(I, down_w[passes[p].expert].G);
+    const float* gate = gate_up.data() + p * 2 * kMaxRows * I;
+    const float* up = gate + kMaxRows * I;
+    for (size_t j = 0; j < passes[p].slots.size(); ++j) {
+      for (int64_t i = 0; i < I; ++i) {
+        const float g = gate[j * I + i];
+        inner[i] = to_x(to_x(g / (1.0f + std::exp(-g))) * up[j * I + i]);
+      }
+      inner_rows.back().add(inner.data());
+    }
+  }
+
+  // the down projections, each slot's output rounded to x's dtype; a dropped slot's stays 0
+  std::vector<float> slot_out(size_t(N * K * d), 0.0f);
+  at::parallel_for(0, P * down_tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t p = t / down_tasks, n = t % down_tasks * kRowsPerTask;
+      const std::vector<int64_t>& slots = passes[p].slots;
+      w4a8_task(inner_rows[p], down_w[passes[p].expert], n, std::min<int64_t>(kRowsPerTask, d - n),
+                [&](int64_t row, int64_t j, float v) { slot_out[slots[j] * d + row] = to_x(v); });
+    }
+  });
+
+  at::Tensor y = at::empty({N, d}, x.options());
+  const float* gp = gates.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = 0; i < d; ++i) {
+      float sum = 0.0f;
+      for (int64_t k = 0; k < K; ++k) sum += gp[n * K + k] * slot_out[(n * K + k) * d + i];
+      if (round_bf16) reinterpret_cast<bf16*>(y.data_ptr())[n * d + i] = to_bf16(sum);
+      else y.data_ptr<float>()[n * d + i] = sum;
+    }
   return y;
 }
 
@@ -606,6 +768,9 @@ TORCH_LIBRARY(dsv2_cpu, m) {
   m.def("linear_int8(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("linear_w4a8(Tensor x, Tensor packed, Tensor scale, Tensor zero, int group_size) -> Tensor");
   m.def("dequantize_w4a8(Tensor packed, Tensor scale, Tensor zero, int group_size, ScalarType dtype) -> Tensor");
+  m.def("routed_experts_w4a8(Tensor x, Tensor gates, Tensor indices, Tensor[] w1, Tensor[] w1_scale, "
+        "Tensor[] w1_zero, Tensor[] w3, Tensor[] w3_scale, Tensor[] w3_zero, Tensor[] w2, Tensor[] w2_scale, "
+        "Tensor[] w2_zero) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) {
@@ -614,4 +779,5 @@ TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) {
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_w4a8", &linear_w4a8);
   m.impl("dequantize_w4a8", &dequantize_w4a8);
+  m.impl("routed_experts_w4a8", &routed_experts_w4a8);
 }

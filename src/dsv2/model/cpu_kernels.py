@@ -81,6 +81,7 @@ def load() -> bool:
     torch.library.register_fake("dsv2_cpu::linear_int8")(_linear_int8_output)
     torch.library.register_fake("dsv2_cpu::linear_w4a8")(_linear_w4a8_output)
     torch.library.register_fake("dsv2_cpu::dequantize_w4a8")(_dequantized_w4a8)
+    torch.library.register_fake("dsv2_cpu::routed_experts_w4a8")(_routed_experts_w4a8_output)
     _loaded, _amx = True, torch.cpu._is_amx_tile_supported()
     return True
 
@@ -106,6 +107,11 @@ def _linear_w4a8_output(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tens
 def _dequantized_w4a8(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
                       dtype: torch.dtype) -> torch.Tensor:
     return packed.new_empty(packed.shape[0], packed.shape[1] * 2, dtype=dtype)
+
+
+def _routed_experts_w4a8_output(x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor,
+                                *projections: list[torch.Tensor]) -> torch.Tensor:
+    return torch.empty_like(x)
 
 
 def loaded() -> bool:
@@ -184,3 +190,15 @@ def routed_experts(x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor, 
     """Σ_k gates[n,k]·FFN_{indices[n,k]}(x[n]) for bf16 x [N,d] and stacked bf16 weights w1/w3 [E,I,d],
     w2 [E,d,I]; a slot of id -1 contributes nothing. Rounds as `RoutedExperts.forward` does in bf16."""
     return torch.ops.dsv2_cpu.routed_experts_bf16(x, gates, indices, w1, w2, w3)
+
+
+W4a8Operands = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]  # every expert's packed, scale, zero
+
+
+def routed_experts_w4a8(x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor, w1: W4a8Operands,
+                        w3: W4a8Operands, w2: W4a8Operands) -> torch.Tensor:
+    """`routed_experts` for experts whose projections are w4a8 (`linear_w4a8`'s operands, one entry per expert in
+    each list), x fp32 or bf16 [N,d]: one call for the whole layer, each chosen expert's weights read once per 16
+    of its slots, the passes' gate/up and then down projections spread over the threads together. Rounds as
+    `QuantizedRoutedExperts.dispatch` does: each projection is `linear_w4a8`'s, bit for bit."""
+    return torch.ops.dsv2_cpu.routed_experts_w4a8(x, gates, indices, *w1, *w3, *w2)

@@ -380,12 +380,38 @@ QUANTIZED = (Int8Linear, Int4Linear)
 # -------------------------------------------------------------------------------------- the experts
 class QuantizedRoutedExperts(RoutedExperts):
     """Routed experts with one module per expert and projection (Int8Linear, Int4Linear, or an nn.Linear
-    where int4 does not fit); the grouped routing of `RoutedExperts.forward` is reused as it is."""
+    where int4 does not fit); the grouped routing of `RoutedExperts.forward` is reused as it is, except in a
+    compiled graph where every projection is w4a8 and the rows are a decode step's (at most
+    INT8_KERNEL_MAX_ROWS): there the whole layer is one call of dsv2's kernel (`cpu_kernels.routed_experts_w4a8`),
+    bit for bit the projections of `dispatch`, its twin. In the graph, `dispatch` runs through the opaque
+    `dsv2::routed_experts` and spent 2.3 ms a layer, ~0.7 of it Python and small ops around its kernel calls
+    (V2-Lite-4, batch 1, 2-core Zen 4), one expert's products after another; the fused call, 1.5 ms, spreads
+    all chosen experts' rows over the threads. Eager, `dispatch` stays: gathering the 9·E operand tensors from
+    the modules costs 0.3 ms a call (a graph gathers them once, when it is traced)."""
 
     def __init__(self, w1: list[nn.Module], w2: list[nn.Module], w3: list[nn.Module]):
         nn.Module.__init__(self)  # not RoutedExperts.__init__: no stacked parameters
         self.n_experts = len(w1)
         self.w1, self.w2, self.w3 = nn.ModuleList(w1), nn.ModuleList(w2), nn.ModuleList(w3)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and self.takes_w4a8_kernel(x):
+            return cpu_kernels.routed_experts_w4a8(x, weights, indices, *self.w4a8_operands())
+        return super().forward(x, weights, indices)
+
+    def takes_w4a8_kernel(self, x: torch.Tensor) -> bool:
+        """Whether a compiled graph runs these experts on `cpu_kernels.routed_experts_w4a8`: every projection
+        w4a8 (on its kernel), and float x of at most INT8_KERNEL_MAX_ROWS rows on the CPU (more: `dispatch`, whose
+        slabs dequantize)."""
+        return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+                and len(x) <= INT8_KERNEL_MAX_ROWS and x.shape[-1] % 64 == 0
+                and all(isinstance(m, Int4Linear) and m.layout == "w4a8"
+                        for projection in (self.w1, self.w2, self.w3) for m in projection))
+
+    def w4a8_operands(self) -> tuple[cpu_kernels.W4a8Operands, ...]:
+        """Every expert's (packed, scale, zero) of w1, w3, w2: the operands of `cpu_kernels.routed_experts_w4a8`."""
+        return tuple(([m.weight for m in w], [m.w4a8_scale for m in w], [m.zero_point for m in w])
+                     for w in (self.w1, self.w3, self.w2))
 
     def uses_grouped_mm(self, x: torch.Tensor, n_slots: int) -> bool:
         return False  # F.grouped_mm takes stacked float weights only
