@@ -102,6 +102,19 @@ void rows_dot(const bf16* W, int64_t R, int64_t D, const bf16* const* v, int m, 
   });
 }
 
+// the slots (n·K + k) of each of E experts in slot order, from contiguous int64 indices [N,K]; a dropped slot
+// (id -1) belongs to none
+std::vector<std::vector<int64_t>> slots_by_expert(const char* name, const at::Tensor& indices, int64_t E) {
+  const int64_t* ids = indices.data_ptr<int64_t>();
+  std::vector<std::vector<int64_t>> slots_of(E);
+  for (int64_t s = 0; s < indices.numel(); ++s)
+    if (ids[s] >= 0) {
+      TORCH_CHECK(ids[s] < E, name, ": expert id ", ids[s], " out of range (", E, " experts)");
+      slots_of[ids[s]].push_back(s);
+    }
+  return slots_of;
+}
+
 at::Tensor routed_experts_bf16(const at::Tensor& x_in, const at::Tensor& gates_in, const at::Tensor& indices_in,
                                const at::Tensor& w1_in, const at::Tensor& w2_in, const at::Tensor& w3_in) {
   TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && w1_in.scalar_type() == at::kBFloat16 &&
@@ -113,14 +126,7 @@ at::Tensor routed_experts_bf16(const at::Tensor& x_in, const at::Tensor& gates_i
   TORCH_CHECK(w1.size(2) == d && w3.sizes() == w1.sizes() && w2.size(0) == E && w2.size(1) == d && w2.size(2) == I,
               "routed_experts_bf16: expert weights do not match x");
 
-  // the slots of each expert, in slot order (a dropped slot, id -1, belongs to none)
-  const int64_t* ids = indices.data_ptr<int64_t>();
-  std::vector<std::vector<int64_t>> slots_of(E);
-  for (int64_t s = 0; s < N * K; ++s)
-    if (ids[s] >= 0) {
-      TORCH_CHECK(ids[s] < E, "routed_experts_bf16: expert id ", ids[s], " out of range (", E, " experts)");
-      slots_of[ids[s]].push_back(s);
-    }
+  const std::vector<std::vector<int64_t>> slots_of = slots_by_expert("routed_experts_bf16", indices, E);
   std::vector<int64_t> chosen;
   for (int64_t e = 0; e < E; ++e)
     if (!slots_of[e].empty()) chosen.push_back(e);
@@ -633,14 +639,8 @@ at::Tensor routed_experts_w4a8(const at::Tensor& x_in, const at::Tensor& gates_i
   const int64_t I = E ? gate_w[0].N : 0;
   TORCH_CHECK(I % kChunk == 0, "routed_experts_w4a8: the experts' width must be a multiple of ", kChunk, ", got ", I);
 
-  // passes: an expert and up to kMaxRows of its slots, in slot order (a dropped slot, id -1, belongs to none)
-  const int64_t* ids = indices.data_ptr<int64_t>();
-  std::vector<std::vector<int64_t>> slots_of(E);
-  for (int64_t s = 0; s < N * K; ++s)
-    if (ids[s] >= 0) {
-      TORCH_CHECK(ids[s] < E, "routed_experts_w4a8: expert id ", ids[s], " out of range (", E, " experts)");
-      slots_of[ids[s]].push_back(s);
-    }
+  // passes: an expert and up to kMaxRows of its slots, in slot order
+  const std::vector<std::vector<int64_t>> slots_of = slots_by_expert("routed_experts_w4a8", indices, E);
   struct Pass {
     int64_t expert;
     std::vector<int64_t> slots;

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv2.model import layers
 from dsv2.model.moe import RoutedExperts
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -150,8 +151,9 @@ class FP8Linear(_BlockFP8Storage):
         return dequantize_block_fp8(self.weight, self.weight_scale_inv, self.block, dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the whole weight per call, into the activations' dtype (cost: module docstring)
-        return F.linear(x, self.dequantized(x.dtype))
+        # the whole weight per call, into the activations' dtype (cost: module docstring), then the kernel a loaded
+        # bf16 weight would get (`layers.linear` picks by size and CPU), so kept and dequantized agree bit for bit
+        return layers.linear(x, self.dequantized(x.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, block={list(self.block)}"
