@@ -115,6 +115,22 @@ std::vector<std::vector<int64_t>> slots_by_expert(const char* name, const at::Te
   return slots_of;
 }
 
+// y [N,d] in x's dtype (fp32 or bf16): y[n] = Σ_k gates[n,k]·slot_out[n·K + k], summed in fp32 in slot order
+at::Tensor gated_sum(const std::vector<float>& slot_out, const at::Tensor& gates, const at::Tensor& x) {
+  const int64_t N = x.size(0), d = x.size(1), K = gates.size(1);
+  at::Tensor y = at::empty({N, d}, x.options());
+  const bool to_bf16_out = y.scalar_type() == at::kBFloat16;
+  const float* gp = gates.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = 0; i < d; ++i) {
+      float sum = 0.0f;
+      for (int64_t k = 0; k < K; ++k) sum += gp[n * K + k] * slot_out[(n * K + k) * d + i];
+      if (to_bf16_out) reinterpret_cast<bf16*>(y.data_ptr())[n * d + i] = to_bf16(sum);
+      else y.data_ptr<float>()[n * d + i] = sum;
+    }
+  return y;
+}
+
 at::Tensor routed_experts_bf16(const at::Tensor& x_in, const at::Tensor& gates_in, const at::Tensor& indices_in,
                                const at::Tensor& w1_in, const at::Tensor& w2_in, const at::Tensor& w3_in) {
   TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && w1_in.scalar_type() == at::kBFloat16 &&
@@ -166,16 +182,7 @@ at::Tensor routed_experts_bf16(const at::Tensor& x_in, const at::Tensor& gates_i
     }
   });
 
-  at::Tensor y = at::empty({N, d}, x.options());
-  bf16* yp = reinterpret_cast<bf16*>(y.data_ptr());
-  const float* gp = gates.data_ptr<float>();
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t i = 0; i < d; ++i) {
-      float sum = 0.0f;
-      for (int64_t k = 0; k < K; ++k) sum += gp[n * K + k] * slot_out[(n * K + k) * d + i];
-      yp[n * d + i] = to_bf16(sum);
-    }
-  return y;
+  return gated_sum(slot_out, gates, x);
 }
 
 // linear_bf16 and linear_int8: y [M,N] = x [M,K] Wᵀ for M <= 16 rows and W [N,K] as it is stored, on AMX tiles
@@ -702,16 +709,7 @@ at::Tensor routed_experts_w4a8(const at::Tensor& x_in, const at::Tensor& gates_i
     }
   });
 
-  at::Tensor y = at::empty({N, d}, x.options());
-  const float* gp = gates.data_ptr<float>();
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t i = 0; i < d; ++i) {
-      float sum = 0.0f;
-      for (int64_t k = 0; k < K; ++k) sum += gp[n * K + k] * slot_out[(n * K + k) * d + i];
-      if (round_bf16) reinterpret_cast<bf16*>(y.data_ptr())[n * d + i] = to_bf16(sum);
-      else y.data_ptr<float>()[n * d + i] = sum;
-    }
-  return y;
+  return gated_sum(slot_out, gates, x);
 }
 
 // dequantize_w4a8: W [N,K] = (q - z)·s from linear_w4a8's operands, each value computed in fp32 and rounded once to

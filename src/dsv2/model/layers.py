@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv2 import hardware
 from dsv2.model import cpu_kernels
 
 
@@ -19,7 +20,7 @@ def differentiating(weight: torch.Tensor) -> bool:
 MV_MIN_ELEMENTS = 1 << 19  # one row times a matrix at least this big: oneDNN's GEMV (see `linear`)
 ATEN_MAX_PRODUCT = 1 << 17  # rows x weight elements at most this: ATen's own kernel (see `linear`)
 WEIGHT_LEFT_MAX_ROWS = 128  # up to this many rows: W @ xᵀ (see `linear`)
-AMX = torch.cpu._is_amx_tile_supported()  # oneDNN's GEMV and W @ xᵀ pay only with AMX tiles (see `linear`)
+AMX = hardware.cpu_capability() == "AMX"  # oneDNN's GEMV and W @ xᵀ pay only with AMX tiles (see `linear`)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -404,7 +404,7 @@ class QuantizedRoutedExperts(RoutedExperts):
         w4a8 (on its kernel), and float x of at most INT8_KERNEL_MAX_ROWS rows on the CPU (more: `dispatch`, whose
         slabs dequantize)."""
         return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-                and len(x) <= INT8_KERNEL_MAX_ROWS and x.shape[-1] % 64 == 0
+                and len(x) <= INT8_KERNEL_MAX_ROWS
                 and all(isinstance(m, Int4Linear) and m.layout == "w4a8"
                         for projection in (self.w1, self.w2, self.w3) for m in projection))
 
