@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dsv2.model import cpu_kernels, quant
 from dsv2.model.moe import RoutedExperts
@@ -262,35 +263,45 @@ def test_the_w4a8_kernel_refuses_what_it_cannot_run():
     assert not cpu_kernels.takes_w4a8(256, 32)
 
 
-def w4a8_experts(n_experts: int, dim: int, inner: int, dtype: torch.dtype) -> quant.QuantizedRoutedExperts:
-    """Random experts quantized to w4a8, groups of 128 where they divide the width, else 64."""
+def quantized_experts(n_experts: int, dim: int, inner: int, dtype: torch.dtype,
+                      layout: str = "w4a8") -> quant.QuantizedRoutedExperts:
+    """Random experts quantized to w4a8 (groups of 128 where they divide the width, else 64) or w8a8."""
     experts = RoutedExperts(n_experts, dim, inner).to(dtype)
     for w in (experts.w1, experts.w2, experts.w3):
         w.data.normal_(0, 0.05)
-    projections = {name: [quant.Int4Linear.quantize(w, 128 if w.shape[1] % 128 == 0 else 64, int8_activations=True)
-                          for w in getattr(experts, name)] for name in ("w1", "w2", "w3")}
+
+    def quantized(w: torch.Tensor) -> nn.Module:
+        if layout == "w4a8":
+            return quant.Int4Linear.quantize(w, 128 if w.shape[1] % 128 == 0 else 64, int8_activations=True)
+        module = quant.Int8Linear.quantize(w)
+        module.int8_activations = True
+        return module
+
+    projections = {name: [quantized(w) for w in getattr(experts, name)] for name in ("w1", "w2", "w3")}
     return quant.QuantizedRoutedExperts(**projections)
 
 
 @needs_kernel
+@pytest.mark.parametrize("layout", ["w4a8", "w8a8"])
 @pytest.mark.parametrize(("n_experts", "dim", "inner", "top_k", "n_tokens", "dtype"),
                          [(16, 256, 192, 4, 1, torch.bfloat16), (8, 128, 64, 2, 9, torch.float32),
                           (6, 192, 320, 3, 20, torch.bfloat16), (4, 256, 128, 4, 40, torch.float32)])
 @torch.no_grad()
-def test_the_w4a8_experts_kernel_is_the_dispatched_experts(n_experts, dim, inner, top_k, n_tokens, dtype):
-    """One expert pass of 1 row, groups of 64 on one side and 128 on the other, an expert with more slots than one
-    pass takes (16), dropped slots, fp32 and bf16: each projection is `linear_w4a8`'s, so the layer equals
-    `dispatch` up to silu's exp and the order of the gates' fp32 sum; a compiled graph takes it."""
+def test_the_fused_experts_kernels_are_the_dispatched_experts(n_experts, dim, inner, top_k, n_tokens, dtype, layout):
+    """One expert pass of 1 row, groups of 64 on one side and 128 on the other (w4a8), an expert with more slots
+    than one pass takes (16), dropped slots, fp32 and bf16: each projection is the linear kernel's, so the layer
+    equals `dispatch` up to silu's exp and the order of the gates' fp32 sum; a compiled graph takes it."""
     assert cpu_kernels.load()
     torch.manual_seed(n_tokens)
-    experts = w4a8_experts(n_experts, dim, inner, dtype)
+    experts = quantized_experts(n_experts, dim, inner, dtype, layout)
     x = torch.randn(n_tokens, dim, dtype=dtype)
     weights = torch.rand(n_tokens, top_k)
     indices = torch.stack([torch.randperm(n_experts)[:top_k] for _ in range(n_tokens)])
     if n_tokens > 2:
         indices[1, 0] = indices[2, top_k - 1] = -1
-    assert experts.takes_w4a8_kernel(x)
-    ours = cpu_kernels.routed_experts_w4a8(x, weights, indices, *experts.w4a8_operands())
+    kernel = experts.fused_kernel(x)
+    assert kernel is {"w4a8": cpu_kernels.routed_experts_w4a8, "w8a8": cpu_kernels.routed_experts_int8}[layout]
+    ours = kernel(x, weights, indices, *experts.fused_operands())
     dispatched = experts.dispatch(x, weights, indices)
     assert ours.dtype == dtype and ours.shape == dispatched.shape
     torch.testing.assert_close(ours, dispatched, rtol=1e-5 if dtype == torch.float32 else 2**-7, atol=1e-5)
@@ -301,11 +312,11 @@ def test_the_w4a8_experts_kernel_is_the_dispatched_experts(n_experts, dim, inner
 
 
 @needs_kernel
-def test_the_w4a8_experts_kernel_refuses_what_it_cannot_run():
+def test_the_fused_experts_kernels_refuse_what_they_cannot_run():
     assert cpu_kernels.load()
-    experts = w4a8_experts(4, 128, 64, torch.float32)
+    experts = quantized_experts(4, 128, 64, torch.float32)
     x, weights = torch.randn(2, 128), torch.rand(2, 2)
-    (p1, s1, z1), w3, w2 = experts.w4a8_operands()
+    (p1, s1, z1), w3, w2 = experts.fused_operands()
     with pytest.raises(RuntimeError, match="expert id 4 out of range"):
         cpu_kernels.routed_experts_w4a8(x, weights, torch.tensor([[0, 4], [1, 2]]), (p1, s1, z1), w3, w2)
     with pytest.raises(RuntimeError, match="one tensor per expert in each list"):
@@ -315,5 +326,17 @@ def test_the_w4a8_experts_kernel_refuses_what_it_cannot_run():
                                         w3, w2)
     with pytest.raises(RuntimeError, match="gates and indices"):
         cpu_kernels.routed_experts_w4a8(x, weights[:1], torch.tensor([[0, 1], [1, 2]]), (p1, s1, z1), w3, w2)
-    assert not experts.takes_w4a8_kernel(torch.randn(quant.INT8_KERNEL_MAX_ROWS + 1, 128))
-    assert not experts.takes_w4a8_kernel(x.half())
+    assert experts.fused_kernel(torch.randn(quant.INT8_KERNEL_MAX_ROWS + 1, 128)) is None
+    assert experts.fused_kernel(x.half()) is None
+
+    int8 = quantized_experts(4, 128, 64, torch.float32, "w8a8")
+    (q1, c1), u3, u2 = int8.fused_operands()
+    with pytest.raises(RuntimeError, match=r"\(w1\): one scale per output row"):
+        cpu_kernels.routed_experts_int8(x, weights, torch.tensor([[0, 1], [1, 2]]), (q1, [c[:3] for c in c1]), u3, u2)
+    with pytest.raises(RuntimeError, match=r"\(w2\): the weight must be int8 \[N, K\]"):
+        cpu_kernels.routed_experts_int8(x, weights, torch.tensor([[0, 1], [1, 2]]), (q1, c1), u3,
+                                        ([q.float() for q in u2[0]], u2[1]))
+    with pytest.raises(RuntimeError, match="x's width must be a multiple of 64"):
+        cpu_kernels.routed_experts_int8(torch.randn(2, 96), weights, torch.tensor([[0, 1], [1, 2]]), (q1, c1), u3, u2)
+    int8.w2[0].int8_activations = False  # weight-only int8 for one projection: the layer stays on `dispatch`
+    assert int8.fused_kernel(x) is None

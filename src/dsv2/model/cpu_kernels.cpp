@@ -9,7 +9,8 @@
 // rounds to bf16, silu and the product round to bf16, and the gates sum the K expert outputs in fp32 in slot
 // order before one last rounding.
 //
-// routed_experts_w4a8: the same sum for experts whose projections are w4a8 (linear_w4a8's operands, per expert).
+// routed_experts_w4a8 and routed_experts_int8: the same sum for experts whose projections are w4a8 or w8a8
+// (linear_w4a8's or linear_int8's operands, per expert): fused_experts.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <type_traits>
 #include <vector>
 
@@ -314,10 +316,13 @@ std::vector<float> floats(const at::Tensor& t) {
 
 // one row of x on 127 levels of its own absmax: q[k] = round(row[k]·127/a) -> the step a/127 (0 for a zero row)
 float quantize_row(const float* row, int64_t K, int8_t* q) {
-  float amax = 0.0f;
-  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
+  __m512 amax16 = _mm512_setzero_ps();  // 16 lanes: a scalar max is a 3-cycle chain per input (~2 us at K=2048)
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) amax16 = _mm512_max_ps(amax16, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
+  float amax = _mm512_reduce_max_ps(amax16);
+  for (; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
   const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-  for (int64_t k = 0; k < K; ++k) q[k] = int8_t(std::nearbyint(row[k] * inverse));
+  for (k = 0; k < K; ++k) q[k] = int8_t(std::nearbyint(row[k] * inverse));
   return amax / 127.0f;
 }
 
@@ -356,23 +361,67 @@ void int8_block(int m, const int8_t* w, int64_t rows, int64_t K, const __m512i* 
   });
 }
 
-// C [N rows of W][M rows of x] as tile_product's emit receives it, on VNNI: q_x [M,K] row-major, xsum[j] = Σ_k q_x[j,k]
-template <typename Emit>
-void vnni_product(const int8_t* w, int64_t N, int64_t K, const int8_t* q_x, const int32_t* xsum, int64_t M, Emit emit) {
-  std::vector<__m512i> qx(size_t(M * (K / 64)));
-  std::memcpy(qx.data(), q_x, size_t(M * K));
-  at::parallel_for(0, (N + kRowsPerStep - 1) / kRowsPerStep, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) int32_t c[kRowsPerStep][kMaxRows];
-    for (int64_t step = begin; step < end; ++step) {
-      const int64_t n = step * kRowsPerStep, rows = std::min<int64_t>(kRowsPerStep, N - n);
-      for (int64_t j0 = 0; j0 < M; j0 += 8)  // x rows eight at a time; each row's sums are the same in any batch
-        int8_block(int(std::min<int64_t>(8, M - j0)), w + n * K, rows, K, qx.data() + j0 * (K / 64), &c[0][j0]);
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t j = 0; j < M; ++j) c[i][j] -= 128 * xsum[j];
-      emit(n, rows, c);
-    }
-  });
+// An int8 weight as the int8 kernels read it: q [N,K], one fp32 or bf16 scale per row (read in its own dtype)
+struct Int8Weight {
+  const int8_t* q;
+  const float* scale_f;  // one of the two is null
+  const bf16* scale_b;
+  int64_t N, K;
+
+  float scale(int64_t n) const { return scale_f ? scale_f[n] : to_float(scale_b[n]); }
+};
+
+// the operands' checks (naming `name`'s tensors), for inputs of width K; the tensors must outlive the view
+Int8Weight int8_weight(const char* name, const at::Tensor& q, const at::Tensor& scale, int64_t K) {
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.size(1) == K && q.is_contiguous(), name,
+              ": the weight must be int8 [N, K] (contiguous) for inputs of width ", K, ", got ", q.scalar_type(), " ",
+              q.sizes());
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == q.size(0) && scale.is_contiguous(), name,
+              ": one scale per output row (contiguous), got ", scale.sizes(), " for a weight ", q.sizes());
+  TORCH_CHECK(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kBFloat16, name,
+              ": the scales must be fp32 or bf16, got ", scale.scalar_type());
+  const bool f = scale.scalar_type() == at::kFloat;
+  return {q.data_ptr<int8_t>(), f ? scale.data_ptr<float>() : nullptr,
+          f ? nullptr : reinterpret_cast<const bf16*>(scale.data_ptr()), q.size(0), K};
 }
+
+// Up to `capacity` (<= kMaxRows) rows of x [., K], each quantized to int8 on its own absmax (quantize_row), row-major
+// in 64-input vectors, with Σ_k q_x[j,k] per row
+struct Int8Rows {
+  int64_t M = 0, K, capacity;
+  std::vector<__m512i> qx;  // [j * K/64 + c]
+  std::vector<float> step;  // a_j / 127
+  std::vector<int32_t> sum;
+
+  Int8Rows(int64_t K_, int64_t capacity_)
+      : K(K_), capacity(capacity_), qx(size_t(capacity_ * (K_ / 64))), step(kMaxRows, 0.0f), sum(kMaxRows, 0) {}
+
+  const int8_t* row(int64_t j) const { return reinterpret_cast<const int8_t*>(qx.data()) + j * K; }
+
+  void add(const float* x) {
+    TORCH_CHECK(M < capacity && M < kMaxRows, "Int8Rows: at most ", capacity, " rows");
+    const int64_t j = M++;
+    int8_t* q = reinterpret_cast<int8_t*>(qx.data()) + j * K;
+    step[j] = quantize_row(x, K, q);
+    for (int64_t k = 0; k < K; ++k) sum[j] += q[k];
+  }
+};
+
+// emit(row, j, y[j, row]) for weight rows n .. n+rows (rows <= kRowsPerTask) and every row j of x, in fp32: the exact
+// int32 sum (int8_block's, less the 128·Σ_k q_x[j,k] of the flipped bytes) times the row's step and the scale
+template <typename Emit>
+void int8_task(const Int8Rows& x, const Int8Weight& w, int64_t n, int64_t rows, Emit emit) {
+  alignas(64) int32_t c[kRowsPerTask][kMaxRows];
+  const int64_t K = w.K;
+  for (int64_t j0 = 0; j0 < x.M; j0 += 8)  // x rows eight at a time; each row's sums are the same in any batch
+    int8_block(int(std::min<int64_t>(8, x.M - j0)), w.q + n * K, rows, K, x.qx.data() + j0 * (K / 64), &c[0][j0]);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float s = w.scale(n + i);
+    for (int64_t j = 0; j < x.M; ++j) emit(n + i, j, float(c[i][j] - 128 * x.sum[j]) * x.step[j] * s);
+  }
+}
+
+int64_t row_tasks(int64_t N) { return (N + kRowsPerTask - 1) / kRowsPerTask; }
 
 at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& q_in, const at::Tensor& scale_in) {
   TORCH_CHECK(q_in.scalar_type() == at::kChar, "linear_int8: the weight must be int8, got ", q_in.scalar_type());
@@ -385,35 +434,33 @@ at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& q_in, const at:
   TORCH_CHECK(x_in.size(1) <= 65536, "linear_int8: K at most 65536 (int32 sums), got ", x_in.size(1));
   const at::Tensor x = x_in.contiguous(), q = q_in.contiguous(), scale = scale_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  const std::vector<float> xf = floats(x), sp = floats(scale);
-  std::vector<float> step(kMaxRows, 0.0f);  // a_j / 127
-  std::vector<int8_t> qx(size_t(M * K));
-  std::vector<int32_t> xsum(kMaxRows, 0);
-  for (int64_t j = 0; j < M; ++j) {
-    step[j] = quantize_row(xf.data() + j * K, K, qx.data() + j * K);
-    for (int64_t k = 0; k < K; ++k) xsum[j] += qx[j * K + k];
-  }
+  const Int8Weight w = int8_weight("linear_int8", q, scale, K);
+  const std::vector<float> xf = floats(x);
+  Int8Rows rows(K, M);
+  for (int64_t j = 0; j < M; ++j) rows.add(xf.data() + j * K);
 
   at::Tensor y = at::empty({M, N}, x.options());
   const bool to_bf16_out = y.scalar_type() == at::kBFloat16;
   float* yf = to_bf16_out ? nullptr : y.data_ptr<float>();
   bf16* yb = to_bf16_out ? reinterpret_cast<bf16*>(y.data_ptr()) : nullptr;
-  auto emit = [&](int64_t n, int64_t rows, const int32_t (*c)[kMaxRows]) {
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < M; ++j) {
-        const float v = float(c[i][j]) * step[j] * sp[n + i];
-        if (to_bf16_out) yb[j * N + n + i] = to_bf16(v);
-        else yf[j * N + n + i] = v;
-      }
+  auto store = [&](int64_t n, int64_t j, float v) {
+    if (to_bf16_out) yb[j * N + n] = to_bf16(v);
+    else yf[j * N + n] = v;
   };
   if (!amx_permitted()) {  // a CPU without AMX (or a kernel that withholds it): the same sums on VNNI
-    vnni_product(q.data_ptr<int8_t>(), N, K, qx.data(), xsum.data(), M, emit);
+    at::parallel_for(0, row_tasks(N), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task)
+        int8_task(rows, w, task * kRowsPerTask, std::min<int64_t>(kRowsPerTask, N - task * kRowsPerTask), store);
+    });
     return y;
   }
   std::vector<int8_t> xt(size_t(K * kMaxRows), 0);  // q_x interleaved as B tiles
   for (int64_t j = 0; j < M; ++j)
-    for (int64_t k = 0; k < K; ++k) xt[(k / 4) * 4 * kMaxRows + j * 4 + (k & 3)] = qx[j * K + k];
-  tile_product<int8_t, int32_t>(q.data_ptr<int8_t>(), N, K, xt.data(), emit);
+    for (int64_t k = 0; k < K; ++k) xt[(k / 4) * 4 * kMaxRows + j * 4 + (k & 3)] = rows.row(j)[k];
+  tile_product<int8_t, int32_t>(w.q, N, K, xt.data(), [&](int64_t n, int64_t count, const int32_t (*c)[kMaxRows]) {
+    for (int64_t i = 0; i < count; ++i)
+      for (int64_t j = 0; j < M; ++j) store(n + i, j, float(c[i][j]) * rows.step[j] * w.scale(n + i));
+  });
   return y;
 }
 
@@ -533,7 +580,11 @@ struct W4a8Rows {
     const int64_t j = M++;
     std::vector<int8_t> q(size_t(pairs * 2 * kChunk), 0);  // zeros past K stay zeros
     step[j] = quantize_row(row, K, q.data());
-    for (int64_t k = 0; k < K; ++k) sums[k / G * kMaxRows + j] += float(q[k]);
+    for (int64_t g = 0; g < K / G; ++g) {  // in int32, one group at a time: exact, and no chain through memory
+      int32_t sum = 0;
+      for (int64_t k = g * G; k < (g + 1) * G; ++k) sum += q[k];
+      sums[g * kMaxRows + j] = float(sum);
+    }
     for (int64_t p = 0; p < pairs; ++p) {
       alignas(64) int8_t l[64], h[64];
       const int8_t* src = q.data() + p * 2 * kChunk;
@@ -571,8 +622,6 @@ void w4a8_task(const W4a8Rows& x, const W4a8Weight& w, int64_t n, int64_t rows, 
   }
 }
 
-int64_t row_tasks(int64_t N) { return (N + kRowsPerTask - 1) / kRowsPerTask; }
-
 at::Tensor linear_w4a8(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& scale_in,
                        const at::Tensor& zero_in, int64_t G) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
@@ -608,46 +657,61 @@ at::Tensor linear_w4a8(const at::Tensor& x_in, const at::Tensor& packed_in, cons
   return y;
 }
 
-// routed_experts_w4a8: routed_experts_bf16's sum for experts whose projections are w4a8 (linear_w4a8's operands,
-// one tensor per expert in each list), x fp32 or bf16. Each chosen expert's slots go in passes of <= kMaxRows rows;
-// the gate and up projections of every pass are the tasks of one parallel loop (64 weight rows each), the down
-// projections of a second, so both threads stream weights even when the few chosen experts are uneven. Rounding
-// is that of QuantizedRoutedExperts.dispatch in x's dtype: each projection is linear_w4a8's, silu and the product
-// round to x's dtype, and the gates sum the K outputs in fp32 in slot order.
-at::Tensor routed_experts_w4a8(const at::Tensor& x_in, const at::Tensor& gates_in, const at::Tensor& indices_in,
-                               at::TensorList w1, at::TensorList w1_scale, at::TensorList w1_zero, at::TensorList w3,
-                               at::TensorList w3_scale, at::TensorList w3_zero, at::TensorList w2,
-                               at::TensorList w2_scale, at::TensorList w2_zero) {
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
-              "routed_experts_w4a8: x must be fp32 or bf16, got ", x_in.scalar_type());
-  TORCH_CHECK(x_in.dim() == 2 && indices_in.dim() == 2 && gates_in.sizes() == indices_in.sizes() &&
-                  indices_in.size(0) == x_in.size(0),
-              "routed_experts_w4a8: x [N,d], gates and indices [N,K], got ", x_in.sizes(), ", ", gates_in.sizes(),
-              " and ", indices_in.sizes());
-  const int64_t E = int64_t(w1.size());
-  for (const at::TensorList* list : {&w1_scale, &w1_zero, &w3, &w3_scale, &w3_zero, &w2, &w2_scale, &w2_zero})
-    TORCH_CHECK(int64_t(list->size()) == E, "routed_experts_w4a8: one tensor per expert in each list (", E,
-                " in w1), got ", list->size());
+// The formats the fused experts below take: a weight view, the rows of x as its kernel multiplies them, and the
+// kernel's task (64 weight rows by all the rows)
+struct W4a8 {
+  using Weight = W4a8Weight;
+  using Rows = W4a8Rows;
+  static Rows rows(const Weight& w, int64_t) { return Rows(w.K, w.G); }
+  template <typename Emit>
+  static void task(const Rows& x, const Weight& w, int64_t n, int64_t rows, Emit emit) { w4a8_task(x, w, n, rows, emit); }
+};
+
+struct Int8 {
+  using Weight = Int8Weight;
+  using Rows = Int8Rows;
+  static Rows rows(const Weight& w, int64_t capacity) { return Rows(w.K, capacity); }
+  template <typename Emit>
+  static void task(const Rows& x, const Weight& w, int64_t n, int64_t rows, Emit emit) { int8_task(x, w, n, rows, emit); }
+};
+
+// x, gates and indices as the fused experts take them (fp32 or bf16 x [N,d]; gates and indices [N,K]) and E experts'
+// lists of operands, one tensor per expert in each
+void check_routing(const char* name, const at::Tensor& x, const at::Tensor& gates, const at::Tensor& indices,
+                   std::initializer_list<const at::TensorList*> lists) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, name, ": x must be fp32 or bf16, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && indices.dim() == 2 && gates.sizes() == indices.sizes() && indices.size(0) == x.size(0),
+              name, ": x [N,d], gates and indices [N,K], got ", x.sizes(), ", ", gates.sizes(), " and ", indices.sizes());
+  for (const at::TensorList* list : lists)
+    TORCH_CHECK(list->size() == (*lists.begin())->size(), name, ": one tensor per expert in each list (",
+                (*lists.begin())->size(), " in w1), got ", list->size());
+}
+
+// routed_experts_bf16's sum for experts whose projections are in `Format` (w4a8 or w8a8, one weight view per
+// expert), x fp32 or bf16. Each chosen expert's slots go in passes of <= kMaxRows rows; the gate and up projections
+// of every pass are the tasks of one parallel loop (64 weight rows each), the down projections of a second, so both
+// threads stream weights even when the few chosen experts are uneven. Rounding is that of
+// QuantizedRoutedExperts.dispatch in x's dtype: each projection is the format's linear kernel's, bit for bit (the
+// same task), silu and the product round to x's dtype, and the gates sum the K outputs in fp32 in slot order.
+template <typename Format>
+at::Tensor fused_experts(const char* name, const at::Tensor& x_in, const at::Tensor& gates_in,
+                         const at::Tensor& indices_in, const std::vector<typename Format::Weight>& gate_w,
+                         const std::vector<typename Format::Weight>& up_w,
+                         const std::vector<typename Format::Weight>& down_w) {
   const at::Tensor x = x_in.contiguous(), gates = gates_in.to(at::kFloat).contiguous(),
                    indices = indices_in.to(at::kLong).contiguous();
-  const int64_t N = x.size(0), d = x.size(1), K = indices.size(1);
-  TORCH_CHECK(d % kChunk == 0, "routed_experts_w4a8: x's width must be a multiple of ", kChunk, ", got ", d);
-  std::vector<W4a8Weight> gate_w, up_w, down_w;
-  for (int64_t e = 0; e < E; ++e) {
-    gate_w.push_back(w4a8_weight("routed_experts_w4a8 (w1)", w1[e], w1_scale[e], w1_zero[e], d));
-    const int64_t I = gate_w[0].N;
-    TORCH_CHECK(gate_w[e].N == I, "routed_experts_w4a8: expert ", e, "'s w1 has ", gate_w[e].N, " rows, expert 0's ",
-                I);
-    up_w.push_back(w4a8_weight("routed_experts_w4a8 (w3)", w3[e], w3_scale[e], w3_zero[e], d));
-    TORCH_CHECK(up_w[e].N == I, "routed_experts_w4a8: expert ", e, "'s w3 must have w1's ", I, " rows");
-    down_w.push_back(w4a8_weight("routed_experts_w4a8 (w2)", w2[e], w2_scale[e], w2_zero[e], I));
-    TORCH_CHECK(down_w[e].N == d, "routed_experts_w4a8: expert ", e, "'s w2 must have ", d, " rows (x's width)");
-  }
+  const int64_t N = x.size(0), d = x.size(1), K = indices.size(1), E = int64_t(gate_w.size());
   const int64_t I = E ? gate_w[0].N : 0;
-  TORCH_CHECK(I % kChunk == 0, "routed_experts_w4a8: the experts' width must be a multiple of ", kChunk, ", got ", I);
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK(gate_w[e].K == d && up_w[e].K == d, name, ": expert ", e, "'s w1 and w3 must take x's width ", d);
+    TORCH_CHECK(gate_w[e].N == I && up_w[e].N == I, name, ": expert ", e, "'s w1 and w3 must have expert 0's ", I,
+                " rows");
+    TORCH_CHECK(down_w[e].K == I && down_w[e].N == d, name, ": expert ", e, "'s w2 must be [", d, ", ", I, "]");
+  }
 
   // passes: an expert and up to kMaxRows of its slots, in slot order
-  const std::vector<std::vector<int64_t>> slots_of = slots_by_expert("routed_experts_w4a8", indices, E);
+  const std::vector<std::vector<int64_t>> slots_of = slots_by_expert(name, indices, E);
   struct Pass {
     int64_t expert;
     std::vector<int64_t> slots;
@@ -663,30 +727,27 @@ at::Tensor routed_experts_w4a8(const at::Tensor& x_in, const at::Tensor& gates_i
   const std::vector<float> xf = floats(x);
   const int64_t P = int64_t(passes.size()), up_tasks = row_tasks(I), down_tasks = row_tasks(d);
 
-  // gate and up: gate_up[pass][0 or 1][j][i], each value rounded to x's dtype as linear_w4a8 returns it
-  std::vector<W4a8Rows> inputs;
+  // gate and up: gate_up[pass][0 or 1][j][i], each value rounded to x's dtype as the linear kernel returns it
+  std::vector<typename Format::Rows> inputs;
   for (const Pass& pass : passes) {
-    inputs.emplace_back(d, gate_w[pass.expert].G);
-    TORCH_CHECK(up_w[pass.expert].G == gate_w[pass.expert].G, "routed_experts_w4a8: expert ", pass.expert,
-                "'s w1 and w3 have different group sizes");
+    inputs.push_back(Format::rows(gate_w[pass.expert], int64_t(pass.slots.size())));
     for (int64_t s : pass.slots) inputs.back().add(xf.data() + s / K * d);
   }
   std::vector<float> gate_up(size_t(P * 2 * kMaxRows * I));
   at::parallel_for(0, P * 2 * up_tasks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t p = t / (2 * up_tasks), which = t / up_tasks % 2, n = t % up_tasks * kRowsPerTask;
-      const W4a8Weight& w = (which ? up_w : gate_w)[passes[p].expert];
       float* out = gate_up.data() + (p * 2 + which) * kMaxRows * I;
-      w4a8_task(inputs[p], w, n, std::min<int64_t>(kRowsPerTask, I - n),
-                [&](int64_t row, int64_t j, float v) { out[j * I + row] = to_x(v); });
+      Format::task(inputs[p], (which ? up_w : gate_w)[passes[p].expert], n, std::min<int64_t>(kRowsPerTask, I - n),
+                   [&](int64_t row, int64_t j, float v) { out[j * I + row] = to_x(v); });
     }
   });
 
   // silu(gate)·up in x's dtype, the down projections' inputs
-  std::vector<W4a8Rows> inner_rows;
+  std::vector<typename Format::Rows> inner_rows;
   std::vector<float> inner(static_cast<size_t>(I));
   for (int64_t p = 0; p < P; ++p) {
-    inner_rows.emplace_back(I, down_w[passes[p].expert].G);
+    inner_rows.push_back(Format::rows(down_w[passes[p].expert], int64_t(passes[p].slots.size())));
     const float* gate = gate_up.data() + p * 2 * kMaxRows * I;
     const float* up = gate + kMaxRows * I;
     for (size_t j = 0; j < passes[p].slots.size(); ++j) {
@@ -704,12 +765,55 @@ at::Tensor routed_experts_w4a8(const at::Tensor& x_in, const at::Tensor& gates_i
     for (int64_t t = begin; t < end; ++t) {
       const int64_t p = t / down_tasks, n = t % down_tasks * kRowsPerTask;
       const std::vector<int64_t>& slots = passes[p].slots;
-      w4a8_task(inner_rows[p], down_w[passes[p].expert], n, std::min<int64_t>(kRowsPerTask, d - n),
-                [&](int64_t row, int64_t j, float v) { slot_out[slots[j] * d + row] = to_x(v); });
+      Format::task(inner_rows[p], down_w[passes[p].expert], n, std::min<int64_t>(kRowsPerTask, d - n),
+                   [&](int64_t row, int64_t j, float v) { slot_out[slots[j] * d + row] = to_x(v); });
     }
   });
 
   return gated_sum(slot_out, gates, x);
+}
+
+// routed_experts_w4a8: fused_experts for w4a8 projections (linear_w4a8's operands, one tensor per expert in each list)
+at::Tensor routed_experts_w4a8(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& indices,
+                               at::TensorList w1, at::TensorList w1_scale, at::TensorList w1_zero, at::TensorList w3,
+                               at::TensorList w3_scale, at::TensorList w3_zero, at::TensorList w2,
+                               at::TensorList w2_scale, at::TensorList w2_zero) {
+  const char* name = "routed_experts_w4a8";
+  check_routing(name, x, gates, indices, {&w1, &w1_scale, &w1_zero, &w3, &w3_scale, &w3_zero, &w2, &w2_scale, &w2_zero});
+  const int64_t d = x.size(1);
+  TORCH_CHECK(d % kChunk == 0, name, ": x's width must be a multiple of ", kChunk, ", got ", d);
+  TORCH_CHECK(w1.empty() || w1[0].dim() == 2, name, ": w1's weights must be 2-d");
+  const int64_t I = w1.empty() ? 0 : w1[0].size(0);
+  TORCH_CHECK(I % kChunk == 0, name, ": the experts' width must be a multiple of ", kChunk, ", got ", I);
+  std::vector<W4a8Weight> gate_w, up_w, down_w;
+  for (size_t e = 0; e < w1.size(); ++e) {
+    gate_w.push_back(w4a8_weight("routed_experts_w4a8 (w1)", w1[e], w1_scale[e], w1_zero[e], d));
+    up_w.push_back(w4a8_weight("routed_experts_w4a8 (w3)", w3[e], w3_scale[e], w3_zero[e], d));
+    down_w.push_back(w4a8_weight("routed_experts_w4a8 (w2)", w2[e], w2_scale[e], w2_zero[e], I));
+    TORCH_CHECK(up_w[e].G == gate_w[e].G, name, ": expert ", e, "'s w1 and w3 have different group sizes");
+  }
+  return fused_experts<W4a8>(name, x, gates, indices, gate_w, up_w, down_w);
+}
+
+// routed_experts_int8: fused_experts for w8a8 projections (linear_int8's operands, one tensor per expert in each list)
+at::Tensor routed_experts_int8(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& indices,
+                               at::TensorList w1, at::TensorList w1_scale, at::TensorList w3, at::TensorList w3_scale,
+                               at::TensorList w2, at::TensorList w2_scale) {
+  const char* name = "routed_experts_int8";
+  check_routing(name, x, gates, indices, {&w1, &w1_scale, &w3, &w3_scale, &w2, &w2_scale});
+  const int64_t d = x.size(1);
+  TORCH_CHECK(d % 64 == 0 && d <= 65536, name, ": x's width must be a multiple of 64, at most 65536, got ", d);
+  TORCH_CHECK(w1.empty() || w1[0].dim() == 2, name, ": w1's weights must be 2-d");
+  const int64_t I = w1.empty() ? 0 : w1[0].size(0);
+  TORCH_CHECK(I % 64 == 0 && I <= 65536, name, ": the experts' width must be a multiple of 64, at most 65536, got ",
+              I);
+  std::vector<Int8Weight> gate_w, up_w, down_w;
+  for (size_t e = 0; e < w1.size(); ++e) {
+    gate_w.push_back(int8_weight("routed_experts_int8 (w1)", w1[e], w1_scale[e], d));
+    up_w.push_back(int8_weight("routed_experts_int8 (w3)", w3[e], w3_scale[e], d));
+    down_w.push_back(int8_weight("routed_experts_int8 (w2)", w2[e], w2_scale[e], I));
+  }
+  return fused_experts<Int8>(name, x, gates, indices, gate_w, up_w, down_w);
 }
 
 // dequantize_w4a8: W [N,K] = (q - z)·s from linear_w4a8's operands, each value computed in fp32 and rounded once to
@@ -769,6 +873,8 @@ TORCH_LIBRARY(dsv2_cpu, m) {
   m.def("routed_experts_w4a8(Tensor x, Tensor gates, Tensor indices, Tensor[] w1, Tensor[] w1_scale, "
         "Tensor[] w1_zero, Tensor[] w3, Tensor[] w3_scale, Tensor[] w3_zero, Tensor[] w2, Tensor[] w2_scale, "
         "Tensor[] w2_zero) -> Tensor");
+  m.def("routed_experts_int8(Tensor x, Tensor gates, Tensor indices, Tensor[] w1, Tensor[] w1_scale, Tensor[] w3, "
+        "Tensor[] w3_scale, Tensor[] w2, Tensor[] w2_scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) {
@@ -778,4 +884,5 @@ TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) {
   m.impl("linear_w4a8", &linear_w4a8);
   m.impl("dequantize_w4a8", &dequantize_w4a8);
   m.impl("routed_experts_w4a8", &routed_experts_w4a8);
+  m.impl("routed_experts_int8", &routed_experts_int8);
 }

@@ -81,7 +81,8 @@ def load() -> bool:
     torch.library.register_fake("dsv2_cpu::linear_int8")(_linear_int8_output)
     torch.library.register_fake("dsv2_cpu::linear_w4a8")(_linear_w4a8_output)
     torch.library.register_fake("dsv2_cpu::dequantize_w4a8")(_dequantized_w4a8)
-    torch.library.register_fake("dsv2_cpu::routed_experts_w4a8")(_routed_experts_w4a8_output)
+    torch.library.register_fake("dsv2_cpu::routed_experts_w4a8")(_routed_experts_output)
+    torch.library.register_fake("dsv2_cpu::routed_experts_int8")(_routed_experts_output)
     _loaded, _amx = True, torch.cpu._is_amx_tile_supported()
     return True
 
@@ -109,8 +110,8 @@ def _dequantized_w4a8(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     return packed.new_empty(packed.shape[0], packed.shape[1] * 2, dtype=dtype)
 
 
-def _routed_experts_w4a8_output(x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor,
-                                *projections: list[torch.Tensor]) -> torch.Tensor:
+def _routed_experts_output(x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor,
+                           *projections: list[torch.Tensor]) -> torch.Tensor:
     return torch.empty_like(x)
 
 
@@ -128,8 +129,13 @@ def takes_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def takes_linear_int8(x: torch.Tensor) -> bool:
     """Whether `linear_int8` runs x [M, K]: loaded (AMX tiles, or VNNI, which comes with AVX-512 BF16), float x on
     the CPU, K a multiple of 64 and at most 65536, any M."""
-    return (_loaded and x.is_floating_point() and x.dim() == 2 and x.device.type == "cpu"
-            and x.shape[-1] % 64 == 0 and x.shape[-1] <= 65536)
+    return x.is_floating_point() and x.dim() == 2 and x.device.type == "cpu" and takes_int8_width(x.shape[-1])
+
+
+def takes_int8_width(in_features: int) -> bool:
+    """Whether the int8 kernels (`linear_int8`, `routed_experts_int8`) take inputs of this width: loaded, a
+    multiple of 64 and at most 65536 (int32 sums)."""
+    return _loaded and in_features % 64 == 0 and in_features <= 65536
 
 
 def takes_w4a8(in_features: int, group_size: int) -> bool:
@@ -202,3 +208,13 @@ def routed_experts_w4a8(x: torch.Tensor, gates: torch.Tensor, indices: torch.Ten
     of its slots, the passes' gate/up and then down projections spread over the threads together. Rounds as
     `QuantizedRoutedExperts.dispatch` does: each projection is `linear_w4a8`'s, bit for bit."""
     return torch.ops.dsv2_cpu.routed_experts_w4a8(x, gates, indices, *w1, *w3, *w2)
+
+
+Int8Operands = tuple[list[torch.Tensor], list[torch.Tensor]]  # every expert's int8 weight, scale
+
+
+def routed_experts_int8(x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor, w1: Int8Operands,
+                        w3: Int8Operands, w2: Int8Operands) -> torch.Tensor:
+    """`routed_experts_w4a8` for w8a8 experts (`linear_int8`'s operands, one entry per expert in each list): each
+    projection is `linear_int8`'s, bit for bit (its VNNI sums, which are the AMX tiles' exact integers)."""
+    return torch.ops.dsv2_cpu.routed_experts_int8(x, gates, indices, *w1, *w3, *w2)

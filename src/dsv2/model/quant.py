@@ -210,7 +210,7 @@ class Int8Linear(nn.Module):
     def traces(self) -> bool:
         """Whether a compiled graph can run this module's decode rows: w8a8 through dsv2's int8 kernel (a custom op
         the graph calls as it is), not fbgemm, whose quantized tensors do not trace."""
-        return self.int8_activations and cpu_kernels.takes_linear_int8(self.scale.new_empty(1, self.in_features))
+        return self.int8_activations and cpu_kernels.takes_int8_width(self.in_features)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight, "weight_scale": self.scale}
@@ -381,13 +381,13 @@ QUANTIZED = (Int8Linear, Int4Linear)
 class QuantizedRoutedExperts(RoutedExperts):
     """Routed experts with one module per expert and projection (Int8Linear, Int4Linear, or an nn.Linear
     where int4 does not fit); the grouped routing of `RoutedExperts.forward` is reused as it is, except in a
-    compiled graph where every projection is w4a8 and the rows are a decode step's (at most
-    INT8_KERNEL_MAX_ROWS): there the whole layer is one call of dsv2's kernel (`cpu_kernels.routed_experts_w4a8`),
-    bit for bit the projections of `dispatch`, its twin. In the graph, `dispatch` runs through the opaque
-    `dsv2::routed_experts` and spent 2.3 ms a layer, ~0.7 of it Python and small ops around its kernel calls
-    (V2-Lite-4, batch 1, 2-core Zen 4), one expert's products after another; the fused call, 1.5 ms, spreads
-    all chosen experts' rows over the threads. Eager, `dispatch` stays: gathering the 9·E operand tensors from
-    the modules costs 0.3 ms a call (a graph gathers them once, when it is traced)."""
+    compiled graph where every projection is w4a8, or every one w8a8, and the rows are a decode step's (at most
+    INT8_KERNEL_MAX_ROWS): there the whole layer is one call of dsv2's kernel (`cpu_kernels.routed_experts_w4a8`
+    or `routed_experts_int8`), bit for bit the projections of `dispatch`, its twin. In the graph, `dispatch` runs
+    through the opaque `dsv2::routed_experts` and spent 2.3 ms a layer, ~0.7 of it Python and small ops around
+    its kernel calls (w4a8, V2-Lite-4, batch 1, 2-core Zen 4), one expert's products after another; the fused
+    call, 1.5 ms, spreads all chosen experts' rows over the threads. Eager, `dispatch` stays: gathering the
+    operand tensors of 64 experts from the modules costs 0.3 ms a call (a graph gathers them once, when traced)."""
 
     def __init__(self, w1: list[nn.Module], w2: list[nn.Module], w3: list[nn.Module]):
         nn.Module.__init__(self)  # not RoutedExperts.__init__: no stacked parameters
@@ -395,23 +395,32 @@ class QuantizedRoutedExperts(RoutedExperts):
         self.w1, self.w2, self.w3 = nn.ModuleList(w1), nn.ModuleList(w2), nn.ModuleList(w3)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and self.takes_w4a8_kernel(x):
-            return cpu_kernels.routed_experts_w4a8(x, weights, indices, *self.w4a8_operands())
+        if torch.compiler.is_compiling() and (kernel := self.fused_kernel(x)) is not None:
+            return kernel(x, weights, indices, *self.fused_operands())
         return super().forward(x, weights, indices)
 
-    def takes_w4a8_kernel(self, x: torch.Tensor) -> bool:
-        """Whether a compiled graph runs these experts on `cpu_kernels.routed_experts_w4a8`: every projection
-        w4a8 (on its kernel), and float x of at most INT8_KERNEL_MAX_ROWS rows on the CPU (more: `dispatch`, whose
-        slabs dequantize)."""
-        return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-                and len(x) <= INT8_KERNEL_MAX_ROWS
-                and all(isinstance(m, Int4Linear) and m.layout == "w4a8"
-                        for projection in (self.w1, self.w2, self.w3) for m in projection))
+    def fused_kernel(self, x: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+        """The kernel a compiled graph runs these experts on, or None (`dispatch`): `cpu_kernels.routed_experts_w4a8`
+        where every projection is w4a8 (on its kernel), `routed_experts_int8` where every one is w8a8 on
+        `linear_int8`; for float x of at most INT8_KERNEL_MAX_ROWS rows on the CPU (more: `dispatch`, whose slabs
+        dequantize)."""
+        if not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+                and len(x) <= INT8_KERNEL_MAX_ROWS):
+            return None
+        projections = [m for projection in (self.w1, self.w2, self.w3) for m in projection]
+        if all(isinstance(m, Int4Linear) and m.layout == "w4a8" for m in projections):
+            return cpu_kernels.routed_experts_w4a8
+        if all(isinstance(m, Int8Linear) and m.traces() for m in projections):
+            return cpu_kernels.routed_experts_int8
+        return None
 
-    def w4a8_operands(self) -> tuple[cpu_kernels.W4a8Operands, ...]:
-        """Every expert's (packed, scale, zero) of w1, w3, w2: the operands of `cpu_kernels.routed_experts_w4a8`."""
-        return tuple(([m.weight for m in w], [m.w4a8_scale for m in w], [m.zero_point for m in w])
-                     for w in (self.w1, self.w3, self.w2))
+    def fused_operands(self) -> tuple[cpu_kernels.W4a8Operands | cpu_kernels.Int8Operands, ...]:
+        """Every expert's operands of w1, w3, w2 for `fused_kernel`: (packed, scale, zero) for w4a8, (weight,
+        scale) for w8a8."""
+        if isinstance(self.w1[0], Int4Linear):
+            return tuple(([m.weight for m in w], [m.w4a8_scale for m in w], [m.zero_point for m in w])
+                         for w in (self.w1, self.w3, self.w2))
+        return tuple(([m.weight for m in w], [m.scale for m in w]) for w in (self.w1, self.w3, self.w2))
 
     def uses_grouped_mm(self, x: torch.Tensor, n_slots: int) -> bool:
         return False  # F.grouped_mm takes stacked float weights only
