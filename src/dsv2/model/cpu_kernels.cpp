@@ -569,11 +569,11 @@ struct W4a8Rows {
   int64_t M = 0, K, G, pairs;
   std::vector<__m512i> lo, hi;  // [j * pairs + p]
   std::vector<float> step;      // a_j / 127
-  std::vector<float> sums;      // [g][j], zero past M
+  std::vector<float> sums;      // [j][g]: Σ_{k in g} q_x[j,k]
 
   W4a8Rows(int64_t K_, int64_t G_)
       : K(K_), G(G_), pairs((K_ + 2 * kChunk - 1) / (2 * kChunk)), lo(size_t(kMaxRows * pairs)),
-        hi(size_t(kMaxRows * pairs)), step(kMaxRows, 0.0f), sums(size_t(K_ / G_ * kMaxRows), 0.0f) {}
+        hi(size_t(kMaxRows * pairs)), step(kMaxRows, 0.0f), sums(size_t(kMaxRows * (K_ / G_)), 0.0f) {}
 
   void add(const float* row) {
     TORCH_CHECK(M < kMaxRows, "W4a8Rows: at most ", kMaxRows, " rows");
@@ -583,7 +583,7 @@ struct W4a8Rows {
     for (int64_t g = 0; g < K / G; ++g) {  // in int32, one group at a time: exact, and no chain through memory
       int32_t sum = 0;
       for (int64_t k = g * G; k < (g + 1) * G; ++k) sum += q[k];
-      sums[g * kMaxRows + j] = float(sum);
+      sums[j * (K / G) + g] = float(sum);
     }
     for (int64_t p = 0; p < pairs; ++p) {
       alignas(64) int8_t l[64], h[64];
@@ -612,13 +612,17 @@ void w4a8_task(const W4a8Rows& x, const W4a8Weight& w, int64_t n, int64_t rows, 
   for (int64_t i = 0; i < rows; ++i) {
     const float* s = w.scale + (n + i) * groups;
     const uint8_t* z = w.zero + (n + i) * groups;
-    __m512 zero_part = _mm512_setzero_ps();  // lane j: Σ_g s[n,g]·z[n,g]·Σ_{k in g} q_x[j,k]
-    for (int64_t g = 0; g < groups; ++g)
-      zero_part = _mm512_fmadd_ps(_mm512_set1_ps(s[g] * float(z[g])), _mm512_loadu_ps(x.sums.data() + g * kMaxRows),
-                                  zero_part);
-    alignas(64) float centred[kMaxRows];
-    _mm512_store_ps(centred, _mm512_sub_ps(_mm512_load_ps(dots + i * kMaxRows), zero_part));
-    for (int64_t j = 0; j < x.M; ++j) emit(n + i, j, centred[j] * x.step[j]);
+    __m512 zero_part[kMaxRows];  // row j's Σ_g s[n,g]·z[n,g]·Σ_{k in g} q_x[j,k], 16 groups a lane-wise step
+    for (int64_t j = 0; j < x.M; ++j) zero_part[j] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g += 16) {
+      const __mmask16 live = groups - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (groups - g)) - 1);
+      const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(live, s + g),
+                                      _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, z + g))));
+      for (int64_t j = 0; j < x.M; ++j)
+        zero_part[j] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(live, x.sums.data() + j * groups + g), zero_part[j]);
+    }
+    for (int64_t j = 0; j < x.M; ++j)
+      emit(n + i, j, (dots[i * kMaxRows + j] - _mm512_reduce_add_ps(zero_part[j])) * x.step[j]);
   }
 }
 
