@@ -29,6 +29,11 @@ at one row against fbgemm's 15-27.
 The w4a8 kernel exists because torch's int4 kernel (`_weight_int4pack_mm_for_cpu`) reads V2-Lite's experts at ~8 GB/s
 of packed weight at one row, below llama.cpp's Q4_0: it multiplies the nibbles by the rows quantized to int8 with
 `vpdpbusd` (exact per group), from a packed layout of its own (`pack_w4a8`), 12-16 GB/s (cpp file: why not AMX).
+
+The fused experts (`routed_experts_w4a8`, `routed_experts_int8`) exist because a compiled graph's opaque
+`dsv2::routed_experts` runs a layer's experts one projection after another with Python around each (2.3 ms a
+V2-Lite layer at one row in w4a8): one call per layer spreads all chosen experts' rows over the threads (1.4 ms),
+each projection still the linear kernel's, bit for bit.
 """
 
 from __future__ import annotations
