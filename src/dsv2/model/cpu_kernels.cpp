@@ -316,7 +316,7 @@ std::vector<float> floats(const at::Tensor& t) {
 
 // one row of x on 127 levels of its own absmax: q[k] = round(row[k]·127/a) -> the step a/127 (0 for a zero row)
 float quantize_row(const float* row, int64_t K, int8_t* q) {
-  __m512 amax16 = _mm512_setzero_ps();  // 16 lanes: a scalar max is a 3-cycle chain per input (~2 us at K=2048)
+  __m512 amax16 = _mm512_setzero_ps();  // 16 lanes: a scalar max is a 3-cycle chain per input (~0.7 us at K=2048)
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) amax16 = _mm512_max_ps(amax16, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
   float amax = _mm512_reduce_max_ps(amax16);

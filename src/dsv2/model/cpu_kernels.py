@@ -47,8 +47,7 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 # -fopenmp: at::parallel_for is inline, and without it runs on one thread (torch's own libgomp serves it)
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mamx-tile", "-mamx-bf16",
-          "-mamx-int8",
-          "-fopenmp"]
+          "-mamx-int8", "-fopenmp"]
 # rows at most that a graph sends to the bf16 AMX kernel, measured on the 2-core AMX Xeon (torch 2.13;
 # docs/benchmarks.md, eighth session): at one row it read small's matrices at 16-22 GB/s against inductor's packed
 # GEMMs' 7-14; at 8 and 16 rows the two were within ~10% either way
