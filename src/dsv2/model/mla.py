@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv2 import hardware
 from dsv2.config import ModelConfig
 from dsv2.model.layers import Linear, RMSNorm, differentiating
 from dsv2.model.rope import apply_rope
@@ -201,7 +202,7 @@ class MLA(nn.Module):
         B, S, H, _ = q_nope.shape
         w_uk, w_uv = self.absorbed_weights()
         dtype = q_nope.dtype
-        q_latent = torch.einsum("bshd,hdc->bshc", q_nope.to(w_uk.dtype), w_uk)
+        q_latent = torch.einsum("bshd,hcd->bshc", q_nope.to(w_uk.dtype), w_uk)
         q = torch.cat([q_latent, q_pe], dim=-1).flatten(1, 2)  # [B,S·H,d_c + d_h^R]
         if history.device.type == "cpu":
             # On CPUs without native bf16 (AVX2) half-precision GEMMs that reduce over the T cached tokens
@@ -227,16 +228,22 @@ class MLA(nn.Module):
         return self.split_wkv_b()
 
     def split_wkv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK [H,d_h,d_c] and W_UV [H,d_v,d_c] out of wkv_b, as contiguous tensors (as strided views of
-        wkv_b the CPU batched matmuls of `absorbed` run 3-30x slower). On the CPU they are fp32 whatever the
-        model dtype: at decode each is a batched GEMV per head (B·S rows), where torch 2.13's bf16 bmm is
-        2-3x slower than fp32's even on AVX-512 BF16 (V2-Lite's W_UK, 16 x 128 x 512, batch 1: 0.82 ms
-        against 0.33 ms), and fp32 loses nothing."""
-        # a block-FP8 wkv_b (`dsv2.model.fp8.FP8Linear`) is dequantized here, once per split
+        """W_UKᵀ [H,d_c,d_h] and W_UV [H,d_v,d_c] out of wkv_b, as contiguous tensors (as strided views of
+        wkv_b the CPU batched matmuls of `absorbed` run 3-30x slower). Both are laid out as a GEMV's rows, an
+        output's d_h or d_c inputs side by side, so a decode step's batched GEMV per head (B·S rows) reads them
+        front to back: with W_UK as wkv_b holds it, [H,d_h,d_c], the graph's reduction over d_h strode 2 KiB
+        a step and read it at a third of the rate (V2-Lite-4 w4a8 compiled, batch 1, 2-core Zen 4: 16.2 ->
+        14.7 ms a step). They keep the weight's dtype, except bf16 on a CPU without native bf16, where they
+        are fp32 (bf16 GEMMs there are several times slower; `dsv2.hardware`): in bf16 rather than fp32 the
+        same step is 14.0 ms, and the eager one 38.9 -> 34.2."""
+        # a block-FP8 or int4/int8 wkv_b is dequantized here, once per split
         weight = self.wkv_b.dequantized() if hasattr(self.wkv_b, "dequantized") else self.wkv_b.weight
         w_ukv = weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
-        dtype = torch.float32 if weight.device.type == "cpu" else weight.dtype
-        return w_ukv[:, : self.nope_dim].to(dtype).contiguous(), w_ukv[:, self.nope_dim :].to(dtype).contiguous()
+        dtype = weight.dtype
+        if dtype == torch.bfloat16 and weight.device.type == "cpu" and not hardware.has_native_bf16():
+            dtype = torch.float32
+        w_uk, w_uv = w_ukv[:, : self.nope_dim].transpose(1, 2), w_ukv[:, self.nope_dim :]
+        return w_uk.to(dtype).contiguous(), w_uv.to(dtype).contiguous()
 
     @torch.no_grad()
     def prepare_for_inference(self) -> None:
