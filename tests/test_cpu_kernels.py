@@ -312,6 +312,32 @@ def test_the_fused_experts_kernels_are_the_dispatched_experts(n_experts, dim, in
 
 
 @needs_kernel
+@pytest.mark.parametrize("layout", ["w4a8", "w8a8"])
+@torch.no_grad()
+def test_prepared_experts_hold_their_operands_once_stacked(layout):
+    """prepare_for_inference stacks each operand over the experts and makes the modules' tensors views of the
+    stack (no second copy); the layer computes what it did before, on both paths."""
+    assert cpu_kernels.load()
+    torch.manual_seed(0)
+    experts = quantized_experts(4, 128, 64, torch.float32, layout)
+    x, weights, indices = torch.randn(3, 128), torch.rand(3, 2), torch.tensor([[0, 1], [3, 1], [2, -1]])
+    kernel = experts.fused_kernel(x)
+    fused, dispatched = kernel(x, weights, indices, *experts.fused_operands()), experts.dispatch(x, weights, indices)
+    experts.prepare_for_inference()
+    stacked = experts.fused_operands()
+    assert stacked is experts.stacked_operands
+    for projection, operands in zip((experts.w1, experts.w3, experts.w2), stacked, strict=True):
+        for e, module in enumerate(projection):
+            for name, operand in zip(experts.FUSED_OPERANDS[layout], operands, strict=True):
+                assert getattr(module, name).data_ptr() == operand[e].data_ptr()
+                assert torch.equal(getattr(module, name), operand[e])
+    assert torch.equal(kernel(x, weights, indices, *stacked), fused)
+    assert torch.equal(experts.dispatch(x, weights, indices), dispatched)
+    torch._dynamo.reset()  # the tests above traced this forward up to dynamo's limit
+    assert torch.equal(torch.compile(experts, backend="eager", fullgraph=True)(x, weights, indices), fused)
+
+
+@needs_kernel
 def test_the_fused_experts_kernels_refuse_what_they_cannot_run():
     assert cpu_kernels.load()
     experts = quantized_experts(4, 128, 64, torch.float32)
@@ -319,8 +345,11 @@ def test_the_fused_experts_kernels_refuse_what_they_cannot_run():
     (p1, s1, z1), w3, w2 = experts.fused_operands()
     with pytest.raises(RuntimeError, match="expert id 4 out of range"):
         cpu_kernels.routed_experts_w4a8(x, weights, torch.tensor([[0, 4], [1, 2]]), (p1, s1, z1), w3, w2)
-    with pytest.raises(RuntimeError, match="one tensor per expert in each list"):
+    with pytest.raises(RuntimeError, match=r"every operand stacked \[E, \.\.\.\] for the same E"):
         cpu_kernels.routed_experts_w4a8(x, weights, torch.tensor([[0, 1], [1, 2]]), (p1, s1[:3], z1), w3, w2)
+    strided = p1.transpose(0, 1).contiguous().transpose(0, 1)  # p1's shape and values, not contiguous
+    with pytest.raises(RuntimeError, match="contiguous"):
+        cpu_kernels.routed_experts_w4a8(x, weights, torch.tensor([[0, 1], [1, 2]]), (strided, s1, z1), w3, w2)
     with pytest.raises(RuntimeError, match=r"\(w1\): the packed weight must be uint8 \[N, K/2\]"):
         cpu_kernels.routed_experts_w4a8(torch.randn(2, 192), weights, torch.tensor([[0, 1], [1, 2]]), (p1, s1, z1),
                                         w3, w2)
@@ -332,10 +361,11 @@ def test_the_fused_experts_kernels_refuse_what_they_cannot_run():
     int8 = quantized_experts(4, 128, 64, torch.float32, "w8a8")
     (q1, c1), u3, u2 = int8.fused_operands()
     with pytest.raises(RuntimeError, match=r"\(w1\): one scale per output row"):
-        cpu_kernels.routed_experts_int8(x, weights, torch.tensor([[0, 1], [1, 2]]), (q1, [c[:3] for c in c1]), u3, u2)
+        cpu_kernels.routed_experts_int8(x, weights, torch.tensor([[0, 1], [1, 2]]), (q1, c1[:, :3].contiguous()),
+                                        u3, u2)
     with pytest.raises(RuntimeError, match=r"\(w2\): the weight must be int8 \[N, K\]"):
         cpu_kernels.routed_experts_int8(x, weights, torch.tensor([[0, 1], [1, 2]]), (q1, c1), u3,
-                                        ([q.float() for q in u2[0]], u2[1]))
+                                        (u2[0].float(), u2[1]))
     with pytest.raises(RuntimeError, match="x's width must be a multiple of 64"):
         cpu_kernels.routed_experts_int8(torch.randn(2, 96), weights, torch.tensor([[0, 1], [1, 2]]), (q1, c1), u3, u2)
     int8.w2[0].int8_activations = False  # weight-only int8 for one projection: the layer stays on `dispatch`

@@ -10,7 +10,7 @@
 // order before one last rounding.
 //
 // routed_experts_w4a8 and routed_experts_int8: the same sum for experts whose projections are w4a8 or w8a8
-// (linear_w4a8's or linear_int8's operands, per expert): fused_experts.
+// (linear_w4a8's or linear_int8's operands, each stacked over the experts): fused_experts.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -369,6 +369,10 @@ struct Int8Weight {
   int64_t N, K;
 
   float scale(int64_t n) const { return scale_f ? scale_f[n] : to_float(scale_b[n]); }
+  // the e-th of stacked weights whose first this is (check_stacked)
+  Int8Weight expert(int64_t e) const {
+    return {q + e * N * K, scale_f ? scale_f + e * N : nullptr, scale_b ? scale_b + e * N : nullptr, N, K};
+  }
 };
 
 // the operands' checks (naming `name`'s tensors), for inputs of width K; the tensors must outlive the view
@@ -539,6 +543,11 @@ struct W4a8Weight {
   const float* scale;
   const uint8_t* zero;
   int64_t N, K, G, groups;
+
+  // the e-th of stacked weights whose first this is (check_stacked)
+  W4a8Weight expert(int64_t e) const {
+    return {packed + e * N * (K / 2), scale + e * N * groups, zero + e * N * groups, N, K, G, groups};
+  }
 };
 
 // the operands' checks (naming `name`'s tensors), for inputs of width K; the tensors must outlive the view
@@ -679,17 +688,30 @@ struct Int8 {
   static void task(const Rows& x, const Weight& w, int64_t n, int64_t rows, Emit emit) { int8_task(x, w, n, rows, emit); }
 };
 
-// x, gates and indices as the fused experts take them (fp32 or bf16 x [N,d]; gates and indices [N,K]) and E experts'
-// lists of operands, one tensor per expert in each
-void check_routing(const char* name, const at::Tensor& x, const at::Tensor& gates, const at::Tensor& indices,
-                   std::initializer_list<const at::TensorList*> lists) {
+// x, gates and indices as the fused experts take them (fp32 or bf16 x [N,d]; gates and indices [N,K])
+void check_routing(const char* name, const at::Tensor& x, const at::Tensor& gates, const at::Tensor& indices) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, name, ": x must be fp32 or bf16, got ",
               x.scalar_type());
   TORCH_CHECK(x.dim() == 2 && indices.dim() == 2 && gates.sizes() == indices.sizes() && indices.size(0) == x.size(0),
               name, ": x [N,d], gates and indices [N,K], got ", x.sizes(), ", ", gates.sizes(), " and ", indices.sizes());
-  for (const at::TensorList* list : lists)
-    TORCH_CHECK(list->size() == (*lists.begin())->size(), name, ": one tensor per expert in each list (",
-                (*lists.begin())->size(), " in w1), got ", list->size());
+}
+
+// E experts' operands stacked [E, ...], each a contiguous tensor (QuantizedRoutedExperts' modules hold views of
+// them, `prepare_for_inference`): a graph passes one tensor per operand, not one per expert and operand (V2-Lite:
+// 9 against 576, whose boxing and guards cost ~0.3 ms a layer). Expert e's view is expert 0's, e slices on.
+void check_stacked(const char* name, std::initializer_list<const at::Tensor*> operands) {
+  const at::Tensor& first = **operands.begin();
+  for (const at::Tensor* t : operands)
+    TORCH_CHECK(t->dim() >= 2 && t->size(0) == first.size(0) && t->size(0) > 0 && t->is_contiguous(), name,
+                ": every operand stacked [E, ...] for the same E > 0 experts, contiguous; got ", t->sizes(), " beside ",
+                first.sizes());
+}
+
+template <typename Weight>
+std::vector<Weight> expert_views(const Weight& first, int64_t E) {
+  std::vector<Weight> views;
+  for (int64_t e = 0; e < E; ++e) views.push_back(first.expert(e));
+  return views;
 }
 
 // routed_experts_bf16's sum for experts whose projections are in `Format` (w4a8 or w8a8, one weight view per
@@ -777,47 +799,41 @@ at::Tensor fused_experts(const char* name, const at::Tensor& x_in, const at::Ten
   return gated_sum(slot_out, gates, x);
 }
 
-// routed_experts_w4a8: fused_experts for w4a8 projections (linear_w4a8's operands, one tensor per expert in each list)
+// routed_experts_w4a8: fused_experts for w4a8 projections, each operand of linear_w4a8 stacked over the experts
 at::Tensor routed_experts_w4a8(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& indices,
-                               at::TensorList w1, at::TensorList w1_scale, at::TensorList w1_zero, at::TensorList w3,
-                               at::TensorList w3_scale, at::TensorList w3_zero, at::TensorList w2,
-                               at::TensorList w2_scale, at::TensorList w2_zero) {
+                               const at::Tensor& w1, const at::Tensor& w1_scale, const at::Tensor& w1_zero,
+                               const at::Tensor& w3, const at::Tensor& w3_scale, const at::Tensor& w3_zero,
+                               const at::Tensor& w2, const at::Tensor& w2_scale, const at::Tensor& w2_zero) {
   const char* name = "routed_experts_w4a8";
-  check_routing(name, x, gates, indices, {&w1, &w1_scale, &w1_zero, &w3, &w3_scale, &w3_zero, &w2, &w2_scale, &w2_zero});
-  const int64_t d = x.size(1);
+  check_routing(name, x, gates, indices);
+  check_stacked(name, {&w1, &w1_scale, &w1_zero, &w3, &w3_scale, &w3_zero, &w2, &w2_scale, &w2_zero});
+  const int64_t d = x.size(1), E = w1.size(0), I = w1.size(1);
   TORCH_CHECK(d % kChunk == 0, name, ": x's width must be a multiple of ", kChunk, ", got ", d);
-  TORCH_CHECK(w1.empty() || w1[0].dim() == 2, name, ": w1's weights must be 2-d");
-  const int64_t I = w1.empty() ? 0 : w1[0].size(0);
   TORCH_CHECK(I % kChunk == 0, name, ": the experts' width must be a multiple of ", kChunk, ", got ", I);
-  std::vector<W4a8Weight> gate_w, up_w, down_w;
-  for (size_t e = 0; e < w1.size(); ++e) {
-    gate_w.push_back(w4a8_weight("routed_experts_w4a8 (w1)", w1[e], w1_scale[e], w1_zero[e], d));
-    up_w.push_back(w4a8_weight("routed_experts_w4a8 (w3)", w3[e], w3_scale[e], w3_zero[e], d));
-    down_w.push_back(w4a8_weight("routed_experts_w4a8 (w2)", w2[e], w2_scale[e], w2_zero[e], I));
-    TORCH_CHECK(up_w[e].G == gate_w[e].G, name, ": expert ", e, "'s w1 and w3 have different group sizes");
-  }
-  return fused_experts<W4a8>(name, x, gates, indices, gate_w, up_w, down_w);
+  const W4a8Weight gate = w4a8_weight("routed_experts_w4a8 (w1)", w1[0], w1_scale[0], w1_zero[0], d),
+                   up = w4a8_weight("routed_experts_w4a8 (w3)", w3[0], w3_scale[0], w3_zero[0], d),
+                   down = w4a8_weight("routed_experts_w4a8 (w2)", w2[0], w2_scale[0], w2_zero[0], I);
+  TORCH_CHECK(up.G == gate.G, name, ": w1 and w3 have different group sizes");
+  return fused_experts<W4a8>(name, x, gates, indices, expert_views(gate, E), expert_views(up, E),
+                             expert_views(down, E));
 }
 
-// routed_experts_int8: fused_experts for w8a8 projections (linear_int8's operands, one tensor per expert in each list)
+// routed_experts_int8: fused_experts for w8a8 projections, each operand of linear_int8 stacked over the experts
 at::Tensor routed_experts_int8(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& indices,
-                               at::TensorList w1, at::TensorList w1_scale, at::TensorList w3, at::TensorList w3_scale,
-                               at::TensorList w2, at::TensorList w2_scale) {
+                               const at::Tensor& w1, const at::Tensor& w1_scale, const at::Tensor& w3,
+                               const at::Tensor& w3_scale, const at::Tensor& w2, const at::Tensor& w2_scale) {
   const char* name = "routed_experts_int8";
-  check_routing(name, x, gates, indices, {&w1, &w1_scale, &w3, &w3_scale, &w2, &w2_scale});
-  const int64_t d = x.size(1);
+  check_routing(name, x, gates, indices);
+  check_stacked(name, {&w1, &w1_scale, &w3, &w3_scale, &w2, &w2_scale});
+  const int64_t d = x.size(1), E = w1.size(0), I = w1.size(1);
   TORCH_CHECK(d % 64 == 0 && d <= 65536, name, ": x's width must be a multiple of 64, at most 65536, got ", d);
-  TORCH_CHECK(w1.empty() || w1[0].dim() == 2, name, ": w1's weights must be 2-d");
-  const int64_t I = w1.empty() ? 0 : w1[0].size(0);
   TORCH_CHECK(I % 64 == 0 && I <= 65536, name, ": the experts' width must be a multiple of 64, at most 65536, got ",
               I);
-  std::vector<Int8Weight> gate_w, up_w, down_w;
-  for (size_t e = 0; e < w1.size(); ++e) {
-    gate_w.push_back(int8_weight("routed_experts_int8 (w1)", w1[e], w1_scale[e], d));
-    up_w.push_back(int8_weight("routed_experts_int8 (w3)", w3[e], w3_scale[e], d));
-    down_w.push_back(int8_weight("routed_experts_int8 (w2)", w2[e], w2_scale[e], I));
-  }
-  return fused_experts<Int8>(name, x, gates, indices, gate_w, up_w, down_w);
+  const Int8Weight gate = int8_weight("routed_experts_int8 (w1)", w1[0], w1_scale[0], d),
+                   up = int8_weight("routed_experts_int8 (w3)", w3[0], w3_scale[0], d),
+                   down = int8_weight("routed_experts_int8 (w2)", w2[0], w2_scale[0], I);
+  return fused_experts<Int8>(name, x, gates, indices, expert_views(gate, E), expert_views(up, E),
+                             expert_views(down, E));
 }
 
 // dequantize_w4a8: W [N,K] = (q - z)·s from linear_w4a8's operands, each value computed in fp32 and rounded once to
@@ -874,11 +890,10 @@ TORCH_LIBRARY(dsv2_cpu, m) {
   m.def("linear_int8(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("linear_w4a8(Tensor x, Tensor packed, Tensor scale, Tensor zero, int group_size) -> Tensor");
   m.def("dequantize_w4a8(Tensor packed, Tensor scale, Tensor zero, int group_size, ScalarType dtype) -> Tensor");
-  m.def("routed_experts_w4a8(Tensor x, Tensor gates, Tensor indices, Tensor[] w1, Tensor[] w1_scale, "
-        "Tensor[] w1_zero, Tensor[] w3, Tensor[] w3_scale, Tensor[] w3_zero, Tensor[] w2, Tensor[] w2_scale, "
-        "Tensor[] w2_zero) -> Tensor");
-  m.def("routed_experts_int8(Tensor x, Tensor gates, Tensor indices, Tensor[] w1, Tensor[] w1_scale, Tensor[] w3, "
-        "Tensor[] w3_scale, Tensor[] w2, Tensor[] w2_scale) -> Tensor");
+  m.def("routed_experts_w4a8(Tensor x, Tensor gates, Tensor indices, Tensor w1, Tensor w1_scale, Tensor w1_zero, "
+        "Tensor w3, Tensor w3_scale, Tensor w3_zero, Tensor w2, Tensor w2_scale, Tensor w2_zero) -> Tensor");
+  m.def("routed_experts_int8(Tensor x, Tensor gates, Tensor indices, Tensor w1, Tensor w1_scale, Tensor w3, "
+        "Tensor w3_scale, Tensor w2, Tensor w2_scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) {

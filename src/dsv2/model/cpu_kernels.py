@@ -116,7 +116,7 @@ def _dequantized_w4a8(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
 
 
 def _routed_experts_output(x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor,
-                           *projections: list[torch.Tensor]) -> torch.Tensor:
+                           *operands: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
@@ -203,23 +203,24 @@ def routed_experts(x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor, 
     return torch.ops.dsv2_cpu.routed_experts_bf16(x, gates, indices, w1, w2, w3)
 
 
-W4a8Operands = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]  # every expert's packed, scale, zero
+W4a8Operands = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # packed, scale, zero, each stacked [E, ...]
 
 
 def routed_experts_w4a8(x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor, w1: W4a8Operands,
                         w3: W4a8Operands, w2: W4a8Operands) -> torch.Tensor:
-    """`routed_experts` for experts whose projections are w4a8 (`linear_w4a8`'s operands, one entry per expert in
-    each list), x fp32 or bf16 [N,d]: one call for the whole layer, each chosen expert's weights read once per 16
-    of its slots, the passes' gate/up and then down projections spread over the threads together. Rounds as
-    `QuantizedRoutedExperts.dispatch` does: each projection is `linear_w4a8`'s, bit for bit."""
+    """`routed_experts` for experts whose projections are w4a8 (`linear_w4a8`'s operands, each stacked over the
+    experts: packed [E,N,K/2], scale and zero [E,N,K/G]), x fp32 or bf16 [N,d]: one call for the whole layer,
+    each chosen expert's weights read once per 16 of its slots, the passes' gate/up and then down projections
+    spread over the threads together. Rounds as `QuantizedRoutedExperts.dispatch` does: each projection is
+    `linear_w4a8`'s, bit for bit."""
     return torch.ops.dsv2_cpu.routed_experts_w4a8(x, gates, indices, *w1, *w3, *w2)
 
 
-Int8Operands = tuple[list[torch.Tensor], list[torch.Tensor]]  # every expert's int8 weight, scale
+Int8Operands = tuple[torch.Tensor, torch.Tensor]  # int8 weight [E,N,K], scale [E,N]
 
 
 def routed_experts_int8(x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor, w1: Int8Operands,
                         w3: Int8Operands, w2: Int8Operands) -> torch.Tensor:
-    """`routed_experts_w4a8` for w8a8 experts (`linear_int8`'s operands, one entry per expert in each list): each
-    projection is `linear_int8`'s, bit for bit (its VNNI sums, which are the AMX tiles' exact integers)."""
+    """`routed_experts_w4a8` for w8a8 experts (`linear_int8`'s operands stacked over the experts): each projection
+    is `linear_int8`'s, bit for bit (its VNNI sums, which are the AMX tiles' exact integers)."""
     return torch.ops.dsv2_cpu.routed_experts_int8(x, gates, indices, *w1, *w3, *w2)

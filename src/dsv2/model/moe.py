@@ -116,6 +116,10 @@ class RoutedExperts(nn.Module):
             return self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
         return self.w1, self.w2, self.w3
 
+    def prepare_for_inference(self) -> None:
+        """Nothing to prepare: the stacked weights are what every path reads (`Transformer.prepare_for_inference`;
+        quantized experts stack theirs here)."""
+
     @staticmethod
     def expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
         return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)

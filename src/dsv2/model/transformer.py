@@ -161,10 +161,11 @@ class Transformer(nn.Module):
 
     def prepare_for_inference(self) -> None:
         """Make the inference-only layouts of the weights once, where they are: W_UK / W_UV split out of
-        every wkv_b (absorbed attention), an fp32 copy of every router weight, and the RoPE frequencies on
-        the model's device. The engine calls this once; without it the same layouts are computed on the
-        fly, with the same values, and a forward that differentiates through a weight always computes
-        them from it.
+        every wkv_b (absorbed attention), an fp32 copy of every router weight, quantized experts' operands
+        stacked for the fused kernels (the modules then hold views of the stacks), and the RoPE frequencies
+        on the model's device. The engine calls this once; without it the same layouts are computed on the
+        fly, with the same values, and a forward that differentiates through a weight always computes them
+        from it.
 
         They are plain attributes made from the weights as they are now: not parameters or buffers, never
         in the state dict or a checkpoint, and not kept in step with the weights. Whatever changes the
@@ -178,6 +179,7 @@ class Transformer(nn.Module):
             block.attn.prepare_for_inference()
             if isinstance(block.ffn, MoE):
                 block.ffn.gate.prepare_for_inference()
+                block.ffn.experts.prepare_for_inference()
 
     @torch.no_grad()
     def init_weights(self, std: float | None = None) -> None:
