@@ -192,8 +192,8 @@ def main() -> None:
     if cpu_kernels.load():
         formats.update(KERNEL_FORMATS)
     else:
-        print("dsv2's kernels did not build here (no AVX-512 BF16, or no compiler): their rows are left out")
-    if cpu_kernels.loaded() and torch.cpu._is_amx_tile_supported():
+        print("dsv2's kernels did not build here (no AVX2, or no compiler): their rows are left out")
+    if cpu_kernels.loaded_bf16() and torch.cpu._is_amx_tile_supported():
         formats.update(AMX_FORMATS)
     else:
         print("no bf16 AMX kernel here (not an AMX CPU): its row is left out")

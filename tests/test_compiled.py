@@ -13,7 +13,7 @@ import torch
 from conftest import PROMPTS, random_model, randomize_
 
 import dsv2
-from dsv2 import LLM, SamplingParams
+from dsv2 import LLM, SamplingParams, hardware
 from dsv2.infer import compiled
 from dsv2.infer.cache import PagedLatentCache
 from dsv2.model import cpu_kernels, quant
@@ -116,8 +116,8 @@ def test_compiled_engine_generates_what_the_eager_engine_does(quick_compile, mon
     must agree. In bf16 the two round their own ways (inductor fuses away roundings eager makes), so each is
     held against the fp32 model: the compiled engine no further from it than the eager one."""
     gather, every = EXPERT_PATHS[path]
-    if path == "kernel" and not cpu_kernels.load():
-        pytest.skip("dsv2's experts kernel needs a CPU with AVX-512 BF16 (and a build that works)")
+    if path == "kernel" and not (cpu_kernels.load() and cpu_kernels.loaded_bf16()):
+        pytest.skip("dsv2's bf16 experts kernel needs a CPU with AVX-512 BF16 (and a build that works)")
     if path != "kernel":
         monkeypatch.setattr(RoutedExperts, "KERNEL_MAX_ROWS", 0)
     if gather is not None:
@@ -155,9 +155,10 @@ def deviation(reference, outputs) -> tuple[float, int]:
 def test_compiled_int8_activations_decode_generates_what_the_eager_engine_does(quick_compile, quantization):
     """int8 or int4 weights with int8 activations in the compiled decode step, their linears on dsv2's kernels:
     held, as the bf16 case above, against the unquantized fp32 model, no further from it than the eager engine in
-    the same format."""
+    the same format, in the CPU's native dtype (bf16 with AVX-512 BF16, else fp32)."""
     assert cpu_kernels.load()
-    model = dsv2.weights.random_model(dsv2.preset("nano").replace(q_lora_rank=128), dtype=torch.bfloat16, seed=0)
+    model = dsv2.weights.random_model(dsv2.preset("nano").replace(q_lora_rank=128),
+                                      dtype=hardware.resolve_dtype("auto"), seed=0)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=2)
     exact = LLM(deepcopy(model).float(), max_batch_size=3, skip_tokenizer_init=True).generate(PROMPTS, params)
     out = {}

@@ -13,10 +13,13 @@ from torch import nn
 from dsv2.model import cpu_kernels, quant
 from dsv2.model.moe import RoutedExperts
 
-needs_kernel = pytest.mark.skipif(not cpu_kernels.supported(), reason="the kernel needs a CPU with AVX-512 BF16")
+needs_kernel = pytest.mark.skipif(not cpu_kernels.supported(),
+                                  reason="the kernels need a CPU with AVX2 or AVX-512 BF16")
+needs_bf16_kernel = pytest.mark.skipif(not cpu_kernels.supported() or cpu_kernels.build() != "avx512",
+                                       reason="the bf16 kernels need a CPU with AVX-512 BF16")
 
 
-@needs_kernel
+@needs_bf16_kernel
 @pytest.mark.parametrize(("n_experts", "dim", "inner", "top_k", "n_tokens"),
                          [(32, 1024, 256, 4, 1), (6, 72, 40, 2, 9), (4, 48, 24, 3, 20), (8, 33, 17, 8, 2)])
 @torch.no_grad()
@@ -42,7 +45,7 @@ def test_the_kernel_equals_the_dispatched_experts(n_experts, dim, inner, top_k, 
     assert (ours == dispatched).float().mean() >= 0.9  # mostly the very same bits
 
 
-@needs_kernel
+@needs_bf16_kernel
 def test_the_kernel_refuses_what_it_cannot_run():
     assert cpu_kernels.load()
     experts = RoutedExperts(4, 32, 16).to(torch.bfloat16)
@@ -64,6 +67,7 @@ def test_a_kernel_that_does_not_build_leaves_the_graphs_as_they_were(tmp_path, m
     monkeypatch.setattr(cpu_kernels, "_tried", False)
     monkeypatch.setattr(cpu_kernels, "_loaded", False)
     monkeypatch.setattr(cpu_kernels, "_amx", False)
+    monkeypatch.setattr(cpu_kernels, "_bf16", False)
     monkeypatch.setattr(cpu_kernels, "supported", lambda: True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -156,7 +160,8 @@ def test_the_int8_kernel_is_w8a8_exactly(rows, n, k, dtype):
     assert (ours.double() - exact).abs().max() <= 0.02 * exact.abs().max()
 
 
-@pytest.mark.skipif(not cpu_kernels.supported() or torch.cpu._is_amx_tile_supported(), reason="a CPU without AMX")
+@pytest.mark.skipif(cpu_kernels.build() != "avx512" or torch.cpu._is_amx_tile_supported(),
+                    reason="AVX-512 BF16 without AMX")
 def test_without_amx_the_bf16_linear_kernel_is_refused_and_never_taken():
     """Without tiles ATen's bf16 kernel reads as fast (layers.linear): the bf16 kernel says so and no graph takes it."""
     assert cpu_kernels.load()

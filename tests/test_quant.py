@@ -10,12 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import PROMPTS, random_model
+from safetensors.torch import load_file, save_file
 
 from dsv2.infer.engine import LLMEngine
 from dsv2.infer.generate import generate
 from dsv2.infer.sampling import SamplingParams
 from dsv2.model import cpu_kernels, quant
 from dsv2.model.quant import Int4Linear, Int8Linear, QuantizedRoutedExperts
+from dsv2.weights import CheckpointError
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -44,15 +46,18 @@ def test_int8_linear(dtype, rows):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_w8a8_linear_quantizes_each_row_on_its_own(dtype):
+    torch.manual_seed(0)
     w = weight_like_a_layer(96, 256)
     x = torch.randn(7, 256) * torch.logspace(-2, 2, 7)[:, None]  # rows far apart in scale
     layer = Int8Linear.quantize(w.to(dtype))
     layer.int8_activations = True
     y = layer(x.to(dtype))
     exact = F.linear(x.to(dtype).float(), layer.dequantized().float())
-    # the activations' 8-bit rounding: 6e-3 measured on normal rows, whatever the row's scale
+    # the activations' 8-bit rounding: 6e-3 measured on normal rows, whatever the row's scale; twice the step where
+    # fbgemm runs it with 7-bit activations (no dsv2 kernel loaded, a CPU without VNNI)
+    seven_bits = not cpu_kernels.takes_linear_int8(x) and quant._needs_reduce_range()
     for row, ref in zip(y, exact, strict=True):
-        assert rel_err(row, ref) <= 1.5e-2
+        assert rel_err(row, ref) <= (3e-2 if seven_bits else 1.5e-2)
     # the anchor row fixes the grid: a row's result does not depend on the other rows of the batch
     assert torch.equal(torch.cat([layer(x[i : i + 1].to(dtype)) for i in range(7)]), y)
     assert torch.equal(layer(torch.zeros(2, 256, dtype=dtype)), torch.zeros(2, 96, dtype=dtype))
@@ -265,3 +270,17 @@ def test_bad_arguments(tmp_path):
     quant.quantize_model(model, "int8")
     with pytest.raises(ValueError, match="already quantized"):
         quant.quantize_model(model, "int4")
+
+
+def test_an_int8_checkpoint_holding_minus_128_is_refused(tmp_path):
+    """dsv2's int8 is symmetric, [-127, 127] (what the AVX2 kernel's sign trick needs): a file holding -128 names the
+    tensor instead of decoding wrongly."""
+    model = quant.quantize_model(random_model("lite_like"), "int8")
+    quant.save_quantized(model, tmp_path)
+    quant.load_quantized(tmp_path, dtype=torch.float32)
+    name = "model.layers.1.mlp.experts.3.gate_proj.weight"
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors[name][0, 0] = -128
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=f"{name} holds -128"):
+        quant.load_quantized(tmp_path, dtype=torch.float32)

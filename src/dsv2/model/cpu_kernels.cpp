@@ -1,5 +1,9 @@
-// Kernels for the few rows of a decode step, on a CPU with AVX-512 BF16; built and loaded by cpu_kernels.py
-// (torch.utils.cpp_extension), where why they exist is written.
+// Kernels for the few rows of a decode step; built and loaded by cpu_kernels.py (torch.utils.cpp_extension), where
+// why they exist is written. Built one of two ways, by what the CPU has:
+//   AVX-512 BF16 (and VNNI; AMX tiles where present): every kernel below;
+//   AVX2 + FMA (no native bf16, e.g. AMD Zen 3): the int8 and w4a8 ones (linear_int8, linear_w4a8, their fused
+//   experts, dequantize_w4a8), whose exact int32 sums come from vpmaddubsw + vpmaddwd instead of vpdpbusd; the bf16
+//   ones (routed_experts_bf16, linear_bf16) are AVX-512 BF16 only and not registered there.
 //
 // routed_experts_bf16: routed experts for a few tokens, each chosen expert's weights read once.
 //   x [N,d] bf16, gates [N,K] fp32, indices [N,K] int64 (-1: a dropped slot), w1/w3 [E,I,d], w2 [E,d,I] bf16
@@ -31,6 +35,7 @@ namespace {
 
 using bf16 = uint16_t;
 constexpr int kTokensPerPass = 8;  // token rows whose dot products share one load of a weight row
+constexpr int kMaxRows = 16;       // x's rows a linear kernel's call takes (the 16 columns of an AMX B tile)
 
 inline float to_float(bf16 v) {
   uint32_t u = uint32_t(v) << 16;
@@ -49,6 +54,22 @@ inline bf16 to_bf16(float f) {  // round to nearest even, as torch does
 
 inline float rounded(float f) { return to_float(to_bf16(f)); }
 
+// f(std::integral_constant<int, m>) for m in 1..8 (m > 8 as 8): the kernels' templates on their x row count
+template <typename F>
+void with_rows(int m, F f) {
+  switch (m) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+
+#if defined(__AVX512BF16__)
 // out[j][r] = dot(W[r], v[j]) for rows r < R of W [R,D] and M vectors v, all bf16, fp32 sums. RB rows at a
 // time, so RB·M independent accumulator chains hide the dot products' latency; the tail of D below 32 is read
 // with a masked load, so any D works.
@@ -81,21 +102,6 @@ void rows_dot(const bf16* W, int64_t R, int64_t D, const bf16* const* v, float* 
   if (r < R) rows_dot<M, 1>(W + r * D, R - r, D, v, out + r, out_stride);
 }
 
-// f(std::integral_constant<int, m>) for m in 1..8 (m > 8 as 8): the kernels' templates on their x row count
-template <typename F>
-void with_rows(int m, F f) {
-  switch (m) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    case 6: return f(std::integral_constant<int, 6>{});
-    case 7: return f(std::integral_constant<int, 7>{});
-    default: return f(std::integral_constant<int, 8>{});
-  }
-}
-
 // rows_dot for m <= kTokensPerPass vectors: ~16 accumulators whatever m is
 void rows_dot(const bf16* W, int64_t R, int64_t D, const bf16* const* v, int m, float* out, int64_t out_stride) {
   with_rows(m, [&](auto rows) {
@@ -103,6 +109,8 @@ void rows_dot(const bf16* W, int64_t R, int64_t D, const bf16* const* v, int m, 
     rows_dot<M, M <= 2 ? 8 : M <= 4 ? 4 : 2>(W, R, D, v, out, out_stride);
   });
 }
+
+#endif  // __AVX512BF16__
 
 // the slots (n·K + k) of each of E experts in slot order, from contiguous int64 indices [N,K]; a dropped slot
 // (id -1) belongs to none
@@ -133,6 +141,7 @@ at::Tensor gated_sum(const std::vector<float>& slot_out, const at::Tensor& gates
   return y;
 }
 
+#if defined(__AVX512BF16__)
 at::Tensor routed_experts_bf16(const at::Tensor& x_in, const at::Tensor& gates_in, const at::Tensor& indices_in,
                                const at::Tensor& w1_in, const at::Tensor& w2_in, const at::Tensor& w3_in) {
   TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && w1_in.scalar_type() == at::kBFloat16 &&
@@ -186,9 +195,17 @@ at::Tensor routed_experts_bf16(const at::Tensor& x_in, const at::Tensor& gates_i
 
   return gated_sum(slot_out, gates, x);
 }
+#endif  // __AVX512BF16__
+
+void check_shapes(const char* name, const at::Tensor& x, const at::Tensor& w, int64_t k_per_tile) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), name, ": x [M,K] and a weight [N,K], got ",
+              x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(x.size(0) <= kMaxRows && x.size(1) % k_per_tile == 0, name, ": at most ", kMaxRows,
+              " rows and a width that is a multiple of ", k_per_tile, ", got x ", x.sizes());
+}
 
 // linear_bf16 and linear_int8: y [M,N] = x [M,K] Wᵀ for M <= 16 rows and W [N,K] as it is stored, on AMX tiles
-// (linear_int8 on a CPU without them, e.g. AMD Zen 4: the same sums on VNNI, below).
+// (linear_int8 on a CPU without them: the same sums on VNNI, e.g. AMD Zen 4, or on AVX2, e.g. Zen 3, below).
 //
 // AMX multiplies a tile A [16 rows, 64 bytes] by a tile B [16 rows, 64 bytes] whose rows interleave groups of k
 // (bf16: B[k/2][j][k%2], 32 k per tile; int8: B[k/4][j][k%4], 64 k per tile) into C [16,16] (fp32 or int32).
@@ -203,7 +220,7 @@ at::Tensor routed_experts_bf16(const at::Tensor& x_in, const at::Tensor& gates_i
 // int8 with one scale per output channel (W ≈ q·s), and y[j,n] = (a_j/127)·s_n·Σ_k q_x[j,k]·q[n,k], the sum exact
 // in int32.
 
-constexpr int kMaxRows = 16;      // x's rows: the 16 columns of a B tile
+#if defined(__AVX512BF16__)
 constexpr int kRowsPerStep = 32;  // W's rows per step: two A tiles, two accumulators (C tiles 0 and 1)
 
 struct TileConfig {  // the layout ldtilecfg reads (palette 1)
@@ -274,13 +291,6 @@ void tile_product(const T* w, int64_t N, int64_t K, const T* xt, Emit emit) {
   });
 }
 
-void check_shapes(const char* name, const at::Tensor& x, const at::Tensor& w, int64_t k_per_tile) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), name, ": x [M,K] and a weight [N,K], got ",
-              x.sizes(), " and ", w.sizes());
-  TORCH_CHECK(x.size(0) <= kMaxRows && x.size(1) % k_per_tile == 0, name, ": at most ", kMaxRows,
-              " rows and a width that is a multiple of ", k_per_tile, ", got x ", x.sizes());
-}
-
 at::Tensor linear_bf16(const at::Tensor& x_in, const at::Tensor& w_in) {
   TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && w_in.scalar_type() == at::kBFloat16,
               "linear_bf16: x and the weight must be bf16");
@@ -302,6 +312,7 @@ at::Tensor linear_bf16(const at::Tensor& x_in, const at::Tensor& w_in) {
                             });
   return y;
 }
+#endif  // __AVX512BF16__
 
 // a contiguous fp32 or bf16 tensor's values as fp32 (bf16 -> fp32 is exact): the int8 kernel reads x and the
 // scales in their own dtype, where three ATen conversions a call cost ~25 us (V2-Lite's w8a8 decode step makes
@@ -314,50 +325,151 @@ std::vector<float> floats(const at::Tensor& t) {
   return out;
 }
 
+// max_k |row[k]|, a register of lanes at a time: a scalar max is a 3-cycle chain per input (~0.7 us at K=2048)
+float abs_max(const float* row, int64_t K) {
+  int64_t k = 0;
+#if defined(__AVX512BF16__)
+  __m512 lanes = _mm512_setzero_ps();
+  for (; k + 16 <= K; k += 16) lanes = _mm512_max_ps(lanes, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
+  float amax = _mm512_reduce_max_ps(lanes);
+#else
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 lanes = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8) lanes = _mm256_max_ps(lanes, _mm256_and_ps(_mm256_loadu_ps(row + k), magnitude));
+  alignas(32) float each[8];
+  _mm256_store_ps(each, lanes);
+  float amax = *std::max_element(each, each + 8);
+#endif
+  for (; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
+  return amax;
+}
+
 // one row of x on 127 levels of its own absmax: q[k] = round(row[k]·127/a) -> the step a/127 (0 for a zero row)
 float quantize_row(const float* row, int64_t K, int8_t* q) {
-  __m512 amax16 = _mm512_setzero_ps();  // 16 lanes: a scalar max is a 3-cycle chain per input (~0.7 us at K=2048)
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) amax16 = _mm512_max_ps(amax16, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
-  float amax = _mm512_reduce_max_ps(amax16);
-  for (; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
-  const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-  for (k = 0; k < K; ++k) q[k] = int8_t(std::nearbyint(row[k] * inverse));
+  const float amax = abs_max(row, K), inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+  for (int64_t k = 0; k < K; ++k) q[k] = int8_t(std::nearbyint(row[k] * inverse));
   return amax / 127.0f;
 }
 
-constexpr int kRowsPerTask = 64;   // weight rows per parallel task of the VNNI kernels
+#if defined(__AVX512BF16__)
+using Lanes = __m512i;  // a register of int8 inputs: 64 on AVX-512, 32 on AVX2
+inline int32_t sum_lanes(__m512i v) { return _mm512_reduce_add_epi32(v); }
+inline float sum_lanes(__m512 v) { return _mm512_reduce_add_ps(v); }
+#else
+using Lanes = __m256i;
+inline int32_t sum_lanes(__m256i v) {
+  const __m128i four = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const __m128i two = _mm_add_epi32(four, _mm_unpackhi_epi64(four, four));
+  return _mm_cvtsi128_si32(_mm_add_epi32(two, _mm_shuffle_epi32(two, 1)));
+}
+inline float sum_lanes(__m256 v) {
+  const __m128 four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+  return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+}
+#endif
+constexpr int64_t kLaneBytes = sizeof(Lanes);
+
+constexpr int kRowsPerTask = 64;   // weight rows per parallel task of the int8 and w4a8 kernels
 constexpr int kPrefetchRows = 16;  // how far ahead (in weight rows) their loads' lines are prefetched
 
+// Up to `capacity` (<= kMaxRows) rows of x [., K], each quantized to int8 on its own absmax (quantize_row), row-major
+// in registers of lanes, with Σ_k q_x[j,k] per row (and, on AVX2, |q_x| beside q_x: see int8_rows)
+struct Int8Rows {
+  int64_t M = 0, K, capacity;
+  std::vector<Lanes> qx;  // [j * K/kLaneBytes + c]
+#if !defined(__AVX512BF16__)
+  std::vector<Lanes> magnitude;  // |qx|, the same layout
+#endif
+  std::vector<float> step;  // a_j / 127
+  std::vector<int32_t> sum;
+
+  Int8Rows(int64_t K_, int64_t capacity_)
+      : K(K_), capacity(capacity_), qx(size_t(capacity_ * (K_ / kLaneBytes))),
+#if !defined(__AVX512BF16__)
+        magnitude(qx.size()),
+#endif
+        step(kMaxRows, 0.0f), sum(kMaxRows, 0) {
+  }
+
+  const int8_t* row(int64_t j) const { return reinterpret_cast<const int8_t*>(qx.data()) + j * K; }
+
+  void add(const float* x) {
+    TORCH_CHECK(M < capacity && M < kMaxRows, "Int8Rows: at most ", capacity, " rows");
+    const int64_t j = M++;
+    int8_t* q = reinterpret_cast<int8_t*>(qx.data()) + j * K;
+    step[j] = quantize_row(x, K, q);
+    for (int64_t k = 0; k < K; ++k) sum[j] += q[k];
+#if !defined(__AVX512BF16__)
+    for (int64_t c = j * (K / kLaneBytes); c < (j + 1) * (K / kLaneBytes); ++c) magnitude[c] = _mm256_abs_epi8(qx[c]);
+#endif
+  }
+};
+
+#if defined(__AVX512BF16__)
 // linear_int8 where there are no AMX tiles (AVX-512 VNNI, e.g. AMD Zen 4): vpdpbusd multiplies 64 unsigned bytes by
 // 64 signed ones and sums each four into one of 16 int32 lanes. The weight's bytes are made unsigned as they are
-// loaded (q ^ 0x80 = q + 128) and the row's sum corrected by 128·Σ_k q_x[j,k] afterwards, so c is the same exact
-// integer the tiles give (|Σ (q+128)·q_x| <= 255·127·K fits int32 for K <= 65536). out[r][j] = Σ_k (q[r,k]+128)·q_x[j,k]
-// for RB weight rows from w (row stride K) and M rows of q_x, one __m512i per 64 inputs.
+// loaded (q ^ 0x80 = q + 128) and the row's sum corrected by 128·Σ_k q_x[j,k] afterwards (kWeightOffset), so c is the
+// same exact integer the tiles give (|Σ (q+128)·q_x| <= 255·127·K fits int32 for K <= 65536).
+// out[r][j] = Σ_k (q[r,k]+128)·q_x[j,k] for RB weight rows from w (row stride K) and M rows of x from j0.
+constexpr int32_t kWeightOffset = 128;
+
 template <int M, int RB>
-void int8_rows(const int8_t* w, int64_t K, const __m512i* qx, int32_t* out) {
-  const int64_t chunks = K / 64;
+void int8_rows(const int8_t* w, int64_t K, const Int8Rows& x, int64_t j0, int32_t* out) {
+  const int64_t chunks = K / kLaneBytes;
+  const Lanes* qx = x.qx.data() + j0 * chunks;
   const __m512i flip = _mm512_set1_epi8(char(0x80));
   __m512i acc[RB][M];
   for (int r = 0; r < RB; ++r)
     for (int j = 0; j < M; ++j) acc[r][j] = _mm512_setzero_si512();
   for (int64_t c = 0; c < chunks; ++c)
     for (int r = 0; r < RB; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + (r + kPrefetchRows) * K + c * 64), _MM_HINT_T1);
-      const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(w + r * K + c * 64), flip);
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + kPrefetchRows) * K + c * kLaneBytes), _MM_HINT_T1);
+      const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(w + r * K + c * kLaneBytes), flip);
       for (int j = 0; j < M; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], v, qx[j * chunks + c]);
     }
   for (int r = 0; r < RB; ++r)
-    for (int j = 0; j < M; ++j) out[r * kMaxRows + j] = _mm512_reduce_add_epi32(acc[r][j]);
+    for (int j = 0; j < M; ++j) out[r * kMaxRows + j] = sum_lanes(acc[r][j]);
 }
+#else
+// linear_int8 on AVX2 (e.g. AMD Zen 3): vpmaddubsw multiplies 32 unsigned bytes by 32 signed ones and adds each pair
+// into int16, vpmaddwd each two of those into int32. Both factors lie in [-127, 127] (quantize_int8 and
+// quantize_row; loading refuses -128), so |q_x| times q·sign(q_x) (vpsignb) makes the same products, and a pair sums
+// to at most 2·127·127 = 32258 < 2^15: nothing saturates, and c is the same exact integer as VNNI's or the tiles'.
+// out[r][j] = Σ_k q[r,k]·q_x[j,k] for RB weight rows from w (row stride K) and M rows of x from j0.
+constexpr int32_t kWeightOffset = 0;
 
-// int8_rows for m <= 8 x rows over `rows` weight rows: 8-16 accumulators whatever m is
-void int8_block(int m, const int8_t* w, int64_t rows, int64_t K, const __m512i* qx, int32_t* out) {
+template <int M, int RB>
+void int8_rows(const int8_t* w, int64_t K, const Int8Rows& x, int64_t j0, int32_t* out) {
+  const int64_t chunks = K / kLaneBytes;
+  const Lanes* qx = x.qx.data() + j0 * chunks;
+  const Lanes* magnitude = x.magnitude.data() + j0 * chunks;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[RB][M];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < M; ++j) acc[r][j] = _mm256_setzero_si256();
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int r = 0; r < RB; ++r) {
+      if (c % 2 == 0)  // one line (64 bytes) a prefetch
+        _mm_prefetch(reinterpret_cast<const char*>(w + (r + kPrefetchRows) * K + c * kLaneBytes), _MM_HINT_T1);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + c * kLaneBytes));
+      for (int j = 0; j < M; ++j) {
+        const __m256i pairs = _mm256_maddubs_epi16(magnitude[j * chunks + c], _mm256_sign_epi8(v, qx[j * chunks + c]));
+        acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < M; ++j) out[r * kMaxRows + j] = sum_lanes(acc[r][j]);
+}
+#endif
+
+// int8_rows for m <= 8 x rows from j0 over `rows` weight rows: 8-16 accumulators whatever m is
+void int8_block(int m, const int8_t* w, int64_t rows, int64_t K, const Int8Rows& x, int64_t j0, int32_t* out) {
   with_rows(m, [&](auto x_rows) {
     constexpr int M = decltype(x_rows)::value, RB = M <= 2 ? 4 : M <= 4 ? 2 : 1;
     int64_t r = 0;
-    for (; r + RB <= rows; r += RB) int8_rows<M, RB>(w + r * K, K, qx, out + r * kMaxRows);
-    for (; r < rows; ++r) int8_rows<M, 1>(w + r * K, K, qx, out + r * kMaxRows);
+    for (; r + RB <= rows; r += RB) int8_rows<M, RB>(w + r * K, K, x, j0, out + r * kMaxRows);
+    for (; r < rows; ++r) int8_rows<M, 1>(w + r * K, K, x, j0, out + r * kMaxRows);
   });
 }
 
@@ -389,39 +501,17 @@ Int8Weight int8_weight(const char* name, const at::Tensor& q, const at::Tensor& 
           f ? nullptr : reinterpret_cast<const bf16*>(scale.data_ptr()), q.size(0), K};
 }
 
-// Up to `capacity` (<= kMaxRows) rows of x [., K], each quantized to int8 on its own absmax (quantize_row), row-major
-// in 64-input vectors, with Σ_k q_x[j,k] per row
-struct Int8Rows {
-  int64_t M = 0, K, capacity;
-  std::vector<__m512i> qx;  // [j * K/64 + c]
-  std::vector<float> step;  // a_j / 127
-  std::vector<int32_t> sum;
-
-  Int8Rows(int64_t K_, int64_t capacity_)
-      : K(K_), capacity(capacity_), qx(size_t(capacity_ * (K_ / 64))), step(kMaxRows, 0.0f), sum(kMaxRows, 0) {}
-
-  const int8_t* row(int64_t j) const { return reinterpret_cast<const int8_t*>(qx.data()) + j * K; }
-
-  void add(const float* x) {
-    TORCH_CHECK(M < capacity && M < kMaxRows, "Int8Rows: at most ", capacity, " rows");
-    const int64_t j = M++;
-    int8_t* q = reinterpret_cast<int8_t*>(qx.data()) + j * K;
-    step[j] = quantize_row(x, K, q);
-    for (int64_t k = 0; k < K; ++k) sum[j] += q[k];
-  }
-};
-
 // emit(row, j, y[j, row]) for weight rows n .. n+rows (rows <= kRowsPerTask) and every row j of x, in fp32: the exact
-// int32 sum (int8_block's, less the 128·Σ_k q_x[j,k] of the flipped bytes) times the row's step and the scale
+// int32 sum (int8_block's, less kWeightOffset·Σ_k q_x[j,k] of the flipped bytes) times the row's step and the scale
 template <typename Emit>
 void int8_task(const Int8Rows& x, const Int8Weight& w, int64_t n, int64_t rows, Emit emit) {
   alignas(64) int32_t c[kRowsPerTask][kMaxRows];
   const int64_t K = w.K;
   for (int64_t j0 = 0; j0 < x.M; j0 += 8)  // x rows eight at a time; each row's sums are the same in any batch
-    int8_block(int(std::min<int64_t>(8, x.M - j0)), w.q + n * K, rows, K, x.qx.data() + j0 * (K / 64), &c[0][j0]);
+    int8_block(int(std::min<int64_t>(8, x.M - j0)), w.q + n * K, rows, K, x, j0, &c[0][j0]);
   for (int64_t i = 0; i < rows; ++i) {
     const float s = w.scale(n + i);
-    for (int64_t j = 0; j < x.M; ++j) emit(n + i, j, float(c[i][j] - 128 * x.sum[j]) * x.step[j] * s);
+    for (int64_t j = 0; j < x.M; ++j) emit(n + i, j, float(c[i][j] - kWeightOffset * x.sum[j]) * x.step[j] * s);
   }
 }
 
@@ -451,19 +541,22 @@ at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& q_in, const at:
     if (to_bf16_out) yb[j * N + n] = to_bf16(v);
     else yf[j * N + n] = v;
   };
-  if (!amx_permitted()) {  // a CPU without AMX (or a kernel that withholds it): the same sums on VNNI
-    at::parallel_for(0, row_tasks(N), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task)
-        int8_task(rows, w, task * kRowsPerTask, std::min<int64_t>(kRowsPerTask, N - task * kRowsPerTask), store);
+#if defined(__AVX512BF16__)
+  if (amx_permitted()) {
+    std::vector<int8_t> xt(size_t(K * kMaxRows), 0);  // q_x interleaved as B tiles
+    for (int64_t j = 0; j < M; ++j)
+      for (int64_t k = 0; k < K; ++k) xt[(k / 4) * 4 * kMaxRows + j * 4 + (k & 3)] = rows.row(j)[k];
+    tile_product<int8_t, int32_t>(w.q, N, K, xt.data(), [&](int64_t n, int64_t count, const int32_t (*c)[kMaxRows]) {
+      for (int64_t i = 0; i < count; ++i)
+        for (int64_t j = 0; j < M; ++j) store(n + i, j, float(c[i][j]) * rows.step[j] * w.scale(n + i));
     });
     return y;
   }
-  std::vector<int8_t> xt(size_t(K * kMaxRows), 0);  // q_x interleaved as B tiles
-  for (int64_t j = 0; j < M; ++j)
-    for (int64_t k = 0; k < K; ++k) xt[(k / 4) * 4 * kMaxRows + j * 4 + (k & 3)] = rows.row(j)[k];
-  tile_product<int8_t, int32_t>(w.q, N, K, xt.data(), [&](int64_t n, int64_t count, const int32_t (*c)[kMaxRows]) {
-    for (int64_t i = 0; i < count; ++i)
-      for (int64_t j = 0; j < M; ++j) store(n + i, j, float(c[i][j]) * rows.step[j] * w.scale(n + i));
+#endif
+  // no AMX tiles (or a kernel that withholds them): the same sums on VNNI or AVX2
+  at::parallel_for(0, row_tasks(N), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task)
+      int8_task(rows, w, task * kRowsPerTask, std::min<int64_t>(kRowsPerTask, N - task * kRowsPerTask), store);
   });
   return y;
 }
@@ -481,12 +574,18 @@ at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& q_in, const at:
 // same in any batch. Why not AMX tiles as linear_int8: the nibbles must be unpacked to memory for the tile loads,
 // and scaling each group means storing the accumulator tiles every group, a serial chain per group: 5-12 GB/s of
 // packed weight on V2-Lite's shapes at one row, where this reads 10-20 (its cost grows with the rows, the tiles' not).
+// On AVX2 (vpmaddubsw, nibbles unsigned times q_x signed, each pair summed into int16, then vpmaddwd into int32) one
+// 32-byte load gives a chunk's 64 inputs as two registers, q_x in its natural order: a pair's products sum to at most
+// 2·15·127 = 3810, so a group's (up to 128 inputs, four such sums a lane) stays below 2^15 and is exact in int16.
 constexpr int kChunk = 64;  // inputs per 32 packed bytes (a group is one or two chunks)
+
+#if defined(__AVX512BF16__)
+constexpr int64_t kInputsPerUnit = 2 * kChunk;  // inputs per register pair of laid-out q_x (W4a8Rows)
 
 // out[r][j] = Σ_g s[r,g]·Σ_{k in g} q_x[j,k]·q[r,k] for RB weight rows from `w` (row stride K/2 bytes) and M rows
 // of laid-out q_x; groups of 64 (GC = 1: a pair's two halves are two groups) or 128 (GC = 2: one group a pair)
 template <int M, int RB, int GC>
-void w4a8_rows(const uint8_t* w, int64_t K, const float* scale, int64_t groups, const __m512i* xlo, const __m512i* xhi,
+void w4a8_rows(const uint8_t* w, int64_t K, const float* scale, int64_t groups, const Lanes* xlo, const Lanes* xhi,
                float* out) {
   const int64_t pairs = (K + 2 * kChunk - 1) / (2 * kChunk), row_bytes = K / 2;
   const __m512i low_nibbles = _mm512_set1_epi8(0x0f);
@@ -513,13 +612,51 @@ void w4a8_rows(const uint8_t* w, int64_t K, const float* scale, int64_t groups, 
   for (int64_t p = 0; p < whole; ++p) pair(p, ~__mmask64(0));
   if (whole < pairs) pair(whole, __mmask64(0xffffffffu));  // K an odd number of chunks: the last one's 32 bytes
   for (int r = 0; r < RB; ++r)
-    for (int j = 0; j < M; ++j) out[r * kMaxRows + j] = _mm512_reduce_add_ps(acc[r][j]);
+    for (int j = 0; j < M; ++j) out[r * kMaxRows + j] = sum_lanes(acc[r][j]);
 }
+#else
+constexpr int64_t kInputsPerUnit = kChunk;  // inputs per register pair of laid-out q_x (W4a8Rows)
+
+// out[r][j] = Σ_g s[r,g]·Σ_{k in g} q_x[j,k]·q[r,k] for RB weight rows from `w` (row stride K/2 bytes) and M rows
+// of q_x (chunk c's inputs [64c, 64c+32) in xlo, [64c+32, 64c+64) in xhi); GC chunks a group (G = 64 or 128)
+template <int M, int RB, int GC>
+void w4a8_rows(const uint8_t* w, int64_t K, const float* scale, int64_t groups, const Lanes* xlo, const Lanes* xhi,
+               float* out) {
+  const int64_t chunks = K / kChunk, row_bytes = K / 2;
+  const __m256i low_nibbles = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  __m256 acc[RB][M];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < M; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g)
+    for (int r = 0; r < RB; ++r) {
+      __m256i lo[GC], hi[GC];
+      for (int c = 0; c < GC; ++c) {
+        const uint8_t* at = w + r * row_bytes + (g * GC + c) * (kChunk / 2);
+        if ((g * GC + c) % 2 == 0)  // one line (64 bytes) a prefetch
+          _mm_prefetch(reinterpret_cast<const char*>(at + kPrefetchRows * row_bytes), _MM_HINT_T1);
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
+        lo[c] = _mm256_and_si256(v, low_nibbles);
+        hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low_nibbles);
+      }
+      const __m256 sv = _mm256_set1_ps(scale[r * groups + g]);
+      for (int j = 0; j < M; ++j) {
+        const int64_t at = j * chunks + g * GC;
+        __m256i dot = _mm256_add_epi16(_mm256_maddubs_epi16(lo[0], xlo[at]), _mm256_maddubs_epi16(hi[0], xhi[at]));
+        if constexpr (GC == 2)
+          dot = _mm256_add_epi16(dot, _mm256_add_epi16(_mm256_maddubs_epi16(lo[1], xlo[at + 1]),
+                                                       _mm256_maddubs_epi16(hi[1], xhi[at + 1])));
+        acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(dot, ones)), sv, acc[r][j]);
+      }
+    }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < M; ++j) out[r * kMaxRows + j] = sum_lanes(acc[r][j]);
+}
+#endif
 
 // w4a8_rows for M <= 8 x rows over `rows` weight rows: 8-16 accumulators whatever M is
 template <int M, int GC>
-void w4a8_block(const uint8_t* w, int64_t rows, int64_t K, const float* scale, int64_t groups, const __m512i* xlo,
-                const __m512i* xhi, float* out) {
+void w4a8_block(const uint8_t* w, int64_t rows, int64_t K, const float* scale, int64_t groups, const Lanes* xlo,
+                const Lanes* xhi, float* out) {
   constexpr int RB = M <= 2 ? 4 : M <= 4 ? 2 : 1;
   int64_t r = 0;
   for (; r + RB <= rows; r += RB)
@@ -530,7 +667,7 @@ void w4a8_block(const uint8_t* w, int64_t rows, int64_t K, const float* scale, i
 
 template <int GC>
 void w4a8_block(int m, const uint8_t* w, int64_t rows, int64_t K, const float* scale, int64_t groups,
-                const __m512i* xlo, const __m512i* xhi, float* out) {
+                const Lanes* xlo, const Lanes* xhi, float* out) {
   with_rows(m, [&](auto x_rows) {
     w4a8_block<decltype(x_rows)::value, GC>(w, rows, K, scale, groups, xlo, xhi, out);
   });
@@ -571,41 +708,63 @@ W4a8Weight w4a8_weight(const char* name, const at::Tensor& packed, const at::Ten
   return {packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<uint8_t>(), N, K, G, groups};
 }
 
-// Up to kMaxRows rows of x [., K], each quantized to int8 on its own absmax and laid out as the nibbles are: pair
-// p's low vector holds inputs [128p, 128p+32) and [128p+64, +32), its high one [128p+32, +32) and [128p+96, +32)
-// (zeros past K); with Σ_{k in g} q_x[j,k] per group of G. A row's layout is the same whatever rows are beside it.
+// Up to kMaxRows rows of x [., K], each quantized to int8 on its own absmax and laid out as the nibbles are: on
+// AVX-512 pair p's low register holds inputs [128p, 128p+32) and [128p+64, +32), its high one [128p+32, +32) and
+// [128p+96, +32) (zeros past K); on AVX2 chunk c's low one [64c, 64c+32), its high one [64c+32, +32); with Σ_{k in g} q_x[j,k] per group of G. A row's layout is the same whatever rows are beside it.
 struct W4a8Rows {
-  int64_t M = 0, K, G, pairs;
-  std::vector<__m512i> lo, hi;  // [j * pairs + p]
-  std::vector<float> step;      // a_j / 127
-  std::vector<float> sums;      // [j][g]: Σ_{k in g} q_x[j,k]
+  int64_t M = 0, K, G, units;
+  std::vector<Lanes> lo, hi;  // [j * units + u]
+  std::vector<float> step;    // a_j / 127
+  std::vector<float> sums;    // [j][g]: Σ_{k in g} q_x[j,k]
 
   W4a8Rows(int64_t K_, int64_t G_)
-      : K(K_), G(G_), pairs((K_ + 2 * kChunk - 1) / (2 * kChunk)), lo(size_t(kMaxRows * pairs)),
-        hi(size_t(kMaxRows * pairs)), step(kMaxRows, 0.0f), sums(size_t(kMaxRows * (K_ / G_)), 0.0f) {}
+      : K(K_), G(G_), units((K_ + kInputsPerUnit - 1) / kInputsPerUnit), lo(size_t(kMaxRows * units)),
+        hi(size_t(kMaxRows * units)), step(kMaxRows, 0.0f), sums(size_t(kMaxRows * (K_ / G_)), 0.0f) {}
 
   void add(const float* row) {
     TORCH_CHECK(M < kMaxRows, "W4a8Rows: at most ", kMaxRows, " rows");
     const int64_t j = M++;
-    std::vector<int8_t> q(size_t(pairs * 2 * kChunk), 0);  // zeros past K stay zeros
+    std::vector<int8_t> q(size_t(units * kInputsPerUnit), 0);  // zeros past K stay zeros
     step[j] = quantize_row(row, K, q.data());
     for (int64_t g = 0; g < K / G; ++g) {  // in int32, one group at a time: exact, and no chain through memory
       int32_t sum = 0;
       for (int64_t k = g * G; k < (g + 1) * G; ++k) sum += q[k];
       sums[j * (K / G) + g] = float(sum);
     }
-    for (int64_t p = 0; p < pairs; ++p) {
-      alignas(64) int8_t l[64], h[64];
-      const int8_t* src = q.data() + p * 2 * kChunk;
-      std::memcpy(l, src, 32);
-      std::memcpy(l + 32, src + 64, 32);
-      std::memcpy(h, src + 32, 32);
-      std::memcpy(h + 32, src + 96, 32);
-      lo[j * pairs + p] = _mm512_load_si512(l);
-      hi[j * pairs + p] = _mm512_load_si512(h);
+    for (int64_t u = 0; u < units; ++u) {  // each chunk's first 32 inputs to lo, its last 32 to hi
+      const int8_t* src = q.data() + u * kInputsPerUnit;
+      for (int64_t c = 0; c < kInputsPerUnit / kChunk; ++c) {
+        std::memcpy(reinterpret_cast<int8_t*>(&lo[j * units + u]) + 32 * c, src + kChunk * c, 32);
+        std::memcpy(reinterpret_cast<int8_t*>(&hi[j * units + u]) + 32 * c, src + kChunk * c + 32, 32);
+      }
     }
   }
 };
+
+// one weight row's and one x row's Σ_g s[g]·z[g]·sums[g] (sums[g] = Σ_{k in g} q_x[k]), a register of groups a step
+float zero_part(const float* s, const uint8_t* z, const float* sums, int64_t groups) {
+  int64_t g = 0;
+#if defined(__AVX512BF16__)
+  __m512 part = _mm512_setzero_ps();
+  for (; g < groups; g += 16) {
+    const __mmask16 live = groups - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (groups - g)) - 1);
+    const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(live, s + g),
+                                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, z + g))));
+    part = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(live, sums + g), part);
+  }
+  return sum_lanes(part);
+#else
+  __m256 part = _mm256_setzero_ps();
+  for (; g + 8 <= groups; g += 8) {
+    const __m128i z8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + g));
+    const __m256 sz = _mm256_mul_ps(_mm256_loadu_ps(s + g), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z8)));
+    part = _mm256_fmadd_ps(sz, _mm256_loadu_ps(sums + g), part);
+  }
+  float total = sum_lanes(part);
+  for (; g < groups; ++g) total += s[g] * float(z[g]) * sums[g];
+  return total;
+#endif
+}
 
 // emit(row, j, y[j, row]) for weight rows n .. n+rows (rows <= kRowsPerTask) and every row j of x, in fp32:
 // the group sums (w4a8_rows), minus the zero points' part Σ_g s·z·Σ_{k in g} q_x, times the row's step
@@ -616,22 +775,13 @@ void w4a8_task(const W4a8Rows& x, const W4a8Weight& w, int64_t n, int64_t rows, 
   for (int64_t j0 = 0; j0 < x.M; j0 += 8) {  // x rows eight at a time; each row's sums are the same in any batch
     const int m = int(std::min<int64_t>(8, x.M - j0));
     (w.G == 64 ? w4a8_block<1> : w4a8_block<2>)(m, w.packed + n * (K / 2), rows, K, w.scale + n * groups, groups,
-                                                x.lo.data() + j0 * x.pairs, x.hi.data() + j0 * x.pairs, dots + j0);
+                                                x.lo.data() + j0 * x.units, x.hi.data() + j0 * x.units, dots + j0);
   }
   for (int64_t i = 0; i < rows; ++i) {
     const float* s = w.scale + (n + i) * groups;
     const uint8_t* z = w.zero + (n + i) * groups;
-    __m512 zero_part[kMaxRows];  // row j's Σ_g s[n,g]·z[n,g]·Σ_{k in g} q_x[j,k], 16 groups a lane-wise step
-    for (int64_t j = 0; j < x.M; ++j) zero_part[j] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; g += 16) {
-      const __mmask16 live = groups - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (groups - g)) - 1);
-      const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(live, s + g),
-                                      _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, z + g))));
-      for (int64_t j = 0; j < x.M; ++j)
-        zero_part[j] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(live, x.sums.data() + j * groups + g), zero_part[j]);
-    }
     for (int64_t j = 0; j < x.M; ++j)
-      emit(n + i, j, (dots[i * kMaxRows + j] - _mm512_reduce_add_ps(zero_part[j])) * x.step[j]);
+      emit(n + i, j, (dots[i * kMaxRows + j] - zero_part(s, z, x.sums.data() + j * groups, groups)) * x.step[j]);
   }
 }
 
@@ -864,19 +1014,34 @@ at::Tensor dequantize_w4a8(const at::Tensor& packed_in, const at::Tensor& scale_
     for (int64_t n = begin; n < end; ++n)
       for (int64_t c = 0; c < K / kChunk; ++c) {
         const int64_t g = c * kChunk / G;
-        const __m512 s = _mm512_set1_ps(sp[n * groups + g]), z = _mm512_set1_ps(float(zp[n * groups + g]));
+        const float s = sp[n * groups + g], z = float(zp[n * groups + g]);
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + n * (K / 2) + c * 32));
         alignas(64) uint8_t q[kChunk];
         _mm256_store_si256(reinterpret_cast<__m256i*>(q), _mm256_and_si256(v, _mm256_set1_epi8(0x0f)));
         _mm256_store_si256(reinterpret_cast<__m256i*>(q + 32),
                            _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0f)));
+#if defined(__AVX512BF16__)
         for (int i = 0; i < kChunk; i += 16) {
           const __m512 qf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(q + i))));
-          const __m512 value = _mm512_mul_ps(_mm512_sub_ps(qf, z), s);
+          const __m512 value = _mm512_mul_ps(_mm512_sub_ps(qf, _mm512_set1_ps(z)), _mm512_set1_ps(s));
           const int64_t at = n * K + c * kChunk + i;
           if (wb) _mm256_storeu_si256(reinterpret_cast<__m256i*>(wb + at), (__m256i)_mm512_cvtneps_pbh(value));
           else _mm512_storeu_ps(wf + at, value);
         }
+#else
+        for (int i = 0; i < kChunk; i += 8) {
+          const __m256 qf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i))));
+          const __m256 value = _mm256_mul_ps(_mm256_sub_ps(qf, _mm256_set1_ps(z)), _mm256_set1_ps(s));
+          const int64_t at = n * K + c * kChunk + i;
+          if (wb) {  // no bf16 conversion instruction: round each to nearest even as torch does
+            alignas(32) float each[8];
+            _mm256_store_ps(each, value);
+            for (int e = 0; e < 8; ++e) wb[at + e] = to_bf16(each[e]);
+          } else {
+            _mm256_storeu_ps(wf + at, value);
+          }
+        }
+#endif
       }
   });
   return w;
@@ -885,8 +1050,10 @@ at::Tensor dequantize_w4a8(const at::Tensor& packed_in, const at::Tensor& scale_
 }  // namespace
 
 TORCH_LIBRARY(dsv2_cpu, m) {
+#if defined(__AVX512BF16__)
   m.def("routed_experts_bf16(Tensor x, Tensor gates, Tensor indices, Tensor w1, Tensor w2, Tensor w3) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor weight) -> Tensor");
+#endif
   m.def("linear_int8(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("linear_w4a8(Tensor x, Tensor packed, Tensor scale, Tensor zero, int group_size) -> Tensor");
   m.def("dequantize_w4a8(Tensor packed, Tensor scale, Tensor zero, int group_size, ScalarType dtype) -> Tensor");
@@ -897,8 +1064,10 @@ TORCH_LIBRARY(dsv2_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) {
+#if defined(__AVX512BF16__)
   m.impl("routed_experts_bf16", &routed_experts_bf16);
   m.impl("linear_bf16", &linear_bf16);
+#endif
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_w4a8", &linear_w4a8);
   m.impl("dequantize_w4a8", &dequantize_w4a8);

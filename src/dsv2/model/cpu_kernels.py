@@ -1,5 +1,5 @@
 """CPU kernels of dsv2's own: the routed experts of a decode step, each chosen expert's weights read once; and
-x Wᵀ for a few rows on AMX tiles, bf16 and w8a8 int8; and w4a8 (int4 weights, int8 rows) on AVX-512 VNNI.
+x Wᵀ for a few rows on AMX tiles, bf16 and w8a8 int8; and w4a8 (int4 weights, int8 rows) on VNNI or AVX2.
 
 Why: a decode step is a few tokens, and its routed experts are most of the bytes it reads. Of the ways PyTorch
 offers to run them inside a compiled graph, none reads only the distinct experts the tokens chose at the
@@ -11,10 +11,16 @@ and streams each chosen expert's three matrices once, for all of its tokens, wit
 (`vdpbf16ps`), one expert per thread.
 
 It is built on first use with torch's C++ extension loader (`torch.utils.cpp_extension.load`: the C++ compiler
-and ninja that `torch.compile` on a CPU needs anyway) into torch's extension cache, and used only inside
-compiled decode graphs on a CPU with AVX-512 BF16 (`dsv2.infer.compiled` calls `load()` before it traces). On
-any other machine, or if the build fails (a warning says why), the graphs keep `gathered` and the `dispatch`
-op. `DSV2_CPU_KERNELS=0` turns it off.
+and ninja that `torch.compile` on a CPU needs anyway) into torch's extension cache, and the bf16 experts are used
+only inside compiled decode graphs on a CPU with AVX-512 BF16 (`dsv2.infer.compiled` calls `load()` before it
+traces). On any other machine, or if the build fails (a warning says why), the graphs keep `gathered` and the
+`dispatch` op. `DSV2_CPU_KERNELS=0` turns the kernels off.
+
+The same source builds one of two ways (`build`): with AVX-512 BF16 (and VNNI, AMX where present) every kernel here;
+with AVX2 and FMA only (no native bf16: AMD Zen 3, Intel before Ice Lake) the int8 and w4a8 ones (linear_int8,
+linear_w4a8, their fused experts, dequantize_w4a8), whose exact int32 sums come from vpmaddubsw and vpmaddwd (both
+int8 factors in [-127, 127], so no pair sum saturates): the same integers as on VNNI, so a w8a8 product is the same
+on both kinds of machine, where fbgemm on such a CPU runs on 7-bit activations (`reduce_range`).
 
 The linear kernels exist because PyTorch's products for a few rows read the weight well below the machine's
 bandwidth: oneDNN re-lays the weight out per call or pays a ~20 us floor, inductor's packed GEMMs read small's
@@ -45,50 +51,65 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+# each build's compiler flags (cpu_kernels.cpp: the AVX2 build holds the int8 and w4a8 kernels, not the bf16 ones).
 # -fopenmp: at::parallel_for is inline, and without it runs on one thread (torch's own libgomp serves it)
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mamx-tile", "-mamx-bf16",
-          "-mamx-int8", "-fopenmp"]
+_FLAGS = {"avx512": ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mamx-tile",
+                     "-mamx-bf16", "-mamx-int8", "-fopenmp"],
+          "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]}
 # rows at most that a graph sends to the bf16 AMX kernel, measured on the 2-core AMX Xeon (torch 2.13;
 # docs/benchmarks.md, eighth session): at one row it read small's matrices at 16-22 GB/s against inductor's packed
 # GEMMs' 7-14; at 8 and 16 rows the two were within ~10% either way
 BF16_MAX_ROWS = 1
 TILE_ROWS = 16  # the most rows one call of a kernel takes: the columns of one B tile
 _loaded = False  # a plain global, so a traced graph reads it as a constant (checked by a guard)
+_bf16 = False  # the bf16 kernels loaded too (the AVX-512 BF16 build)
 _amx = False  # loaded on a CPU with AMX tiles (asked once in `load`: the query itself does not trace)
 _tried = False
 
 
+def build() -> str | None:
+    """The build this CPU takes: "avx512" (AVX-512 BF16, and so VNNI: every kernel), "avx2" (AVX2 and FMA, e.g. AMD
+    Zen 3: the int8 and w4a8 kernels), or None (no kernels)."""
+    if torch.cpu._is_avx512_bf16_supported():
+        return "avx512"
+    return "avx2" if torch.cpu._is_avx2_supported() else None
+
+
 def supported() -> bool:
-    """Whether this machine can run the kernel: a CPU with AVX-512 BF16, and not turned off by the user."""
-    return os.environ.get("DSV2_CPU_KERNELS", "1") != "0" and torch.cpu._is_avx512_bf16_supported()
+    """Whether this machine can run the kernels (a `build` exists for its CPU), and they are not turned off by the
+    user."""
+    return os.environ.get("DSV2_CPU_KERNELS", "1") != "0" and build() is not None
 
 
 def load() -> bool:
-    """Build (once per source version, cached by torch) and load the kernel where `supported`; whether it is
+    """Build (once per source version, cached by torch) and load the kernels where `supported`; whether they are
     loaded. Call it before tracing: building inside a traced region would be traced."""
-    global _loaded, _tried, _amx
+    global _loaded, _tried, _amx, _bf16
     if _tried:
         return _loaded
     _tried = True
     if not supported():
         return False
+    isa = build()
     try:
-        from torch.utils.cpp_extension import load as build
+        from torch.utils.cpp_extension import load as compile_and_load
 
-        build(name=f"dsv2_{SOURCE.stem}", sources=[str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-              is_python_module=False, verbose=False)
+        compile_and_load(name=f"dsv2_{SOURCE.stem}_{isa}", sources=[str(SOURCE)], extra_cflags=_FLAGS[isa],
+                         extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as error:  # no compiler, no ninja, an old assembler: fall back, saying why
-        warnings.warn(f"dsv2: the CPU experts kernel ({SOURCE.name}) did not build, decode keeps PyTorch's "
+        warnings.warn(f"dsv2: the CPU kernels ({SOURCE.name}, {isa}) did not build, decode keeps PyTorch's "
                       f"paths: {error}", stacklevel=2)
         return False
-    torch.library.register_fake("dsv2_cpu::routed_experts_bf16")(_output_like_x)
-    torch.library.register_fake("dsv2_cpu::linear_bf16")(_linear_output)
+    if isa == "avx512":
+        torch.library.register_fake("dsv2_cpu::routed_experts_bf16")(_output_like_x)
+        torch.library.register_fake("dsv2_cpu::linear_bf16")(_linear_output)
     torch.library.register_fake("dsv2_cpu::linear_int8")(_linear_int8_output)
     torch.library.register_fake("dsv2_cpu::linear_w4a8")(_linear_w4a8_output)
     torch.library.register_fake("dsv2_cpu::dequantize_w4a8")(_dequantized_w4a8)
     torch.library.register_fake("dsv2_cpu::routed_experts_w4a8")(_routed_experts_output)
     torch.library.register_fake("dsv2_cpu::routed_experts_int8")(_routed_experts_output)
-    _loaded, _amx = True, torch.cpu._is_amx_tile_supported()
+    _loaded, _bf16 = True, isa == "avx512"
+    _amx = _bf16 and torch.cpu._is_amx_tile_supported()
     return True
 
 
@@ -124,6 +145,12 @@ def loaded() -> bool:
     return _loaded
 
 
+def loaded_bf16() -> bool:
+    """Whether the bf16 kernels (`routed_experts`, and `linear` where there are AMX tiles) are loaded: the AVX-512
+    BF16 build."""
+    return _bf16
+
+
 def takes_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a graph runs x [..., K] @ weightᵀ through `linear`: loaded on a CPU with AMX, bf16 on both sides, x on
     the CPU, K a multiple of 32, at most BF16_MAX_ROWS rows."""
@@ -132,7 +159,7 @@ def takes_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def takes_linear_int8(x: torch.Tensor) -> bool:
-    """Whether `linear_int8` runs x [M, K]: loaded (AMX tiles, or VNNI, which comes with AVX-512 BF16), float x on
+    """Whether `linear_int8` runs x [M, K]: loaded (AMX tiles, VNNI, which comes with AVX-512 BF16, or AVX2), float x on
     the CPU, K a multiple of 64 and at most 65536, any M."""
     return x.is_floating_point() and x.dim() == 2 and x.device.type == "cpu" and takes_int8_width(x.shape[-1])
 
@@ -144,8 +171,8 @@ def takes_int8_width(in_features: int) -> bool:
 
 
 def takes_w4a8(in_features: int, group_size: int) -> bool:
-    """Whether `linear_w4a8` takes a matrix of K = in_features in groups of group_size: loaded (its VNNI comes with
-    AVX-512 BF16), groups of 64 or 128 (one or two chunks of the packed layout)."""
+    """Whether `linear_w4a8` takes a matrix of K = in_features in groups of group_size: loaded (VNNI, which comes with
+    AVX-512 BF16, or AVX2), groups of 64 or 128 (one or two chunks of the packed layout)."""
     return _loaded and group_size in (64, 128) and in_features % group_size == 0
 
 
@@ -170,7 +197,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M,K] @ (weight·scale)ᵀ with x quantized to int8 per row ("w8a8"), for int8 weight [N,K] and scale [N],
-    summed in int32 on AMX tiles, or with VNNI where there are none (the same exact sums) -> [M,N] in x's dtype
+    summed in int32 on AMX tiles, or with VNNI or AVX2 where there are none (the same exact sums) -> [M,N] in x's dtype
     (see `takes_linear_int8`). Past TILE_ROWS rows, one call
     per TILE_ROWS (the weight read again for each): a row's result never depends on the rows beside it."""
     if len(x) <= TILE_ROWS:  # one call, no copy through torch.cat
@@ -181,7 +208,7 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
 def linear_w4a8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                 group_size: int) -> torch.Tensor:
     """x [M,K] @ Wᵀ for int4 W = (q - z)·s per group of group_size (64 or 128) inputs, x quantized to int8 per row
-    ("w4a8"), the group sums exact in int32 (AVX-512 VNNI) -> [M,N] in x's dtype. packed: `pack_w4a8(q)`; scale fp32
+    ("w4a8"), the group sums exact in int32 (VNNI or AVX2) -> [M,N] in x's dtype. packed: `pack_w4a8(q)`; scale fp32
     [N, K/G]; zero_point uint8 [N, K/G]. Past TILE_ROWS rows, one call per TILE_ROWS, as `linear_int8`."""
     if len(x) <= TILE_ROWS:
         return torch.ops.dsv2_cpu.linear_w4a8(x, packed, scale, zero_point, group_size)
@@ -222,5 +249,5 @@ Int8Operands = tuple[torch.Tensor, torch.Tensor]  # int8 weight [E,N,K], scale [
 def routed_experts_int8(x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor, w1: Int8Operands,
                         w3: Int8Operands, w2: Int8Operands) -> torch.Tensor:
     """`routed_experts_w4a8` for w8a8 experts (`linear_int8`'s operands stacked over the experts): each projection
-    is `linear_int8`'s, bit for bit (its VNNI sums, which are the AMX tiles' exact integers)."""
+    is `linear_int8`'s, bit for bit (its VNNI or AVX2 sums, which are the AMX tiles' exact integers)."""
     return torch.ops.dsv2_cpu.routed_experts_int8(x, gates, indices, *w1, *w3, *w2)

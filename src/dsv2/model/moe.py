@@ -177,7 +177,7 @@ class RoutedExperts(nn.Module):
     def takes_kernel(self, x: torch.Tensor) -> bool:
         """Whether a compiled graph runs these experts on x through `cpu_kernels`: loaded (a CPU with AVX-512
         BF16, built), bf16 x of 2 to KERNEL_MAX_ROWS rows on the CPU, and stacked bf16 weights."""
-        return (cpu_kernels.loaded() and x.device.type == "cpu" and x.dtype == torch.bfloat16
+        return (cpu_kernels.loaded_bf16() and x.device.type == "cpu" and x.dtype == torch.bfloat16
                 and 2 <= len(x) <= self.KERNEL_MAX_ROWS and self.stacked(x.dtype))
 
     def stacked(self, dtype: torch.dtype) -> bool:

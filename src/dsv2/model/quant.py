@@ -31,12 +31,13 @@ absmax first and appends one anchor row holding +1 and -1: the range is then alw
 the same 8-bit grid whatever else is in the batch (batched = one at a time), and the product is scaled back
 per row. The cost is the activations' rounding: ~0.4% of a row's absmax per element (step 2/255; 2/127 on
 CPUs without VNNI, where fbgemm needs `reduce_range` to keep its int16 pair sums from saturating).
-Where dsv2's kernels build (AVX-512 BF16 and so VNNI, `dsv2.model.cpu_kernels`), w8a8 runs on dsv2's own int8
-kernel instead wherever K is a multiple of 64: each row on 127 levels of its own absmax (step absmax/127), int8 x
-int8 summed exactly in int32, the weight read in place, 16 rows a call, on AMX tiles where the CPU has them and
-VNNI where not (the same sums); on AMX 1.0-1.5x fbgemm's speed at 1-16 rows (V2-Lite's expert 1408x2048, 8 rows:
-0.31 ms against 0.43; its LM head, 8 rows: 11.9 against 15.9). The two grids
-differ, so a machine's w8a8 logits depend on which it has, but on each a row's result is the same in any batch.
+Where dsv2's kernels build (AVX-512 BF16 and so VNNI, or AVX2: `dsv2.model.cpu_kernels`), w8a8 runs on dsv2's own
+int8 kernel instead wherever K is a multiple of 64: each row on 127 levels of its own absmax (step absmax/127), int8 x
+int8 summed exactly in int32, the weight read in place, 16 rows a call, on AMX tiles where the CPU has them,
+VNNI where not, AVX2's vpmaddubsw where neither (the same sums); on AMX 1.0-1.5x fbgemm's speed at 1-16 rows
+(V2-Lite's expert 1408x2048, 8 rows: 0.31 ms against 0.43; its LM head, 8 rows: 11.9 against 15.9). The kernel's
+grid and fbgemm's differ, so a machine's w8a8 logits depend on which runs, but on each a row's result is the same
+in any batch.
 
 Measured on the 2-core AVX-512 Xeon (torch 2.13, 2 threads, bf16 x, ms per call, 10th percentile; the
 machine was shared, so single figures are noisy):
@@ -56,8 +57,8 @@ through it costs about as much per row as int8 (see the figures above).
 
 "w4a8" is the same for int4 weights (same checkpoint): each row of x on 127 levels of its own absmax, as w8a8's
 kernel does, times W = (q - z)·s. In groups of 64 or 128 on a CPU where dsv2's kernels build (AVX-512 BF16 and so
-VNNI), `Int4Linear` lays its weight out for dsv2's w4a8 kernel (`cpu_kernels.linear_w4a8`: nibbles x int8 summed
-exactly per group, scaled in fp32; V2-Lite's 102400 x 2048 LM head at one row 8.7 ms, against 12.4 for w8a8's AMX
+VNNI, or AVX2), `Int4Linear` lays its weight out for dsv2's w4a8 kernel (`cpu_kernels.linear_w4a8`: nibbles x int8
+summed exactly per group, scaled in fp32; V2-Lite's 102400 x 2048 LM head at one row 8.7 ms, against 12.4 for w8a8's AMX
 kernel and its twice larger weight) for up to INT8_KERNEL_MAX_ROWS rows, and dequantizes to (q - z)·s above. Elsewhere
 (groups of 32, no kernel) it keeps torch's layout and rounds the rows to the same grid (`int8_grid`) before torch's
 int4 kernel, which reconstructs W as (q - 8)·s + (8 - z)·s rounded to the model dtype: the same product but for that
@@ -692,7 +693,12 @@ def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.bfloat1
             return opened[files[name]].get_tensor(name)
 
         for prefix, module in quantized.items():
-            module.load_checkpoint_tensors({s: read(f"{prefix}.{s}") for s in module.checkpoint_suffixes})
+            tensors = {s: read(f"{prefix}.{s}") for s in module.checkpoint_suffixes}
+            if isinstance(module, Int8Linear) and bool((tensors["weight"] == -128).any()):
+                raise CheckpointError(f"{files[prefix + '.weight']}: {prefix}.weight holds -128: dsv2's int8 is "
+                                      "symmetric, q in [-127, 127] (quantize_int8; the int8 kernels' AVX2 products "
+                                      "rely on it)")
+            module.load_checkpoint_tensors(tensors)
         for name, p in params.items():
             p.copy_(read(name))
     return model.eval()
