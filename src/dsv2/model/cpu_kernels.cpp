@@ -710,7 +710,8 @@ W4a8Weight w4a8_weight(const char* name, const at::Tensor& packed, const at::Ten
 
 // Up to kMaxRows rows of x [., K], each quantized to int8 on its own absmax and laid out as the nibbles are: on
 // AVX-512 pair p's low register holds inputs [128p, 128p+32) and [128p+64, +32), its high one [128p+32, +32) and
-// [128p+96, +32) (zeros past K); on AVX2 chunk c's low one [64c, 64c+32), its high one [64c+32, +32); with Σ_{k in g} q_x[j,k] per group of G. A row's layout is the same whatever rows are beside it.
+// [128p+96, +32) (zeros past K); on AVX2 chunk c's low one [64c, 64c+32), its high one [64c+32, +32); with
+// Σ_{k in g} q_x[j,k] per group of G. A row's layout is the same whatever rows are beside it.
 struct W4a8Rows {
   int64_t M = 0, K, G, units;
   std::vector<Lanes> lo, hi;  // [j * units + u]
@@ -1030,7 +1031,8 @@ at::Tensor dequantize_w4a8(const at::Tensor& packed_in, const at::Tensor& scale_
         }
 #else
         for (int i = 0; i < kChunk; i += 8) {
-          const __m256 qf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i))));
+          const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i));
+          const __m256 qf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q8));
           const __m256 value = _mm256_mul_ps(_mm256_sub_ps(qf, _mm256_set1_ps(z)), _mm256_set1_ps(s));
           const int64_t at = n * K + c * kChunk + i;
           if (wb) {  // no bf16 conversion instruction: round each to nearest even as torch does
