@@ -1,8 +1,9 @@
-"""dsv2 against llama.cpp on the same checkpoint and threads: prefill and decode, bf16 / int8 / int4 weights.
+"""dsv2 against llama.cpp on the same checkpoint and threads: prefill and decode, float / int8 / int4 weights.
 
 For each model (`benchmarks/decode.py`'s MODELS: random bf16 weights, seed 0, saved by dsv2 with a
-byte-level BPE tokenizer), llama.cpp's own converter writes a BF16 GGUF and `llama-quantize` makes Q8_0
-and Q4_0 from it. Then, with the same thread count everywhere, on a prompt of P tokens and N new tokens:
+byte-level BPE tokenizer), llama.cpp's own converter writes a BF16 GGUF (and an F32 one when dsv2 computes in
+fp32) and `llama-quantize` makes Q8_0 and Q4_0 from the BF16 one. Then, with the same thread count everywhere, on
+a prompt of P tokens and N new tokens:
 
 - llama.cpp, batch 1: `llama-bench -p P -n N -r R` (its warm-up run, then R repetitions; each figure the
   median of the repetitions): prefill = pp (P prompt tokens in one batch), decode = tg (N tokens one at a
@@ -10,15 +11,17 @@ and Q4_0 from it. Then, with the same thread count everywhere, on a prompt of P 
 - llama.cpp, batch B: `llama-batched-bench -npp P -ntg N -npl 1,B` (B sequences, each with its own prompt,
   decoded together one token each per step), run R times, the median of its S_PP and S_TG. Its batch-1
   figure is printed beside llama-bench's as a check that the two tools agree.
-- dsv2 (weights as loaded, int8 and int4 as `LLM(quantization=...)` makes them) and transformers (bf16),
+- dsv2 (weights as loaded, int8 and int4 as `LLM(quantization=...)` makes them) and transformers, both in
+  --dtype (default auto: bf16 where the CPU has native bf16, else fp32; `dsv2.hardware.resolve_dtype`),
   each in its own process, timed by decode.py's `measure` (a warm-up run, then the median of R runs) at
   (1, P, N) and (B, P, N): prefill tok/s = B·P / seconds to the first token; decode tok/s = B / step time.
 
-The pairs are dsv2 bf16 / llama.cpp BF16, dsv2 int8 and w8a8 / Q8_0, dsv2 int4 and w4a8 / Q4_0. They are not the
+The pairs are dsv2 float (the row named by its dtype) / llama.cpp BF16, and F32 too when dsv2 runs fp32, dsv2 int8
+and w8a8 / Q8_0, dsv2 int4 and w4a8 / Q4_0. They are not the
 same formats: dsv2's int8 has one scale per output channel and its int4 one scale and zero point per group of 128,
 both weight-only; Q8_0 and Q4_0 have one fp16 scale per block of 32 and quantize the activations to 8 bits for their
 dot products, as dsv2's w8a8 and w4a8 do per row (the same weights as int8 and int4; model/quant.py).
-With --compile, dsv2's decode steps run as compiled graphs in bf16, w8a8 and w4a8 (bf16's prefill too).
+With --compile, dsv2's decode steps run as compiled graphs in float, w8a8 and w4a8 (float's prefill too).
 
 The converter identifies a tokenizer's pre-tokenizer by hashing the ids a known model's tokenizer gives for a
 test string, so a tokenizer trained here is never in its table; this script names it "gpt-2", which is what
@@ -58,10 +61,12 @@ from dsv2.tokenizer import Tokenizer, train_bpe
 
 SOURCE_ENV, BIN_ENV = "DSV2_LLAMA_CPP", "DSV2_LLAMA_CPP_BIN"
 TOOLS = ("llama-bench", "llama-batched-bench", "llama-quantize")
-# dsv2 weight format -> the llama.cpp type it is compared with
-PAIRS = {"bf16": "BF16", "int8": "Q8_0", "w8a8": "Q8_0", "int4": "Q4_0", "w4a8": "Q4_0"}
+FLOAT = "float"  # dsv2's unquantized weights, in --dtype
+# dsv2 weight format -> the llama.cpp types it is compared with (F32 joins float's when dsv2 runs fp32: `pairs`)
+PAIRS = {FLOAT: ("BF16",), "int8": ("Q8_0",), "w8a8": ("Q8_0",), "int4": ("Q4_0",), "w4a8": ("Q4_0",)}
 # the formats whose decode step compiles (`infer/compiled.py`), timed that way with --compile
-COMPILES = ("bf16", "w8a8", "w4a8")
+COMPILES = (FLOAT, "w8a8", "w4a8")
+SHORT = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 TOKENIZER_DOCUMENTS = 100  # stdlib files the benchmark tokenizer learns its merges from
 
 # Runs llama.cpp's converter with the pre-tokenizer named (see the module docstring); argv: the llama.cpp
@@ -177,15 +182,20 @@ def save_checkpoint(model: dsv2.Transformer, folder: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- dsv2 side
-def worker(which: str, path: str, quantization: str | None, pts: list[decode.Point], repeats: int,
-           compiled: bool = False) -> dict:
+def pairs(dtype: torch.dtype) -> dict[str, tuple[str, ...]]:
+    """PAIRS, with llama.cpp's F32 beside BF16 for dsv2's float row when dsv2 computes in fp32."""
+    return PAIRS | {FLOAT: ("F32", "BF16")} if dtype == torch.float32 else PAIRS
+
+
+def worker(which: str, path: str, dtype: torch.dtype, quantization: str | None, pts: list[decode.Point],
+           repeats: int, compiled: bool = False) -> dict:
     """dsv2 (in `quantization`; `compiled`: its decode steps, and a float model's prefill, as compiled graphs) or
-    transformers on the checkpoint in bf16, every point timed by decode.measure (compiling in the warm-up)."""
+    transformers on the checkpoint in `dtype`, every point timed by decode.measure (compiling in the warm-up)."""
     max_batch = max(b for b, _, _ in pts)
     if which == "dsv2":
-        run, _ = decode.dsv2_runner(path, torch.bfloat16, "cpu", max_batch, quantization, compiled)
+        run, _ = decode.dsv2_runner(path, dtype, "cpu", max_batch, quantization, compiled)
     else:
-        run = decode.transformers_runner(path, torch.bfloat16, "cpu")
+        run = decode.transformers_runner(path, dtype, "cpu")
     vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
     out: dict[str, Any] = {}
     for b, p, n in pts:
@@ -197,8 +207,9 @@ def worker(which: str, path: str, quantization: str | None, pts: list[decode.Poi
 
 
 def run_worker(which: str, path: Path, fmt: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--threads", str(args.threads), "--prompt", str(args.prompt),
-           "--new-tokens", str(args.new_tokens), "--batch", str(args.batch), "--repeats", str(args.repeats),
+    cmd = [sys.executable, __file__, "--threads", str(args.threads), "--dtype", args.dtype,
+           "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens), "--batch", str(args.batch),
+           "--repeats", str(args.repeats),
            *(["--compile"] if args.compile and which == "dsv2" and fmt in COMPILES else []),
            "--worker", which, str(path), fmt]
     # the checkpoint (or GGUF) written just before is flushed to disk now: left to the kernel's writeback it
@@ -215,6 +226,8 @@ def measure_model(llama: LlamaCpp, name: str, tmp: Path, args: argparse.Namespac
     """Save, convert and quantize the model, then time llama.cpp on each GGUF and dsv2 / transformers."""
     folder = save_checkpoint(dsv2.random_model(decode.MODELS[name](), dtype=torch.bfloat16, seed=0), tmp / name)
     ggufs = {"BF16": llama.convert(folder, tmp / f"{name}-bf16.gguf", "bf16")}
+    if hardware.resolve_dtype(args.dtype) == torch.float32:
+        ggufs["F32"] = llama.convert(folder, tmp / f"{name}-f32.gguf", "f32")
     for kind in ("Q8_0", "Q4_0"):
         ggufs[kind] = llama.quantize(ggufs["BF16"], tmp / f"{name}-{kind}.gguf", kind, args.threads)
     result: dict[str, Any] = {"llama.cpp": {}, "dsv2": {}}
@@ -236,7 +249,7 @@ def measure_model(llama: LlamaCpp, name: str, tmp: Path, args: argparse.Namespac
             "file_mb": gguf.stat().st_size / 2**20}
     for fmt in PAIRS:
         result["dsv2"][fmt] = run_worker("dsv2", folder, fmt, args)
-    result["transformers"] = run_worker("transformers", folder, "bf16", args)
+    result["transformers"] = run_worker("transformers", folder, FLOAT, args)
     return result
 
 
@@ -244,13 +257,17 @@ def report(name: str, r: dict[str, Any], args: argparse.Namespace, bandwidth_gbs
     config = decode.MODELS[name]()
     params = summarize(config)["total_params"]
     b, p, n = args.batch, args.prompt, args.new_tokens
-    print(f"\n### {name} ({params / 1e6:.0f}M params), prompt {p}, {n} new tokens, {args.threads} threads")
-    print("tok/s; ratios are dsv2 / the other (above 1: dsv2 faster). transformers runs bf16 only."
-          + (f" dsv2's decode steps compiled in {', '.join(COMPILES)} (and bf16's prefill)" if args.compile else ""))
+    dtype = hardware.resolve_dtype(args.dtype)
+    floats = SHORT[dtype]
+    print(f"\n### {name} ({params / 1e6:.0f}M params), prompt {p}, {n} new tokens, {args.threads} threads, "
+          f"dsv2 and transformers in {floats} (--dtype {args.dtype})")
+    print(f"tok/s; ratios are dsv2 / the other (above 1: dsv2 faster). transformers runs {floats} only."
+          + (f" dsv2's decode steps compiled in {floats}, w8a8 and w4a8 (and {floats}'s prefill)"
+             if args.compile else ""))
     print("| dsv2 weights / llama.cpp | batch | prefill dsv2 | llama.cpp | ratio | decode dsv2 | llama.cpp | ratio "
           "| transformers prefill | ratio | transformers decode | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for fmt, kind in PAIRS.items():
+    for fmt, kind in ((f, k) for f, kinds in pairs(dtype).items() for k in kinds):
         ll = r["llama.cpp"][kind]
         for batch in (1, b):
             ours = r["dsv2"][fmt][str(batch)]
@@ -258,17 +275,19 @@ def report(name: str, r: dict[str, Any], args: argparse.Namespace, bandwidth_gbs
             cells = [f"{ours['prefill_tok_s']:.0f}", f"{theirs['prefill_tok_s']:.0f}",
                      f"**{ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f}**", f"{ours['decode_tok_s']:.1f}",
                      f"{theirs['decode_tok_s']:.1f}", f"**{ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}**"]
-            if fmt == "bf16":
+            if fmt == FLOAT and kind == pairs(dtype)[FLOAT][0]:
                 hf = r["transformers"][str(batch)]
                 cells += [f"{hf['prefill_tok_s']:.0f}", f"{ours['prefill_tok_s'] / hf['prefill_tok_s']:.2f}",
                           f"{hf['decode_tok_s']:.1f}", f"{ours['decode_tok_s'] / hf['decode_tok_s']:.2f}"]
             else:
                 cells += ["", "", "", ""]
-            print(f"| {fmt} / {kind} | {batch} | " + " | ".join(cells) + " |")
-    step_gb = decode.step_bytes(config, torch.bfloat16, 1, p + n / 2) / 1e9
-    ours, theirs = r["dsv2"]["bf16"]["1"]["decode_tok_s"], r["llama.cpp"]["BF16"]["bench"]["decode_tok_s"]
-    print(f"batch-1 bf16 decode reads the step's {step_gb:.2f} GB (decode.step_bytes) at {step_gb * ours:.1f} GB/s "
-          f"(dsv2) and {step_gb * theirs:.1f} GB/s (llama.cpp); read bandwidth probe: {bandwidth_gbs:.1f} GB/s")
+            print(f"| {floats if fmt == FLOAT else fmt} / {kind} | {batch} | " + " | ".join(cells) + " |")
+    step_gb = decode.step_bytes(config, dtype, 1, p + n / 2) / 1e9
+    kind = pairs(dtype)[FLOAT][0]
+    ours, theirs = r["dsv2"][FLOAT]["1"]["decode_tok_s"], r["llama.cpp"][kind]["bench"]["decode_tok_s"]
+    print(f"batch-1 {floats} decode reads the step's {step_gb:.2f} GB (decode.step_bytes) at {step_gb * ours:.1f} "
+          f"GB/s (dsv2) and {kind} {step_gb * theirs:.1f} GB/s (llama.cpp); read bandwidth probe: "
+          f"{bandwidth_gbs:.1f} GB/s")
     checks = ", ".join(f"{kind} {ll['batched'][1]['decode_tok_s']:.1f} vs {ll['bench']['decode_tok_s']:.1f}"
                        for kind, ll in r["llama.cpp"].items())
     print(f"llama.cpp batch-1 decode, llama-batched-bench vs llama-bench: {checks}")
@@ -293,9 +312,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="concurrent sequences of the batched point")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per point after a warm-up (median)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="auto", choices=list(hardware.DTYPES),
+                    help="dsv2's and transformers' compute dtype; auto: bf16 where the CPU has native bf16, else fp32")
     ap.add_argument("--compile", action="store_true",
                     help=f"dsv2's decode steps as compiled graphs where the format allows ({', '.join(COMPILES)}; "
-                         "infer/compiled.py), and bf16's prefill")
+                         "infer/compiled.py), and float's prefill")
     ap.add_argument("--json", help="also write all figures to this file")
     ap.add_argument("--worker", nargs=3, metavar=("WHICH", "PATH", "FORMAT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -305,7 +326,8 @@ def main() -> None:
     if args.worker:
         which, path, fmt = args.worker
         pts = [(1, args.prompt, args.new_tokens), (args.batch, args.prompt, args.new_tokens)]
-        print(json.dumps(worker(which, path, None if fmt == "bf16" else fmt, pts, args.repeats, args.compile)))
+        print(json.dumps(worker(which, path, hardware.resolve_dtype(args.dtype), None if fmt == FLOAT else fmt, pts,
+                                args.repeats, args.compile)))
         return
     llama = LlamaCpp.from_env()
     if llama is None:
@@ -316,7 +338,7 @@ def main() -> None:
           f"{bandwidth:.1f} GB/s; every figure the median of {args.repeats} runs after a warm-up"
           f"{decode.busy_warning()}")
     saved: dict[str, Any] = {"machine": hardware.describe(), "llama.cpp": llama.version(), "bandwidth_gbs": bandwidth,
-                             "compiled": args.compile, "models": {}}
+                             "dtype": str(hardware.resolve_dtype(args.dtype)), "compiled": args.compile, "models": {}}
     for name in args.models:
         with tempfile.TemporaryDirectory() as tmp:  # one model's GGUFs at a time on disk
             saved["models"][name] = measure_model(llama, name, Path(tmp), args)
