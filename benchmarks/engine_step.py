@@ -25,7 +25,8 @@ MODELS = {"nano": lambda: dsv2.preset("nano"), "small": lambda: dsv2.preset("sma
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", choices=list(MODELS))
-    p.add_argument("weights", choices=["float", "int8", "w8a8", "int4", "w4a8"], help="float: unquantized")
+    p.add_argument("weights", choices=["float", "int8", "w8a8", "int4", "w4a8", "bf16"],
+                   help="float: unquantized; bf16: an fp32 model's weights stored in bf16")
     p.add_argument("batches", type=int, nargs="+")
     p.add_argument("--compile", action="store_true", help="decode steps compiled (compiling is in the warm-up)")
     p.add_argument("--dtype", default="auto", choices=list(hardware.DTYPES), help="the model's and activations' dtype")

@@ -17,11 +17,12 @@ a prompt of P tokens and N new tokens:
   (1, P, N) and (B, P, N): prefill tok/s = B·P / seconds to the first token; decode tok/s = B / step time.
 
 The pairs are dsv2 float (the row named by its dtype) / llama.cpp BF16, and F32 too when dsv2 runs fp32, dsv2 int8
-and w8a8 / Q8_0, dsv2 int4 and w4a8 / Q4_0. They are not the
+and w8a8 / Q8_0, dsv2 int4 and w4a8 / Q4_0, and, when dsv2 runs fp32, dsv2 bf16 (the fp32 model's weights stored in
+bf16, `LLM(quantization="bf16")`) / BF16, the same bytes; --formats picks some of dsv2's formats. They are not the
 same formats: dsv2's int8 has one scale per output channel and its int4 one scale and zero point per group of 128,
 both weight-only; Q8_0 and Q4_0 have one fp16 scale per block of 32 and quantize the activations to 8 bits for their
 dot products, as dsv2's w8a8 and w4a8 do per row (the same weights as int8 and int4; model/quant.py).
-With --compile, dsv2's decode steps run as compiled graphs in float, w8a8 and w4a8 (float's prefill too).
+With --compile, dsv2's decode steps run as compiled graphs in float, w8a8, w4a8 and bf16 (float's prefill too).
 
 The converter identifies a tokenizer's pre-tokenizer by hashing the ids a known model's tokenizer gives for a
 test string, so a tokenizer trained here is never in its table; this script names it "gpt-2", which is what
@@ -65,7 +66,7 @@ FLOAT = "float"  # dsv2's unquantized weights, in --dtype
 # dsv2 weight format -> the llama.cpp types it is compared with (F32 joins float's when dsv2 runs fp32: `pairs`)
 PAIRS = {FLOAT: ("BF16",), "int8": ("Q8_0",), "w8a8": ("Q8_0",), "int4": ("Q4_0",), "w4a8": ("Q4_0",)}
 # the formats whose decode step compiles (`infer/compiled.py`), timed that way with --compile
-COMPILES = (FLOAT, "w8a8", "w4a8")
+COMPILES = (FLOAT, "w8a8", "w4a8", "bf16")
 SHORT = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 TOKENIZER_DOCUMENTS = 100  # stdlib files the benchmark tokenizer learns its merges from
 
@@ -182,9 +183,11 @@ def save_checkpoint(model: dsv2.Transformer, folder: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- dsv2 side
-def pairs(dtype: torch.dtype) -> dict[str, tuple[str, ...]]:
-    """PAIRS, with llama.cpp's F32 beside BF16 for dsv2's float row when dsv2 computes in fp32."""
-    return PAIRS | {FLOAT: ("F32", "BF16")} if dtype == torch.float32 else PAIRS
+def pairs(dtype: torch.dtype, formats: list[str] | None = None) -> dict[str, tuple[str, ...]]:
+    """PAIRS (those of `formats`, default all), with, when dsv2 computes in fp32, llama.cpp's F32 beside BF16 for
+    dsv2's float row and dsv2's "bf16" format (the fp32 model's weights stored in bf16) against BF16."""
+    every = PAIRS | {FLOAT: ("F32", "BF16"), "bf16": ("BF16",)} if dtype == torch.float32 else PAIRS
+    return {fmt: kinds for fmt, kinds in every.items() if formats is None or fmt in formats}
 
 
 def worker(which: str, path: str, dtype: torch.dtype, quantization: str | None, pts: list[decode.Point],
@@ -225,11 +228,14 @@ def run_worker(which: str, path: Path, fmt: str, args: argparse.Namespace) -> di
 def measure_model(llama: LlamaCpp, name: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Save, convert and quantize the model, then time llama.cpp on each GGUF and dsv2 / transformers."""
     folder = save_checkpoint(dsv2.random_model(decode.MODELS[name](), dtype=torch.bfloat16, seed=0), tmp / name)
-    ggufs = {"BF16": llama.convert(folder, tmp / f"{name}-bf16.gguf", "bf16")}
-    if hardware.resolve_dtype(args.dtype) == torch.float32:
+    chosen = pairs(hardware.resolve_dtype(args.dtype), args.formats)
+    kinds = {kind for fmt_kinds in chosen.values() for kind in fmt_kinds}
+    ggufs = {"BF16": llama.convert(folder, tmp / f"{name}-bf16.gguf", "bf16")}  # what Q8_0 and Q4_0 come from
+    if "F32" in kinds:
         ggufs["F32"] = llama.convert(folder, tmp / f"{name}-f32.gguf", "f32")
-    for kind in ("Q8_0", "Q4_0"):
+    for kind in sorted(kinds & {"Q8_0", "Q4_0"}):
         ggufs[kind] = llama.quantize(ggufs["BF16"], tmp / f"{name}-{kind}.gguf", kind, args.threads)
+    ggufs = {kind: gguf for kind, gguf in ggufs.items() if kind in kinds}
     result: dict[str, Any] = {"llama.cpp": {}, "dsv2": {}}
     for kind, gguf in ggufs.items():
         # llama.cpp 0c1e570's repacked layouts abort on some of V2's tensors on an AMX CPU (Q8_0 on lite4:
@@ -247,9 +253,10 @@ def measure_model(llama: LlamaCpp, name: str, tmp: Path, args: argparse.Namespac
             "batched": llama.batched_bench(gguf, args.threads, args.prompt, args.new_tokens, [1, args.batch],
                                            args.repeats, repack=repack),
             "file_mb": gguf.stat().st_size / 2**20}
-    for fmt in PAIRS:
+    for fmt in chosen:
         result["dsv2"][fmt] = run_worker("dsv2", folder, fmt, args)
-    result["transformers"] = run_worker("transformers", folder, FLOAT, args)
+    if FLOAT in chosen:  # the reference, reported beside dsv2's float row
+        result["transformers"] = run_worker("transformers", folder, FLOAT, args)
     return result
 
 
@@ -267,7 +274,8 @@ def report(name: str, r: dict[str, Any], args: argparse.Namespace, bandwidth_gbs
     print("| dsv2 weights / llama.cpp | batch | prefill dsv2 | llama.cpp | ratio | decode dsv2 | llama.cpp | ratio "
           "| transformers prefill | ratio | transformers decode | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for fmt, kind in ((f, k) for f, kinds in pairs(dtype).items() for k in kinds):
+    chosen = pairs(dtype, args.formats)
+    for fmt, kind in ((f, k) for f, kinds in chosen.items() for k in kinds):
         ll = r["llama.cpp"][kind]
         for batch in (1, b):
             ours = r["dsv2"][fmt][str(batch)]
@@ -275,27 +283,29 @@ def report(name: str, r: dict[str, Any], args: argparse.Namespace, bandwidth_gbs
             cells = [f"{ours['prefill_tok_s']:.0f}", f"{theirs['prefill_tok_s']:.0f}",
                      f"**{ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f}**", f"{ours['decode_tok_s']:.1f}",
                      f"{theirs['decode_tok_s']:.1f}", f"**{ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}**"]
-            if fmt == FLOAT and kind == pairs(dtype)[FLOAT][0]:
+            if fmt == FLOAT and kind == chosen[FLOAT][0]:
                 hf = r["transformers"][str(batch)]
                 cells += [f"{hf['prefill_tok_s']:.0f}", f"{ours['prefill_tok_s'] / hf['prefill_tok_s']:.2f}",
                           f"{hf['decode_tok_s']:.1f}", f"{ours['decode_tok_s'] / hf['decode_tok_s']:.2f}"]
             else:
                 cells += ["", "", "", ""]
             print(f"| {floats if fmt == FLOAT else fmt} / {kind} | {batch} | " + " | ".join(cells) + " |")
-    step_gb = decode.step_bytes(config, dtype, 1, p + n / 2) / 1e9
-    kind = pairs(dtype)[FLOAT][0]
-    ours, theirs = r["dsv2"][FLOAT]["1"]["decode_tok_s"], r["llama.cpp"][kind]["bench"]["decode_tok_s"]
-    print(f"batch-1 {floats} decode reads the step's {step_gb:.2f} GB (decode.step_bytes) at {step_gb * ours:.1f} "
-          f"GB/s (dsv2) and {kind} {step_gb * theirs:.1f} GB/s (llama.cpp); read bandwidth probe: "
-          f"{bandwidth_gbs:.1f} GB/s")
+    if FLOAT in chosen:
+        step_gb = decode.step_bytes(config, dtype, 1, p + n / 2) / 1e9
+        kind = chosen[FLOAT][0]
+        ours, theirs = r["dsv2"][FLOAT]["1"]["decode_tok_s"], r["llama.cpp"][kind]["bench"]["decode_tok_s"]
+        print(f"batch-1 {floats} decode reads the step's {step_gb:.2f} GB (decode.step_bytes) at "
+              f"{step_gb * ours:.1f} GB/s (dsv2) and {kind} {step_gb * theirs:.1f} GB/s (llama.cpp); read bandwidth "
+              f"probe: {bandwidth_gbs:.1f} GB/s")
     checks = ", ".join(f"{kind} {ll['batched'][1]['decode_tok_s']:.1f} vs {ll['bench']['decode_tok_s']:.1f}"
                        for kind, ll in r["llama.cpp"].items())
     print(f"llama.cpp batch-1 decode, llama-batched-bench vs llama-bench: {checks}")
-    spread = max(x[k]["spread"] for side in (r["dsv2"].values(), [r["transformers"]]) for x in side
-                 for k in ("1", str(b)))
+    timed = [*r["dsv2"].values(), *([r["transformers"]] if "transformers" in r else [])]
+    spread = max(x[k]["spread"] for x in timed for k in ("1", str(b)))
     ll_spread = max(ll["bench"]["spread"] for ll in r["llama.cpp"].values())
+    flash_attn = next(iter(r["llama.cpp"].values()))["bench"]["flash_attn"]
     print(f"largest spread of one point's repeats (slowest / fastest decode): dsv2 and transformers {spread:.2f}, "
-          f"llama-bench {ll_spread:.2f}; llama.cpp flash_attn: {r['llama.cpp']['BF16']['bench']['flash_attn']}; "
+          f"llama-bench {ll_spread:.2f}; llama.cpp flash_attn: {flash_attn}; "
           f"GGUF MB: " + ", ".join(f"{k} {v['file_mb']:.0f}" for k, v in r["llama.cpp"].items()))
     plain = [k for k, v in r["llama.cpp"].items() if not v["repack"]]
     if plain:
@@ -317,6 +327,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help=f"dsv2's decode steps as compiled graphs where the format allows ({', '.join(COMPILES)}; "
                          "infer/compiled.py), and float's prefill")
+    ap.add_argument("--formats", nargs="+", choices=[*PAIRS, "bf16"],
+                    help="dsv2's weight formats to time (default: all; bf16 only where dsv2 computes in fp32)")
     ap.add_argument("--json", help="also write all figures to this file")
     ap.add_argument("--worker", nargs=3, metavar=("WHICH", "PATH", "FORMAT"), help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -150,12 +150,13 @@ def deviation(reference, outputs) -> tuple[float, int]:
 
 @pytest.mark.parametrize("quantization", [
     pytest.param(quantization, marks=pytest.mark.skipif(not cpu_kernels.supported(), reason="needs dsv2's kernels"))
-    for quantization in ("w8a8", "w4a8")
+    for quantization in ("w8a8", "w4a8", "bf16")
 ])
-def test_compiled_int8_activations_decode_generates_what_the_eager_engine_does(quick_compile, quantization):
-    """int8 or int4 weights with int8 activations in the compiled decode step, their linears on dsv2's kernels:
-    held, as the bf16 case above, against the unquantized fp32 model, no further from it than the eager engine in
-    the same format, in the CPU's native dtype (bf16 with AVX-512 BF16, else fp32)."""
+def test_compiled_kernel_formats_decode_generates_what_the_eager_engine_does(quick_compile, quantization):
+    """int8 or int4 weights with int8 activations, or bf16 weights with fp32 ones, in the compiled decode step, their
+    linears on dsv2's kernels: held, as the bf16 case above, against the unquantized fp32 model, no further from it
+    than the eager engine in the same format, in the CPU's native dtype (bf16 with AVX-512 BF16, where the bf16 format
+    is the model as it is; else fp32)."""
     assert cpu_kernels.load()
     model = dsv2.weights.random_model(dsv2.preset("nano").replace(q_lora_rank=128),
                                       dtype=hardware.resolve_dtype("auto"), seed=0)

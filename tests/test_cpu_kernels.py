@@ -192,6 +192,58 @@ def test_the_int8_kernel_refuses_what_it_cannot_run():
     assert cpu_kernels.takes_linear_int8(torch.randn(40, 64)) and not cpu_kernels.takes_linear_int8(torch.randn(2, 96))
 
 
+@needs_kernel
+@pytest.mark.parametrize(("rows", "n", "k"), [(1, 512, 1024), (2, 130, 136), (5, 64, 8), (8, 288, 2816),
+                                              (16, 100, 64), (37, 40, 64), (quant.BF16_KERNEL_MAX_ROWS + 3, 72, 96)])
+@torch.no_grad()
+def test_the_bf16_weight_kernel_is_the_fp32_product(rows, n, k):
+    """fp32 x times a bf16 weight widened exactly: the fp32 product of the rounded weight, but for the order of the
+    fp32 sums; a row's result is the same in any batch (past 16 rows, each as it is alone); `Bf16Linear` takes the
+    kernel up to BF16_KERNEL_MAX_ROWS rows and F.linear on the widened weight above."""
+    assert cpu_kernels.load()
+    torch.manual_seed(n)
+    module = quant.Bf16Linear(torch.randn(n, k))
+    assert module.weight.dtype == torch.bfloat16 and module.traces()
+    x = torch.randn(rows, k)
+    ours = cpu_kernels.linear_bf16_fp32(x, module.weight)
+    assert ours.dtype == torch.float32 and ours.shape == (rows, n)
+    exact = x.double() @ module.weight.double().t()
+    assert (ours.double() - exact).abs().max() <= 1e-6 * k ** 0.5 * exact.abs().max()
+    for i in (0, rows - 1):
+        assert torch.equal(ours[i], cpu_kernels.linear_bf16_fp32(x[i:i + 1], module.weight)[0])
+    y = module(x[None])
+    assert y.shape == (1, rows, n)
+    if rows <= quant.BF16_KERNEL_MAX_ROWS:
+        assert torch.equal(y[0], ours)
+    else:
+        torch.testing.assert_close(y[0], F.linear(x, module.weight.float()))
+
+
+@needs_kernel
+def test_the_bf16_weight_kernels_refuse_what_they_cannot_run():
+    assert cpu_kernels.load()
+    weight = torch.zeros(8, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="x must be fp32, got BFloat16"):
+        cpu_kernels.linear_bf16_fp32(torch.randn(2, 64, dtype=torch.bfloat16), weight)
+    with pytest.raises(RuntimeError, match=r"the weight must be bf16 \[N, K\]"):
+        cpu_kernels.linear_bf16_fp32(torch.randn(2, 64), weight.float())
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        cpu_kernels.linear_bf16_fp32(torch.randn(2, 12), weight[:, :12])
+    with pytest.raises(RuntimeError, match="at most 16 rows"):
+        torch.ops.dsv2_cpu.linear_bf16_fp32(torch.randn(17, 64), weight)
+    with pytest.raises(RuntimeError, match=r"x \[M,K\] and a weight \[N,K\]"):
+        cpu_kernels.linear_bf16_fp32(torch.randn(2, 64), weight[:, :32])
+    assert cpu_kernels.takes_bf16_fp32(136) and not cpu_kernels.takes_bf16_fp32(12)
+    experts = quantized_experts(4, 128, 64, torch.float32, "bf16")
+    (w1,), w3, w2 = experts.fused_operands()
+    x, weights = torch.randn(2, 128), torch.rand(2, 2)
+    with pytest.raises(RuntimeError, match="x must be fp32"):
+        cpu_kernels.routed_experts_bf16_fp32(x.bfloat16(), weights, torch.tensor([[0, 1], [1, 2]]), (w1,), w3, w2)
+    with pytest.raises(RuntimeError, match=r"\(w2\): the weight must be bf16"):
+        cpu_kernels.routed_experts_bf16_fp32(x, weights, torch.tensor([[0, 1], [1, 2]]), (w1,), w3, (w2[0].float(),))
+    assert experts.fused_kernel(x.bfloat16()) is None
+
+
 def w4a8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                    group_size: int) -> torch.Tensor:
     """Each row of x on 127 levels of its own absmax, times (q - z)·s, in float64 (the kernel's sums are exact in
@@ -270,7 +322,8 @@ def test_the_w4a8_kernel_refuses_what_it_cannot_run():
 
 def quantized_experts(n_experts: int, dim: int, inner: int, dtype: torch.dtype,
                       layout: str = "w4a8") -> quant.QuantizedRoutedExperts:
-    """Random experts quantized to w4a8 (groups of 128 where they divide the width, else 64) or w8a8."""
+    """Random experts quantized to w4a8 (groups of 128 where they divide the width, else 64) or w8a8, or stored in
+    bf16 (an fp32 layer's)."""
     experts = RoutedExperts(n_experts, dim, inner).to(dtype)
     for w in (experts.w1, experts.w2, experts.w3):
         w.data.normal_(0, 0.05)
@@ -278,6 +331,8 @@ def quantized_experts(n_experts: int, dim: int, inner: int, dtype: torch.dtype,
     def quantized(w: torch.Tensor) -> nn.Module:
         if layout == "w4a8":
             return quant.Int4Linear.quantize(w, 128 if w.shape[1] % 128 == 0 else 64, int8_activations=True)
+        if layout == "bf16":
+            return quant.Bf16Linear(w)
         module = quant.Int8Linear.quantize(w)
         module.int8_activations = True
         return module
@@ -287,15 +342,18 @@ def quantized_experts(n_experts: int, dim: int, inner: int, dtype: torch.dtype,
 
 
 @needs_kernel
-@pytest.mark.parametrize("layout", ["w4a8", "w8a8"])
+@pytest.mark.parametrize("layout", ["w4a8", "w8a8", "bf16"])
 @pytest.mark.parametrize(("n_experts", "dim", "inner", "top_k", "n_tokens", "dtype"),
                          [(16, 256, 192, 4, 1, torch.bfloat16), (8, 128, 64, 2, 9, torch.float32),
                           (6, 192, 320, 3, 20, torch.bfloat16), (4, 256, 128, 4, 40, torch.float32)])
 @torch.no_grad()
 def test_the_fused_experts_kernels_are_the_dispatched_experts(n_experts, dim, inner, top_k, n_tokens, dtype, layout):
     """One expert pass of 1 row, groups of 64 on one side and 128 on the other (w4a8), an expert with more slots
-    than one pass takes (16), dropped slots, fp32 and bf16: each projection is the linear kernel's, so the layer
-    equals `dispatch` up to silu's exp and the order of the gates' fp32 sum; a compiled graph takes it."""
+    than one pass takes (16), dropped slots, fp32 and bf16 (bf16 weights: fp32 x only): each projection is the
+    linear kernel's, so the layer equals `dispatch` up to silu's exp and the order of the gates' fp32 sum; a compiled
+    graph takes it."""
+    if layout == "bf16" and dtype != torch.float32:
+        pytest.skip("bf16 weights are an fp32 model's format")
     assert cpu_kernels.load()
     torch.manual_seed(n_tokens)
     experts = quantized_experts(n_experts, dim, inner, dtype, layout)
@@ -305,19 +363,21 @@ def test_the_fused_experts_kernels_are_the_dispatched_experts(n_experts, dim, in
     if n_tokens > 2:
         indices[1, 0] = indices[2, top_k - 1] = -1
     kernel = experts.fused_kernel(x)
-    assert kernel is {"w4a8": cpu_kernels.routed_experts_w4a8, "w8a8": cpu_kernels.routed_experts_int8}[layout]
+    assert kernel is {"w4a8": cpu_kernels.routed_experts_w4a8, "w8a8": cpu_kernels.routed_experts_int8,
+                      "bf16": cpu_kernels.routed_experts_bf16_fp32}[layout]
     ours = kernel(x, weights, indices, *experts.fused_operands())
     dispatched = experts.dispatch(x, weights, indices)
     assert ours.dtype == dtype and ours.shape == dispatched.shape
     torch.testing.assert_close(ours, dispatched, rtol=1e-5 if dtype == torch.float32 else 2**-7, atol=1e-5)
     if dtype == torch.bfloat16:  # fp32 keeps silu's last bits, which differ from torch's
         assert (ours == dispatched).float().mean() >= 0.9  # mostly the very same bits
+    torch._dynamo.reset()  # each case's experts are a graph of their own: past dynamo's limit of recompiles
     compiled = torch.compile(experts, backend="eager", fullgraph=True)
     assert torch.equal(compiled(x, weights, indices), ours)
 
 
 @needs_kernel
-@pytest.mark.parametrize("layout", ["w4a8", "w8a8"])
+@pytest.mark.parametrize("layout", ["w4a8", "w8a8", "bf16"])
 @torch.no_grad()
 def test_prepared_experts_hold_their_operands_once_stacked(layout):
     """prepare_for_inference stacks each operand over the experts and makes the modules' tensors views of the

@@ -194,6 +194,38 @@ def test_w8a8_whole_model(case):
     assert rel_err(model(tokens), original(tokens)) <= 0.12
 
 
+@pytest.mark.parametrize("case", ["v2_like", "lite_like"])
+@torch.no_grad()
+def test_bf16_weights_whole_model(case):
+    """An fp32 model's weights stored in bf16: its logits are the fp32 model's whose weight matrices were rounded to
+    bf16 (all but MLA's wkv_b, the router and the embedding, kept), with decode-sized rows on dsv2's kernel (where it
+    builds) and a prefill's on F.linear."""
+    original = random_model(case)
+    rounded = copy.deepcopy(original)
+    for name, p in rounded.named_parameters():
+        if p.dim() >= 2 and not name.endswith(("wkv_b.weight", "ffn.gate.weight", "embed.weight")):
+            p.copy_(p.bfloat16().float())
+    model = quant.for_inference(copy.deepcopy(original), "bf16")
+    assert isinstance(model.head, quant.Bf16Linear) and model.head.weight.dtype == torch.bfloat16
+    assert model.layers[1].attn.wkv_b.weight.dtype == torch.float32
+    for rows in (1, 40):  # one token a row (the kernel where it builds), then a prefill of 2 x 40 (F.linear)
+        tokens = torch.randint(0, 320, (2, rows))
+        assert rel_err(model(tokens), rounded(tokens)) <= 1e-5
+    assert rel_err(model(tokens), original(tokens)) <= 0.05  # bf16's rounding of the weights
+
+
+@torch.no_grad()
+def test_bf16_weights_refuse_what_they_cannot_store():
+    """The bf16 format stores an fp32 model's weights; a bf16 model's already are; fp16 and quantized models are
+    refused, naming what they are."""
+    model = random_model("v2_like").bfloat16()
+    assert quant.for_inference(model, "bf16") is model
+    with pytest.raises(ValueError, match="stores an fp32 model's weights in bf16; the model is torch.float16"):
+        quant.for_inference(random_model("v2_like").half(), "bf16")
+    with pytest.raises(ValueError, match="the model is dsv2_int8"):
+        quant.for_inference(quant.quantize_model(random_model("v2_like"), "int8"), "bf16")
+
+
 @torch.no_grad()
 def test_w4a8_whole_model(tmp_path):
     """int4 weights with int8 activations: near int4; where dsv2's kernel is built the matrices whose K has groups

@@ -362,12 +362,12 @@ inline int32_t sum_lanes(__m256i v) {
   const __m128i two = _mm_add_epi32(four, _mm_unpackhi_epi64(four, four));
   return _mm_cvtsi128_si32(_mm_add_epi32(two, _mm_shuffle_epi32(two, 1)));
 }
-inline float sum_lanes(__m256 v) {
+#endif
+inline float sum_lanes(__m256 v) {  // both builds: the bf16-weight kernel below is AVX2 + FMA in either
   const __m128 four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
   return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
 }
-#endif
 constexpr int64_t kLaneBytes = sizeof(Lanes);
 
 constexpr int kRowsPerTask = 64;   // weight rows per parallel task of the int8 and w4a8 kernels
@@ -821,6 +821,129 @@ at::Tensor linear_w4a8(const at::Tensor& x_in, const at::Tensor& packed_in, cons
   return y;
 }
 
+// linear_bf16_fp32: y [M,N] = x [M,K] Wᵀ for a bf16 weight and fp32 x, summed in fp32: the "bf16" weight format
+// (quant.py) for CPUs without native bf16 (AVX2, e.g. AMD Zen 3), where ATen's bf16 products are several times slower
+// than its fp32 ones and fp32 weights are twice the bytes a memory-bound decode step must read. A bf16 value is the
+// top half of an fp32 one, so eight weights widen to a register of floats with a zero extension and a shift, and each
+// product is one FMA: exact products, fp32 sums (eight lanes, then across them). AVX2 + FMA, so in both builds.
+// Each x row's operations are the same whatever rows are beside it: a row's result is the same in any batch.
+struct Bf16Rows {  // up to `capacity` (<= kMaxRows) rows of x [., K] in fp32, row-major
+  int64_t M = 0, K, capacity;
+  std::vector<float> x;
+
+  Bf16Rows(int64_t K_, int64_t capacity_) : K(K_), capacity(capacity_), x(size_t(K_ * capacity_)) {}
+
+  const float* row(int64_t j) const { return x.data() + j * K; }
+
+  void add(const float* r) {
+    TORCH_CHECK(M < capacity && M < kMaxRows, "Bf16Rows: at most ", capacity, " rows");
+    std::copy(r, r + K, x.data() + M++ * K);
+  }
+};
+
+inline __m256 widened(const bf16* p) {  // eight bf16 values as fp32 lanes (exact)
+  const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+}
+
+// out[r][j] = Σ_k W[r,k]·x[j0 + j, k] for RB weight rows from w (row stride K) and M rows of x
+template <int M, int RB>
+void bf16_rows(const bf16* w, int64_t K, const Bf16Rows& x, int64_t j0, float* out) {
+  __m256 acc[RB][M];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < M; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8)
+    for (int r = 0; r < RB; ++r) {
+      if (k % 32 == 0)  // one line (64 bytes) a prefetch
+        _mm_prefetch(reinterpret_cast<const char*>(w + (r + kPrefetchRows) * K + k), _MM_HINT_T1);
+      const __m256 v = widened(w + r * K + k);
+      for (int j = 0; j < M; ++j) acc[r][j] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x.row(j0 + j) + k), acc[r][j]);
+    }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < M; ++j) out[r * kMaxRows + j] = sum_lanes(acc[r][j]);
+}
+
+// bf16_rows<M, 1> for 5-8 rows, whose dot products are bound by loading x (8 rows of a 2048-wide x are 64 KB, twice
+// L1): K in blocks of kBf16Block, each block of x (8 KB) used by all the task's weight rows before the next, each
+// row's accumulators kept in memory between blocks. Every accumulator lane sees the same FMAs in the same order as in
+// bf16_rows, so the sums are bit for bit those of the unblocked loop (a row's result is the same in any batch).
+constexpr int64_t kBf16Block = 256;
+
+template <int M>
+void bf16_rows_blocked(const bf16* w, int64_t rows, int64_t K, const Bf16Rows& x, int64_t j0, float* out) {
+  alignas(32) __m256 acc[kRowsPerTask][M];
+  for (int64_t r = 0; r < rows; ++r)
+    for (int j = 0; j < M; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += kBf16Block) {
+    const int64_t k1 = std::min(K, k0 + kBf16Block);
+    for (int64_t r = 0; r < rows; ++r) {
+      __m256 a[M];
+      for (int j = 0; j < M; ++j) a[j] = acc[r][j];
+      for (int64_t k = k0; k < k1; k += 8) {
+        if (k % 32 == 0)  // this row's next block, one line a prefetch
+          _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + kBf16Block), _MM_HINT_T1);
+        const __m256 v = widened(w + r * K + k);
+        for (int j = 0; j < M; ++j) a[j] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x.row(j0 + j) + k), a[j]);
+      }
+      for (int j = 0; j < M; ++j) acc[r][j] = a[j];
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int j = 0; j < M; ++j) out[r * kMaxRows + j] = sum_lanes(acc[r][j]);
+}
+
+struct Bf16Weight {  // a bf16 weight [N,K] as the kernel reads it
+  const bf16* w;
+  int64_t N, K;
+
+  Bf16Weight expert(int64_t e) const { return {w + e * N * K, N, K}; }  // the e-th of stacked weights
+};
+
+Bf16Weight bf16_weight(const char* name, const at::Tensor& w, int64_t K) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.size(1) == K && w.is_contiguous(), name,
+              ": the weight must be bf16 [N, K] (contiguous) for inputs of width ", K, ", got ", w.scalar_type(), " ",
+              w.sizes());
+  return {reinterpret_cast<const bf16*>(w.data_ptr()), w.size(0), K};
+}
+
+// emit(row, j, y[j, row]) for weight rows n .. n+rows (rows <= kRowsPerTask) and every row j of x, in fp32
+template <typename Emit>
+void bf16_task(const Bf16Rows& x, const Bf16Weight& w, int64_t n, int64_t rows, Emit emit) {
+  alignas(64) float c[kRowsPerTask][kMaxRows];
+  const int64_t K = w.K;
+  for (int64_t j0 = 0; j0 < x.M; j0 += 8)  // x rows eight at a time: 8-16 accumulators whatever their count
+    with_rows(int(std::min<int64_t>(8, x.M - j0)), [&](auto x_rows) {
+      constexpr int m = decltype(x_rows)::value, RB = m <= 2 ? 4 : m <= 4 ? 2 : 1;
+      if constexpr (m > 4) {
+        bf16_rows_blocked<m>(w.w + n * K, rows, K, x, j0, &c[0][j0]);
+      } else {
+        int64_t r = 0;
+        for (; r + RB <= rows; r += RB) bf16_rows<m, RB>(w.w + (n + r) * K, K, x, j0, &c[r][j0]);
+        for (; r < rows; ++r) bf16_rows<m, 1>(w.w + (n + r) * K, K, x, j0, &c[r][j0]);
+      }
+    });
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < x.M; ++j) emit(n + i, j, c[i][j]);
+}
+
+at::Tensor linear_bf16_fp32(const at::Tensor& x_in, const at::Tensor& w_in) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "linear_bf16_fp32: x must be fp32, got ", x_in.scalar_type());
+  check_shapes("linear_bf16_fp32", x_in, w_in, 8);
+  const at::Tensor x = x_in.contiguous(), weight = w_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const Bf16Weight w = bf16_weight("linear_bf16_fp32", weight, K);
+  Bf16Rows rows(K, M);
+  for (int64_t j = 0; j < M; ++j) rows.add(x.data_ptr<float>() + j * K);
+  at::Tensor y = at::empty({M, N}, x.options());
+  float* out = y.data_ptr<float>();
+  at::parallel_for(0, row_tasks(N), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task)
+      bf16_task(rows, w, task * kRowsPerTask, std::min<int64_t>(kRowsPerTask, N - task * kRowsPerTask),
+                [&](int64_t n, int64_t j, float v) { out[j * N + n] = v; });
+  });
+  return y;
+}
+
 // The formats the fused experts below take: a weight view, the rows of x as its kernel multiplies them, and the
 // kernel's task (64 weight rows by all the rows)
 struct W4a8 {
@@ -837,6 +960,14 @@ struct Int8 {
   static Rows rows(const Weight& w, int64_t capacity) { return Rows(w.K, capacity); }
   template <typename Emit>
   static void task(const Rows& x, const Weight& w, int64_t n, int64_t rows, Emit emit) { int8_task(x, w, n, rows, emit); }
+};
+
+struct Bf16 {
+  using Weight = Bf16Weight;
+  using Rows = Bf16Rows;
+  static Rows rows(const Weight& w, int64_t capacity) { return Rows(w.K, capacity); }
+  template <typename Emit>
+  static void task(const Rows& x, const Weight& w, int64_t n, int64_t rows, Emit emit) { bf16_task(x, w, n, rows, emit); }
 };
 
 // x, gates and indices as the fused experts take them (fp32 or bf16 x [N,d]; gates and indices [N,K])
@@ -987,6 +1118,23 @@ at::Tensor routed_experts_int8(const at::Tensor& x, const at::Tensor& gates, con
                              expert_views(down, E));
 }
 
+// routed_experts_bf16_fp32: fused_experts for bf16 weights and fp32 x (linear_bf16_fp32's), stacked over the experts
+at::Tensor routed_experts_bf16_fp32(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& indices,
+                                    const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2) {
+  const char* name = "routed_experts_bf16_fp32";
+  check_routing(name, x, gates, indices);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, name, ": x must be fp32, got ", x.scalar_type());
+  check_stacked(name, {&w1, &w3, &w2});
+  const int64_t d = x.size(1), E = w1.size(0), I = w1.size(1);
+  TORCH_CHECK(d % 8 == 0 && I % 8 == 0, name, ": x's and the experts' widths must be multiples of 8, got ", d, " and ",
+              I);
+  const Bf16Weight gate = bf16_weight("routed_experts_bf16_fp32 (w1)", w1[0], d),
+                   up = bf16_weight("routed_experts_bf16_fp32 (w3)", w3[0], d),
+                   down = bf16_weight("routed_experts_bf16_fp32 (w2)", w2[0], I);
+  return fused_experts<Bf16>(name, x, gates, indices, expert_views(gate, E), expert_views(up, E),
+                             expert_views(down, E));
+}
+
 // dequantize_w4a8: W [N,K] = (q - z)·s from linear_w4a8's operands, each value computed in fp32 and rounded once to
 // `dtype` (fp32 or bf16) - what a prefill chunk multiplies by (torch's GEMM), one pass over the packed weight
 at::Tensor dequantize_w4a8(const at::Tensor& packed_in, const at::Tensor& scale_in, const at::Tensor& zero_in,
@@ -1063,6 +1211,8 @@ TORCH_LIBRARY(dsv2_cpu, m) {
         "Tensor w3, Tensor w3_scale, Tensor w3_zero, Tensor w2, Tensor w2_scale, Tensor w2_zero) -> Tensor");
   m.def("routed_experts_int8(Tensor x, Tensor gates, Tensor indices, Tensor w1, Tensor w1_scale, Tensor w3, "
         "Tensor w3_scale, Tensor w2, Tensor w2_scale) -> Tensor");
+  m.def("linear_bf16_fp32(Tensor x, Tensor weight) -> Tensor");
+  m.def("routed_experts_bf16_fp32(Tensor x, Tensor gates, Tensor indices, Tensor w1, Tensor w3, Tensor w2) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) {
@@ -1075,4 +1225,6 @@ TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) {
   m.impl("dequantize_w4a8", &dequantize_w4a8);
   m.impl("routed_experts_w4a8", &routed_experts_w4a8);
   m.impl("routed_experts_int8", &routed_experts_int8);
+  m.impl("linear_bf16_fp32", &linear_bf16_fp32);
+  m.impl("routed_experts_bf16_fp32", &routed_experts_bf16_fp32);
 }

@@ -108,6 +108,8 @@ def load() -> bool:
     torch.library.register_fake("dsv2_cpu::dequantize_w4a8")(_dequantized_w4a8)
     torch.library.register_fake("dsv2_cpu::routed_experts_w4a8")(_routed_experts_output)
     torch.library.register_fake("dsv2_cpu::routed_experts_int8")(_routed_experts_output)
+    torch.library.register_fake("dsv2_cpu::linear_bf16_fp32")(_linear_output)
+    torch.library.register_fake("dsv2_cpu::routed_experts_bf16_fp32")(_output_like_x)
     _loaded, _bf16 = True, isa == "avx512"
     _amx = _bf16 and torch.cpu._is_amx_tile_supported()
     return True
@@ -170,6 +172,12 @@ def takes_int8_width(in_features: int) -> bool:
     return _loaded and in_features % 64 == 0 and in_features <= 65536
 
 
+def takes_bf16_fp32(in_features: int) -> bool:
+    """Whether `linear_bf16_fp32` and `routed_experts_bf16_fp32` take inputs of this width: loaded (either build),
+    a multiple of 8."""
+    return _loaded and in_features % 8 == 0
+
+
 def takes_w4a8(in_features: int, group_size: int) -> bool:
     """Whether `linear_w4a8` takes a matrix of K = in_features in groups of group_size: loaded (VNNI, which comes with
     AVX-512 BF16, or AVX2), groups of 64 or 128 (one or two chunks of the packed layout)."""
@@ -216,6 +224,15 @@ def linear_w4a8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
                       for rows in x.split(TILE_ROWS)])
 
 
+def linear_bf16_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 x [M,K] @ weightᵀ for a bf16 weight [N,K] read in place, each weight widened to fp32 (exact) and the
+    products summed in fp32 -> fp32 [M,N] (see `takes_bf16_fp32`); past TILE_ROWS rows one call per TILE_ROWS, as
+    `linear_int8`."""
+    if len(x) <= TILE_ROWS:
+        return torch.ops.dsv2_cpu.linear_bf16_fp32(x, weight)
+    return torch.cat([torch.ops.dsv2_cpu.linear_bf16_fp32(rows, weight) for rows in x.split(TILE_ROWS)])
+
+
 def dequantize_w4a8(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int,
                     dtype: torch.dtype) -> torch.Tensor:
     """W [N,K] = (q - z)·s in `dtype` (fp32 or bf16) from `linear_w4a8`'s operands, computed in fp32 and rounded once
@@ -251,3 +268,13 @@ def routed_experts_int8(x: torch.Tensor, gates: torch.Tensor, indices: torch.Ten
     """`routed_experts_w4a8` for w8a8 experts (`linear_int8`'s operands stacked over the experts): each projection
     is `linear_int8`'s, bit for bit (its VNNI or AVX2 sums, which are the AMX tiles' exact integers)."""
     return torch.ops.dsv2_cpu.routed_experts_int8(x, gates, indices, *w1, *w3, *w2)
+
+
+Bf16Operands = tuple[torch.Tensor]  # bf16 weight [E,N,K]
+
+
+def routed_experts_bf16_fp32(x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor, w1: Bf16Operands,
+                             w3: Bf16Operands, w2: Bf16Operands) -> torch.Tensor:
+    """`routed_experts_w4a8` for bf16 experts and fp32 x (`linear_bf16_fp32`'s weights stacked over the experts:
+    w1 and w3 [E,I,d], w2 [E,d,I]): each projection is `linear_bf16_fp32`'s, bit for bit."""
+    return torch.ops.dsv2_cpu.routed_experts_bf16_fp32(x, gates, indices, *w1, *w3, *w2)

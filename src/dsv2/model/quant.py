@@ -396,6 +396,54 @@ class Int4Linear(nn.Module):
 QUANTIZED = (Int8Linear, Int4Linear)
 
 
+# ------------------------------------------------------------------------------------------- bf16
+BF16_KERNEL_MAX_ROWS = 64  # rows up to which `Bf16Linear` runs dsv2's kernel; above, F.linear on an fp32 copy
+
+
+class Bf16Linear(nn.Module):
+    """y = x Wᵀ for an fp32 model's x with W stored in bf16: the "bf16" format of `for_inference`, for a CPU without
+    native bf16 (AVX2), where `dtype="auto"` is fp32 because ATen's bf16 products are slow there, but an fp32 weight
+    is twice the bytes a memory-bound decode step reads. Up to BF16_KERNEL_MAX_ROWS rows on the CPU, dsv2's kernel
+    (`cpu_kernels.linear_bf16_fp32`: each weight widened to fp32, exact, products summed in fp32) reads W in place;
+    above (a prefill chunk) F.linear on W widened to fp32 (a copy per call, small beside the GEMM). Either way the
+    product is that of the fp32 model whose weights were rounded to bf16, but for the fp32 sums' order."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features)
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and len(x2d) <= BF16_KERNEL_MAX_ROWS
+                and cpu_kernels.takes_bf16_fp32(self.in_features)):
+            y = cpu_kernels.linear_bf16_fp32(x2d, self.weight)
+        else:
+            y = F.linear(x2d, self.weight.to(x.dtype))
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def traces(self) -> bool:
+        """Whether a compiled decode graph calls dsv2's kernel (a custom op) for this module's rows."""
+        return cpu_kernels.takes_bf16_fp32(self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight=bf16"
+
+
+def to_bf16_weights(model: Transformer) -> Transformer:
+    """An fp32 model's weight matrices stored in bf16 (`Bf16Linear`, in place; activations, norms, the router, the
+    embedding and MLA's wkv_b stay fp32, as in the int8 formats); a bf16 model is returned as it is."""
+    dtype = next(model.parameters()).dtype
+    if dtype == torch.bfloat16:
+        return model
+    stored = (model.config.quantization_config or {}).get("quant_method")
+    if dtype != torch.float32 or stored is not None:
+        raise ValueError(f"quantization bf16 stores an fp32 model's weights in bf16; the model is {stored or dtype}")
+    cpu_kernels.load()  # the kernel the format runs on (built here, not in the first decode step)
+    _swap(model, lambda name, weight: None if _keeps(name, tuple(weight.shape), "bf16", 0) else Bf16Linear(weight))
+    return model.eval()
+
+
 # -------------------------------------------------------------------------------------- the experts
 class QuantizedRoutedExperts(RoutedExperts):
     """Routed experts with one module per expert and projection (Int8Linear, Int4Linear, or an nn.Linear
@@ -409,7 +457,7 @@ class QuantizedRoutedExperts(RoutedExperts):
     operand tensors of 64 experts from the modules costs 0.3 ms a call (a graph gathers them once, when traced)."""
 
     # each projection module's operands of the fused kernels, in the kernels' order
-    FUSED_OPERANDS = {"w4a8": ("weight", "w4a8_scale", "zero_point"), "w8a8": ("weight", "scale")}
+    FUSED_OPERANDS = {"w4a8": ("weight", "w4a8_scale", "zero_point"), "w8a8": ("weight", "scale"), "bf16": ("weight",)}
 
     def __init__(self, w1: list[nn.Module], w2: list[nn.Module], w3: list[nn.Module]):
         nn.Module.__init__(self)  # not RoutedExperts.__init__: no stacked parameters
@@ -430,6 +478,8 @@ class QuantizedRoutedExperts(RoutedExperts):
             return "w4a8"
         if all(isinstance(m, Int8Linear) and m.traces() for m in projections):
             return "w8a8"
+        if all(isinstance(m, Bf16Linear) and m.traces() for m in projections):
+            return "bf16"
         return None
 
     def fused_kernel(self, x: torch.Tensor) -> Callable[..., torch.Tensor] | None:
@@ -440,9 +490,13 @@ class QuantizedRoutedExperts(RoutedExperts):
                 and len(x) <= INT8_KERNEL_MAX_ROWS):
             return None
         layout = self.fused_layout()
-        return {"w4a8": cpu_kernels.routed_experts_w4a8, "w8a8": cpu_kernels.routed_experts_int8}.get(layout)
+        if layout == "bf16" and x.dtype != torch.float32:
+            return None
+        return {"w4a8": cpu_kernels.routed_experts_w4a8, "w8a8": cpu_kernels.routed_experts_int8,
+                "bf16": cpu_kernels.routed_experts_bf16_fp32}.get(layout)
 
-    def fused_operands(self) -> tuple[cpu_kernels.W4a8Operands | cpu_kernels.Int8Operands, ...]:
+    def fused_operands(self) -> tuple[cpu_kernels.W4a8Operands | cpu_kernels.Int8Operands | cpu_kernels.Bf16Operands,
+                                      ...]:
         """The operands of w1, w3, w2 for `fused_kernel`, each stacked over the experts: (packed, scale, zero) for
         w4a8, (weight, scale) for w8a8. The stacks `prepare_for_inference` made, else stacked now (a copy, which
         a graph traced without them makes at every call)."""
@@ -575,7 +629,7 @@ def quantize_model(model: Transformer, method: str, group_size: int = 128,
     return model.eval()
 
 
-INFERENCE_FORMATS = ("int8", "w8a8", "int4", "w4a8", "fp8")  # LLM(quantization=...), --quantization
+INFERENCE_FORMATS = ("int8", "w8a8", "int4", "w4a8", "fp8", "bf16")  # LLM(quantization=...), --quantization
 
 
 def check_quantization(quantization: str | None) -> str | None:
@@ -588,9 +642,12 @@ def for_inference(model: Transformer, quantization: str | None, group_size: int 
     """The model in the weight format `quantization` asks for (`LLM`, `--quantization`): None leaves it as it is;
     "int8" / "int4" quantize a float model (or accept one stored that way); "w8a8" and "w4a8" are int8 and int4
     weights computed with int8 activations (the module docstring); "fp8" accepts a block-FP8 checkpoint loaded with
-    fp8="keep" (converting a float model to FP8 is `dsv2 quantize --format fp8`)."""
+    fp8="keep" (converting a float model to FP8 is `dsv2 quantize --format fp8`); "bf16" stores an fp32 model's
+    weights in bf16, products in fp32 (`Bf16Linear`, for CPUs without native bf16)."""
     if check_quantization(quantization) is None:
         return model
+    if quantization == "bf16":
+        return to_bf16_weights(model)
     if quantization == "w8a8":
         model = for_inference(model, "int8", group_size)
         for module in model.modules():
