@@ -477,8 +477,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 def _add_inference_format_args(p: argparse.ArgumentParser) -> None:
     """How an inference command stores weights and the latent cache."""
     p.add_argument("--quantization", choices=list(INFERENCE_FORMATS),
-                   help="weights: int8 / int4 (weight-only, quantized at load unless stored so) or fp8 (a block-FP8 "
-                        "checkpoint kept in FP8); default: --dtype")
+                   help="weights: int8 / int4 (weight-only, quantized at load unless stored so), w8a8 / w4a8 (with "
+                        "int8 activations), fp8 (a block-FP8 checkpoint kept in FP8) or bf16 (an fp32 model's weights "
+                        "stored in bf16, for CPUs without native bf16); default: --dtype")
     _add_kv_cache_dtype_arg(p)
 
 

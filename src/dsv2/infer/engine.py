@@ -439,10 +439,11 @@ class LLM:
     """Offline batched generation: every prompt of a call becomes a request of one `LLMEngine`.
 
     quantization: the weights' format, "int8" / "int4" (weight-only, quantized at load unless the checkpoint
-    is stored so) or "fp8" (a block-FP8 checkpoint kept in FP8); None: `dtype` as loaded. dtype: "auto" (bf16
-    on a GPU or a CPU with native bf16, else fp32: `dsv2.hardware`), "bfloat16", "float32" or a torch.dtype;
-    a model passed as a module keeps its own. kv_cache_dtype: how the latent cache stores tokens ("auto",
-    "fp8", "6bit"). prefix_caching: share the cache blocks of common prompt prefixes; prefill_chunk /
+    is stored so), "w8a8" / "w4a8" (those weights with int8 activations), "fp8" (a block-FP8 checkpoint kept in
+    FP8) or "bf16" (an fp32 model's weights stored in bf16, products in fp32); None: `dtype` as loaded.
+    dtype: "auto" (bf16 on a GPU or a CPU with native bf16, else fp32: `dsv2.hardware`), "bfloat16", "float32" or a
+    torch.dtype; a model passed as a module keeps its own. kv_cache_dtype: how the latent cache stores tokens
+    ("auto", "fp8", "6bit"). prefix_caching: share the cache blocks of common prompt prefixes; prefill_chunk /
     max_prefill_tokens: the prefill a step may do while others decode / while nobody does; compile_decode /
     compile_prefill: decode steps / prefill steps of equal chunks as compiled graphs (CPU; `LLMEngine`)."""
 

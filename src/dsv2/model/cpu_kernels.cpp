@@ -4,6 +4,7 @@
 //   AVX2 + FMA (no native bf16, e.g. AMD Zen 3): the int8 and w4a8 ones (linear_int8, linear_w4a8, their fused
 //   experts, dequantize_w4a8), whose exact int32 sums come from vpmaddubsw + vpmaddwd instead of vpdpbusd; the bf16
 //   ones (routed_experts_bf16, linear_bf16) are AVX-512 BF16 only and not registered there.
+// Both builds: linear_bf16_fp32 and routed_experts_bf16_fp32 (fp32 x, bf16 weights widened exactly; AVX2 + FMA).
 //
 // routed_experts_bf16: routed experts for a few tokens, each chosen expert's weights read once.
 //   x [N,d] bf16, gates [N,K] fp32, indices [N,K] int64 (-1: a dropped slot), w1/w3 [E,I,d], w2 [E,d,I] bf16

@@ -36,6 +36,13 @@ The w4a8 kernel exists because torch's int4 kernel (`_weight_int4pack_mm_for_cpu
 of packed weight at one row, below llama.cpp's Q4_0: it multiplies the nibbles by the rows quantized to int8 with
 `vpdpbusd` (exact per group), from a packed layout of its own (`pack_w4a8`), 12-16 GB/s (cpp file: why not AMX).
 
+The bf16-weight kernel (`linear_bf16_fp32`, fp32 x times a bf16 weight widened exactly, and its fused experts
+`routed_experts_bf16_fp32`; AVX2 + FMA, in both builds) exists for quant's "bf16" format on CPUs without native bf16,
+where `dtype="auto"` is fp32: an fp32 weight is twice the bytes, and ATen's products for a few rows there are slow in
+either dtype (Zen 3, 2 threads, V2-Lite's 102400 x 2048 LM head at one row: 15-19 ms against F.linear's 46 in fp32
+and 38 in bf16; 8 rows: 54-60 against 283 and 170). From 5 rows up it runs K in blocks, so that x's block stays in L1
+for all the task's weight rows (an expert's 1408 x 2048 at 8 rows: 0.44-0.66 ms against 1.05 unblocked).
+
 The fused experts (`routed_experts_w4a8`, `routed_experts_int8`) exist because a compiled graph's opaque
 `dsv2::routed_experts` runs a layer's experts one projection after another with Python around each (2.3 ms a
 V2-Lite layer at one row in w4a8): one call per layer spreads all chosen experts' rows over the threads (1.4 ms),
@@ -51,7 +58,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-# each build's compiler flags (cpu_kernels.cpp: the AVX2 build holds the int8 and w4a8 kernels, not the bf16 ones).
+# each build's compiler flags (cpu_kernels.cpp: the AVX2 build holds the int8, w4a8 and bf16-weight kernels, not the
+# bf16 ones).
 # -fopenmp: at::parallel_for is inline, and without it runs on one thread (torch's own libgomp serves it)
 _FLAGS = {"avx512": ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mamx-tile",
                      "-mamx-bf16", "-mamx-int8", "-fopenmp"],
