@@ -505,7 +505,7 @@ Int8Weight int8_weight(const char* name, const at::Tensor& q, const at::Tensor& 
 // emit(row, j, y[j, row]) for weight rows n .. n+rows (rows <= kRowsPerTask) and every row j of x, in fp32: the exact
 // int32 sum (int8_block's, less kWeightOffset·Σ_k q_x[j,k] of the flipped bytes) times the row's step and the scale
 template <typename Emit>
-void int8_task(const Int8Rows& x, const Int8Weight& w, int64_t n, int64_t rows, Emit emit) {
+void row_task(const Int8Rows& x, const Int8Weight& w, int64_t n, int64_t rows, Emit emit) {
   alignas(64) int32_t c[kRowsPerTask][kMaxRows];
   const int64_t K = w.K;
   for (int64_t j0 = 0; j0 < x.M; j0 += 8)  // x rows eight at a time; each row's sums are the same in any batch
@@ -557,7 +557,7 @@ at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& q_in, const at:
   // no AMX tiles (or a kernel that withholds them): the same sums on VNNI or AVX2
   at::parallel_for(0, row_tasks(N), 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task)
-      int8_task(rows, w, task * kRowsPerTask, std::min<int64_t>(kRowsPerTask, N - task * kRowsPerTask), store);
+      row_task(rows, w, task * kRowsPerTask, std::min<int64_t>(kRowsPerTask, N - task * kRowsPerTask), store);
   });
   return y;
 }
@@ -771,7 +771,7 @@ float zero_part(const float* s, const uint8_t* z, const float* sums, int64_t gro
 // emit(row, j, y[j, row]) for weight rows n .. n+rows (rows <= kRowsPerTask) and every row j of x, in fp32:
 // the group sums (w4a8_rows), minus the zero points' part Σ_g s·z·Σ_{k in g} q_x, times the row's step
 template <typename Emit>
-void w4a8_task(const W4a8Rows& x, const W4a8Weight& w, int64_t n, int64_t rows, Emit emit) {
+void row_task(const W4a8Rows& x, const W4a8Weight& w, int64_t n, int64_t rows, Emit emit) {
   alignas(64) float dots[kRowsPerTask * kMaxRows];  // [i][j]: Σ_g s[n+i,g]·Σ_{k in g} q_x[j,k]·q[n+i,k]
   const int64_t K = w.K, groups = w.groups;
   for (int64_t j0 = 0; j0 < x.M; j0 += 8) {  // x rows eight at a time; each row's sums are the same in any batch
@@ -813,7 +813,7 @@ at::Tensor linear_w4a8(const at::Tensor& x_in, const at::Tensor& packed_in, cons
   at::parallel_for(0, row_tasks(N), 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task * kRowsPerTask;
-      w4a8_task(rows, w, n, std::min<int64_t>(kRowsPerTask, N - n), [&](int64_t row, int64_t j, float v) {
+      row_task(rows, w, n, std::min<int64_t>(kRowsPerTask, N - n), [&](int64_t row, int64_t j, float v) {
         if (to_bf16_out) yb[j * N + row] = to_bf16(v);
         else yf[j * N + row] = v;
       });
@@ -909,7 +909,7 @@ Bf16Weight bf16_weight(const char* name, const at::Tensor& w, int64_t K) {
 
 // emit(row, j, y[j, row]) for weight rows n .. n+rows (rows <= kRowsPerTask) and every row j of x, in fp32
 template <typename Emit>
-void bf16_task(const Bf16Rows& x, const Bf16Weight& w, int64_t n, int64_t rows, Emit emit) {
+void row_task(const Bf16Rows& x, const Bf16Weight& w, int64_t n, int64_t rows, Emit emit) {
   alignas(64) float c[kRowsPerTask][kMaxRows];
   const int64_t K = w.K;
   for (int64_t j0 = 0; j0 < x.M; j0 += 8)  // x rows eight at a time: 8-16 accumulators whatever their count
@@ -939,37 +939,28 @@ at::Tensor linear_bf16_fp32(const at::Tensor& x_in, const at::Tensor& w_in) {
   float* out = y.data_ptr<float>();
   at::parallel_for(0, row_tasks(N), 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task)
-      bf16_task(rows, w, task * kRowsPerTask, std::min<int64_t>(kRowsPerTask, N - task * kRowsPerTask),
-                [&](int64_t n, int64_t j, float v) { out[j * N + n] = v; });
+      row_task(rows, w, task * kRowsPerTask, std::min<int64_t>(kRowsPerTask, N - task * kRowsPerTask),
+               [&](int64_t n, int64_t j, float v) { out[j * N + n] = v; });
   });
   return y;
 }
 
 // The formats the fused experts below take: a weight view, the rows of x as its kernel multiplies them, and the
 // kernel's task (64 weight rows by all the rows)
-struct W4a8 {
-  using Weight = W4a8Weight;
-  using Rows = W4a8Rows;
-  static Rows rows(const Weight& w, int64_t) { return Rows(w.K, w.G); }
+template <typename W, typename R>
+struct Format {
+  using Weight = W;
+  using Rows = R;
+  static Rows rows(const Weight& w, int64_t capacity) {
+    if constexpr (std::is_same_v<Rows, W4a8Rows>) return Rows(w.K, w.G);  // laid out for the weight's groups
+    else return Rows(w.K, capacity);
+  }
   template <typename Emit>
-  static void task(const Rows& x, const Weight& w, int64_t n, int64_t rows, Emit emit) { w4a8_task(x, w, n, rows, emit); }
+  static void task(const Rows& x, const Weight& w, int64_t n, int64_t rows, Emit emit) { row_task(x, w, n, rows, emit); }
 };
-
-struct Int8 {
-  using Weight = Int8Weight;
-  using Rows = Int8Rows;
-  static Rows rows(const Weight& w, int64_t capacity) { return Rows(w.K, capacity); }
-  template <typename Emit>
-  static void task(const Rows& x, const Weight& w, int64_t n, int64_t rows, Emit emit) { int8_task(x, w, n, rows, emit); }
-};
-
-struct Bf16 {
-  using Weight = Bf16Weight;
-  using Rows = Bf16Rows;
-  static Rows rows(const Weight& w, int64_t capacity) { return Rows(w.K, capacity); }
-  template <typename Emit>
-  static void task(const Rows& x, const Weight& w, int64_t n, int64_t rows, Emit emit) { bf16_task(x, w, n, rows, emit); }
-};
+using W4a8 = Format<W4a8Weight, W4a8Rows>;
+using Int8 = Format<Int8Weight, Int8Rows>;
+using Bf16 = Format<Bf16Weight, Bf16Rows>;
 
 // x, gates and indices as the fused experts take them (fp32 or bf16 x [N,d]; gates and indices [N,K])
 void check_routing(const char* name, const at::Tensor& x, const at::Tensor& gates, const at::Tensor& indices) {
