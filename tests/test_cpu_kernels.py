@@ -193,7 +193,7 @@ def test_the_int8_kernel_refuses_what_it_cannot_run():
 
 
 @needs_kernel
-@pytest.mark.parametrize(("rows", "n", "k"), [(1, 512, 1024), (2, 130, 136), (5, 64, 8), (8, 288, 2816),
+@pytest.mark.parametrize(("rows", "n", "k"), [(1, 512, 1024), (2, 130, 136), (5, 64, 8), (6, 67, 264), (8, 288, 2816),
                                               (16, 100, 64), (37, 40, 64), (quant.BF16_KERNEL_MAX_ROWS + 3, 72, 96)])
 @torch.no_grad()
 def test_the_bf16_weight_kernel_is_the_fp32_product(rows, n, k):

@@ -132,8 +132,10 @@ class _CompiledForward:
         self._check(tokens)
         # the settings as a patch around the call, not torch.compile(options=...): with those, freezing is not
         # applied (torch 2.13; the weights stay graph inputs, 1.8 ms a nano step against 0.8); a call that
-        # compiles (the first of a shape) is inside the patch, and the others lose ~10 us to it
-        with torch._inductor.config.patch(self._options):
+        # compiles (the first of a shape) is inside the patch, and the others lose ~10 us to it. No duck sizing:
+        # with it, sizes that are equal when a graph is traced (a batch of 3 over tables 3 blocks wide) become one
+        # symbol, and the graph compiles again the first time they part
+        with torch._inductor.config.patch(self._options), torch.fx.experimental._config.patch(use_duck_shape=False):
             return (self._one_row if len(tokens) == 1 else self._rows)(tokens, cache)
 
 
