@@ -59,11 +59,12 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 # each build's compiler flags (cpu_kernels.cpp: the AVX2 build holds the int8, w4a8 and bf16-weight kernels, not the
-# bf16 ones).
+# bf16 ones). Both name FMA: the bf16-weight kernels are AVX2 + FMA in either, and gcc's -mavx512f does not imply it.
 # -fopenmp: at::parallel_for is inline, and without it runs on one thread (torch's own libgomp serves it)
-_FLAGS = {"avx512": ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mamx-tile",
-                     "-mamx-bf16", "-mamx-int8", "-fopenmp"],
-          "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]}
+_AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+_FLAGS = {"avx512": ["-O3", *_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni",
+                     "-mamx-tile", "-mamx-bf16", "-mamx-int8", "-fopenmp"],
+          "avx2": ["-O3", *_AVX2, "-fopenmp"]}
 # rows at most that a graph sends to the bf16 AMX kernel, measured on the 2-core AMX Xeon (torch 2.13;
 # docs/benchmarks.md, eighth session): at one row it read small's matrices at 16-22 GB/s against inductor's packed
 # GEMMs' 7-14; at 8 and 16 rows the two were within ~10% either way
