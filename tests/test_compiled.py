@@ -148,6 +148,10 @@ def deviation(reference, outputs) -> tuple[float, int]:
     return max(differences), len(differences)
 
 
+# three prompts of different lengths, prefilled in one step and decoded in lock-step to the end: one batch graph
+LOCKSTEP_PROMPTS = [[5, 17, 99], list(range(30, 43)), list(range(100, 107))]
+
+
 @pytest.mark.parametrize("quantization", [
     pytest.param(quantization, marks=pytest.mark.skipif(not cpu_kernels.supported(), reason="needs dsv2's kernels"))
     for quantization in ("w8a8", "w4a8", "bf16")
@@ -155,19 +159,22 @@ def deviation(reference, outputs) -> tuple[float, int]:
 def test_compiled_kernel_formats_decode_generates_what_the_eager_engine_does(quick_compile, quantization):
     """int8 or int4 weights with int8 activations, or bf16 weights with fp32 ones, in the compiled decode step, their
     linears on dsv2's kernels: held, as the bf16 case above, against the unquantized fp32 model, no further from it
-    than the eager engine in the same format, in the CPU's native dtype (bf16 with AVX-512 BF16, where the bf16 format
-    is the model as it is; else fp32)."""
+    than the eager engine in the same format. The int8 formats in the CPU's native dtype (bf16 with AVX-512 BF16, else
+    fp32); bf16 weights on an fp32 model, the one it is for, on every CPU. (Rows joining and leaving the batch are
+    the test above's; here the kernels' rows are the three prompts', in one graph.)"""
     assert cpu_kernels.load()
-    model = dsv2.weights.random_model(dsv2.preset("nano").replace(q_lora_rank=128),
-                                      dtype=hardware.resolve_dtype("auto"), seed=0)
+    dtype = torch.float32 if quantization == "bf16" else hardware.resolve_dtype("auto")
+    model = dsv2.weights.random_model(dsv2.preset("nano").replace(q_lora_rank=128), dtype=dtype, seed=0)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=2)
-    exact = LLM(deepcopy(model).float(), max_batch_size=3, skip_tokenizer_init=True).generate(PROMPTS, params)
+    exact = LLM(deepcopy(model).float(), max_batch_size=3, skip_tokenizer_init=True).generate(LOCKSTEP_PROMPTS, params)
     out = {}
     for compile_decode in (False, True):
         llm = LLM(deepcopy(model), quantization=quantization, max_batch_size=3, skip_tokenizer_init=True,
                   compile_decode=compile_decode)
-        out[compile_decode] = llm.generate(PROMPTS, params)
+        torch._dynamo.utils.counters.clear()
+        out[compile_decode] = llm.generate(LOCKSTEP_PROMPTS, params)
     assert llm.stats()["decode"] == "compiled"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # the batch of three, in lock-step
     eager_off, eager_n = deviation(exact, out[False])
     compiled_off, compiled_n = deviation(exact, out[True])
     assert compiled_off <= 1.5 * eager_off + 0.01 and compiled_n >= 0.75 * eager_n, \

@@ -136,7 +136,7 @@ def w8a8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> tor
 @needs_kernel
 @pytest.mark.parametrize(("rows", "n", "k", "dtype"), [(1, 512, 1024, torch.bfloat16), (8, 288, 2816, torch.bfloat16),
                                                        (16, 100, 64, torch.float32), (3, 33, 128, torch.float32),
-                                                       (37, 40, 64, torch.float32)])
+                                                       (37, 40, 64, torch.float32), (1, 70, 320, torch.float32)])
 def test_the_int8_kernel_is_w8a8_exactly(rows, n, k, dtype):
     """The integer sums are exact (AMX tiles or VNNI, whichever this CPU has), so the kernel equals its
     definition up to x's last rounding; a zero row is zero; past 16 rows each row is what it is alone; the int8
