@@ -674,11 +674,17 @@ void w4a8_rows(const uint8_t* w, int64_t K, const float* scale, int64_t groups, 
 }
 #endif
 
-// w4a8_rows for M <= 8 x rows over `rows` weight rows: 8-16 accumulators whatever M is
+// w4a8_rows for M <= 8 x rows over `rows` weight rows. On AVX2, RB rows interleaved: 8-16 accumulators whatever M
+// is. On AVX-512 one row at a time, read straight through: 10-24% more GB/s at 1-2 x rows on Zen 4, the same at 8
+// (docs/benchmarks.md, eighteenth session), and the same sums in the same order
 template <int M, int GC>
 void w4a8_block(const uint8_t* w, int64_t rows, int64_t K, const float* scale, int64_t groups, const Lanes* xlo,
                 const Lanes* xhi, float* out) {
+#if defined(__AVX512BF16__)
+  constexpr int RB = 1;
+#else
   constexpr int RB = M <= 2 ? 4 : M <= 4 ? 2 : 1;
+#endif
   int64_t r = 0;
   for (; r + RB <= rows; r += RB)
     w4a8_rows<M, RB, GC>(w + r * (K / 2), K, scale + r * groups, groups, xlo, xhi, out + r * kMaxRows);
