@@ -423,31 +423,6 @@ void int8_rows(const int8_t* w, int64_t K, const Int8Rows& x, int64_t j0, int32_
     for (int j = 0; j < M; ++j) out[r * kMaxRows + j] = sum_lanes(acc[r][j]);
 }
 
-// int8_rows for one x row (batch-1 decode): each weight row read straight through, U accumulators over its chunks,
-// so a task's block of rows, contiguous in memory, is one sequential stream rather than RB interleaved ones (5-10%
-// more GB/s on Zen 4: docs/benchmarks.md, eighteenth session). The same exact integer sums.
-template <int U>
-void int8_row_stream(const int8_t* w, int64_t rows, int64_t K, const Int8Rows& x, int64_t j0, int32_t* out) {
-  const int64_t chunks = K / kLaneBytes;
-  const Lanes* qx = x.qx.data() + j0 * chunks;
-  const __m512i flip = _mm512_set1_epi8(char(0x80));
-  for (int64_t r = 0; r < rows; ++r) {
-    const int8_t* row = w + r * K;
-    __m512i acc[U];
-    for (int u = 0; u < U; ++u) acc[u] = _mm512_setzero_si512();
-    int64_t c = 0;
-    for (; c + U <= chunks; c += U)
-      for (int u = 0; u < U; ++u) {
-        _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * K + (c + u) * kLaneBytes), _MM_HINT_T1);
-        const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(row + (c + u) * kLaneBytes), flip);
-        acc[u] = _mm512_dpbusd_epi32(acc[u], v, qx[c + u]);
-      }
-    for (; c < chunks; ++c)
-      acc[0] = _mm512_dpbusd_epi32(acc[0], _mm512_xor_si512(_mm512_loadu_si512(row + c * kLaneBytes), flip), qx[c]);
-    for (int u = 1; u < U; ++u) acc[0] = _mm512_add_epi32(acc[0], acc[u]);
-    out[r * kMaxRows] = sum_lanes(acc[0]);
-  }
-}
 #else
 // linear_int8 on AVX2 (e.g. AMD Zen 3): vpmaddubsw multiplies 32 unsigned bytes by 32 signed ones and adds each pair
 // into int16, vpmaddwd each two of those into int32. Both factors lie in [-127, 127] (quantize_int8 and
@@ -480,14 +455,17 @@ void int8_rows(const int8_t* w, int64_t K, const Int8Rows& x, int64_t j0, int32_
 }
 #endif
 
-// int8_rows for m <= 8 x rows from j0 over `rows` weight rows: 8-16 accumulators whatever m is (one x row on
-// AVX-512: int8_row_stream)
+// int8_rows for m <= 8 x rows from j0 over `rows` weight rows: RB rows interleaved, 8-16 accumulators whatever m
+// is; except one x row on AVX-512, whose weight rows are read one after another, a task's contiguous block as one
+// stream (5-10% more GB/s on Zen 4: docs/benchmarks.md, eighteenth session; the same exact sums)
 void int8_block(int m, const int8_t* w, int64_t rows, int64_t K, const Int8Rows& x, int64_t j0, int32_t* out) {
-#if defined(__AVX512BF16__)
-  if (m == 1) return int8_row_stream<4>(w, rows, K, x, j0, out);
-#endif
   with_rows(m, [&](auto x_rows) {
-    constexpr int M = decltype(x_rows)::value, RB = M <= 2 ? 4 : M <= 4 ? 2 : 1;
+    constexpr int M = decltype(x_rows)::value;
+#if defined(__AVX512BF16__)
+    constexpr int RB = M == 1 ? 1 : M <= 2 ? 4 : M <= 4 ? 2 : 1;
+#else
+    constexpr int RB = M <= 2 ? 4 : M <= 4 ? 2 : 1;
+#endif
     int64_t r = 0;
     for (; r + RB <= rows; r += RB) int8_rows<M, RB>(w + r * K, K, x, j0, out + r * kMaxRows);
     for (; r < rows; ++r) int8_rows<M, 1>(w + r * K, K, x, j0, out + r * kMaxRows);
