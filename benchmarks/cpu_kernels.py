@@ -12,18 +12,22 @@ dsv2's w4a8 (int4 weights, int8 rows) and w8a8 run on its own kernels where they
 VNNI, and for w8a8 AMX tiles where the CPU has them). On a CPU with AMX it also times dsv2's bf16 AMX kernel (the
 weight read in place as A tiles) and, with --inductor, inductor's frozen, autotuned GEMM for the same x Wᵀ (what a
 compiled decode graph runs where the bf16 kernel does not). --rows times a few rows at once (a batch of decode
-steps) instead of one.
+steps) instead of one. --experts times one layer of routed experts (V2-Lite's, small's) instead, at the token
+counts given: `dispatch` (oneDNN per expert) against dsv2's bf16 experts kernel, and what an eager forward picks
+(`RoutedExperts.kernel_runs`).
 
 Each matrix is timed over enough distinct copies (≥ 64 MiB in all) that no call finds its weight in the
 core's L2 cache; the median of several repeats.
 
     python benchmarks/cpu_kernels.py
     python benchmarks/cpu_kernels.py --rows 1 8 16 --inductor --shapes "small dense" "LM head"
+    python benchmarks/cpu_kernels.py --experts 16 32 64 128 256     # a prefill chunk's experts, by tokens
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -33,6 +37,7 @@ import torch
 from dsv2 import hardware
 from dsv2.infer import compiled
 from dsv2.model import cpu_kernels, layers
+from dsv2.model.moe import RoutedExperts
 from dsv2.model.quant import Int4Linear, Int8Linear, int8_rows
 
 THREADS = torch.get_num_threads()  # all threads: the second column of every row
@@ -173,6 +178,44 @@ def per_call_s(modules: list[torch.nn.Module], x: torch.Tensor, threads: int) ->
         torch.set_num_threads(THREADS)
 
 
+EXPERTS = {  # name: (routed experts, hidden size, expert width, experts per token)
+    "V2-Lite experts 64 x 1408x2048, top-6": (64, 2048, 1408, 6),
+    "small experts 32 x 256x1024, top-4": (32, 1024, 256, 4),
+}
+
+
+def time_experts(token_counts: list[int]) -> None:
+    """One layer of bf16 routed experts at each token count, random balanced routing: `dispatch` against the kernel
+    (alternating calls, the median of 7 each), and what `RoutedExperts.eager` runs there."""
+    if not cpu_kernels.loaded_bf16():
+        print("no bf16 experts kernel here (it needs AVX-512 BF16): nothing to compare")
+        return
+    for name, (n_experts, dim, inner, top_k) in EXPERTS.items():
+        experts = RoutedExperts(n_experts, dim, inner).to(torch.bfloat16).requires_grad_(False)
+        for w in (experts.w1, experts.w2, experts.w3):
+            w.normal_(0, 0.02)
+        print(f"\n{name}: ms per layer")
+        for tokens in token_counts:
+            x, gates = torch.randn(tokens, dim, dtype=torch.bfloat16), torch.rand(tokens, top_k)
+            indices = torch.stack([torch.randperm(n_experts)[:top_k] for _ in range(tokens)])
+            runs = {"dispatch": functools.partial(experts.dispatch, x, gates, indices),
+                    "kernel": functools.partial(cpu_kernels.routed_experts, x, gates, indices, experts.w1, experts.w2,
+                                                experts.w3)}
+            times: dict[str, list[float]] = {key: [] for key in runs}
+            for run in runs.values():
+                run()
+            for _ in range(7):
+                for key, run in runs.items():
+                    t = time.perf_counter()
+                    run()
+                    times[key].append(time.perf_counter() - t)
+            dispatch_ms, kernel_ms = (statistics.median(times[key]) * 1e3 for key in runs)
+            picked = "kernel" if experts.kernel_runs(x, indices.numel()) else "dispatch"
+            print(f"  {tokens:5d} tokens ({tokens * top_k / n_experts:5.1f} slots an expert): dispatch "
+                  f"{dispatch_ms:8.2f}  kernel {kernel_ms:8.2f}  kernel / dispatch {kernel_ms / dispatch_ms:4.2f}  "
+                  f"eager runs: {picked}", flush=True)
+
+
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1], help="rows of x per call (decode steps at once)")
@@ -180,6 +223,8 @@ def arguments() -> argparse.Namespace:
                         help="time only the matrices whose names contain one of these (default: all)")
     parser.add_argument("--inductor", action="store_true",
                         help="also time inductor's frozen, autotuned GEMM (bf16; compiles once per matrix and rows)")
+    parser.add_argument("--experts", type=int, nargs="+", default=None, metavar="TOKENS",
+                        help="time a layer of routed experts at these token counts instead (bf16 kernel vs dispatch)")
     return parser.parse_args()
 
 
@@ -188,6 +233,10 @@ def main() -> None:
     args = arguments()
     print(hardware.describe())
     print(f"read bandwidth: {hardware.read_bandwidth_gbs():.1f} GB/s ({THREADS} threads; fastest full read of 512 MiB)")
+    if args.experts:
+        cpu_kernels.load()
+        time_experts(args.experts)
+        return
     formats = dict(FORMATS)
     if cpu_kernels.load():
         formats.update(KERNEL_FORMATS)

@@ -59,6 +59,38 @@ def test_the_kernel_refuses_what_it_cannot_run():
     assert not experts.float().takes_kernel(x.float())
 
 
+@pytest.mark.skipif(cpu_kernels.build() != "avx512" or torch.cpu._is_amx_tile_supported(),
+                    reason="AVX-512 BF16 without AMX")
+@torch.no_grad()
+def test_eager_experts_take_the_kernel_while_the_slots_per_expert_are_few():
+    """Without AMX an eager forward runs the experts on the kernel (a prefill chunk's, an eager decode step's) up
+    to KERNEL_MAX_SLOTS slots per expert, or KERNEL_MAX_SLOTS_SMALL for small experts: the kernel's output exactly,
+    within bf16 rounding of `dispatch`; past the limit, or recording gradients, or in fp32, `dispatch` exactly."""
+    assert cpu_kernels.load()
+    torch.manual_seed(0)
+    experts = RoutedExperts(8, 64, 32).to(torch.bfloat16)
+    for w in (experts.w1, experts.w2, experts.w3):
+        w.normal_(0, 0.3)
+    assert experts.w1[0].numel() < experts.GROUPED_MAX_ELEMENTS  # small experts: KERNEL_MAX_SLOTS_SMALL
+    top_k = 2
+    fits = experts.KERNEL_MAX_SLOTS_SMALL * experts.n_experts // top_k  # tokens at the limit
+    x = torch.randn(fits + 1, 64, dtype=torch.bfloat16)
+    weights = torch.rand(fits + 1, top_k)
+    indices = torch.stack([torch.randperm(8)[:top_k] for _ in range(fits + 1)])
+    n = 40
+    kernel = cpu_kernels.routed_experts(x[:n], weights[:n], indices[:n], experts.w1, experts.w2, experts.w3)
+    assert experts.kernel_runs(x[:fits], fits * top_k) and not experts.kernel_runs(x, (fits + 1) * top_k)
+    assert torch.equal(experts(x[:n], weights[:n], indices[:n]), kernel)
+    dispatched = experts.dispatch(x[:n], weights[:n], indices[:n])
+    assert (kernel.float() - dispatched.float()).abs().max() <= 2e-2 * dispatched.float().abs().max()
+    assert torch.equal(experts(x, weights, indices), experts.dispatch(x, weights, indices))
+    assert not experts.float().kernel_runs(x.float(), 2)
+    large = RoutedExperts(2, 1024, 1024).to(torch.bfloat16)  # 1M weights a projection: KERNEL_MAX_SLOTS
+    assert large.kernel_runs(x, 2 * large.KERNEL_MAX_SLOTS) and not large.kernel_runs(x, 2 * large.KERNEL_MAX_SLOTS + 1)
+    with torch.enable_grad():
+        assert not large.kernel_runs(x, 2)
+
+
 def test_a_kernel_that_does_not_build_leaves_the_graphs_as_they_were(tmp_path, monkeypatch):
     """A failed build warns, says why, and leaves `loaded()` false, so the compiled graphs keep PyTorch's paths."""
     broken = tmp_path / "broken_kernel.cpp"

@@ -162,6 +162,11 @@ def loaded_bf16() -> bool:
     return _bf16
 
 
+def loaded_amx() -> bool:
+    """Whether the kernels are loaded on a CPU with AMX tiles."""
+    return _amx
+
+
 def takes_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a graph runs x [..., K] @ weightᵀ through `linear`: loaded on a CPU with AMX, bf16 on both sides, x on
     the CPU, K a multiple of 32, at most BF16_MAX_ROWS rows."""

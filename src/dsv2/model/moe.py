@@ -155,8 +155,9 @@ class RoutedExperts(nn.Module):
         KERNEL_MAX_ROWS rows, dsv2's own kernel (`dsv2.model.cpu_kernels`), each chosen expert read once (one
         row's slots are distinct experts, which `gathered` reads once too); else `gathered` (each slot's expert)
         while the rows are few (`gather_max_rows`); `every_expert` when all E experts are small; otherwise the
-        opaque op `dsv2::routed_experts`, which the graph calls as it is and which runs `dispatch` eagerly, with
-        its host syncs and kernels.
+        opaque op `dsv2::routed_experts`, which the graph calls as it is and which runs `eager`, with its host
+        syncs and kernels. Outside a graph, `eager`: dsv2's kernel on a CPU without AMX while the slots per expert
+        are few (`kernel_runs`), else `dispatch`.
         """
         if torch.compiler.is_compiling():
             if self.takes_kernel(x):
@@ -166,7 +167,36 @@ class RoutedExperts(nn.Module):
             if self.runs_every_expert(x.dtype):
                 return self.every_expert(x, weights, indices)
             return routed_experts_op(x, weights, indices, self.op_key)
+        return self.eager(x, weights, indices)
+
+    def eager(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """`forward` outside a compiled graph (and inside `dsv2::routed_experts`): dsv2's CPU kernel where
+        `kernel_runs` says it is the faster, else `dispatch`, its twin."""
+        if self.kernel_runs(x, indices.numel()):
+            return cpu_kernels.routed_experts(x, weights, indices, self.w1, self.w2, self.w3)
         return self.dispatch(x, weights, indices)
+
+    # slots per expert (N·K / E, balanced routing) up to which the kernel runs eager experts on a CPU without AMX:
+    # it reads each chosen expert once per kTokensPerPass (8) of its tokens with AVX-512 BF16 dot products, where
+    # `dispatch` pays oneDNN's calls per expert and re-lays each weight out for its GEMMs. 2-core Zen 4, one layer,
+    # kernel / dispatch (`benchmarks/cpu_kernels.py --experts`, two runs): V2-Lite's experts (64 of 1408 x 2048)
+    # 0.65-0.67 at 1.5 and 3 slots an expert (16, 32 tokens), 0.79 at 4.5, 0.85-0.91 at 6, 1.22 at 9, 1.35 at 12;
+    # `small`'s (32 of 256 x 1024, below GROUPED_MAX_ELEMENTS) 0.24-0.34 at 2, 0.51-0.60 at 16, 0.66-0.73 at 32, 0.71
+    # at 64, 0.82-1.10 at 128 (1,024 tokens). With AMX tiles `dispatch`'s GEMMs run on them, and the kernel is left
+    # to the compiled decode graphs (`takes_kernel`)
+    KERNEL_MAX_SLOTS = 6
+    KERNEL_MAX_SLOTS_SMALL = 64
+
+    def kernel_runs(self, x: torch.Tensor, n_slots: int) -> bool:
+        """Whether `eager` runs these experts on x (n_slots token slots) through `cpu_kernels.routed_experts`: the
+        bf16 kernels loaded on a CPU without AMX, bf16 x on the CPU, stacked bf16 weights, no gradient to record
+        (the kernel has no backward), and few enough slots per expert (KERNEL_MAX_SLOTS, or KERNEL_MAX_SLOTS_SMALL
+        for experts of fewer than GROUPED_MAX_ELEMENTS weights per projection)."""
+        if not (cpu_kernels.loaded_bf16() and not cpu_kernels.loaded_amx() and x.device.type == "cpu"
+                and x.dtype == torch.bfloat16 and self.stacked(x.dtype) and not differentiating(self.w1)):
+            return False
+        small = self.w1[0].numel() < self.GROUPED_MAX_ELEMENTS
+        return n_slots <= (self.KERNEL_MAX_SLOTS_SMALL if small else self.KERNEL_MAX_SLOTS) * self.n_experts
 
     # rows up to which `cpu_kernels` runs a compiled graph's experts: past 16, V2-Lite's experts cost it as much as
     # `dispatch` (16 rows: 113 ms against 111 for one layer; 64 rows: 211 against 160), as its dot products
@@ -339,11 +369,11 @@ def register_for_compile(experts: RoutedExperts) -> None:
 
 @torch.library.custom_op("dsv2::routed_experts", mutates_args=())
 def routed_experts_op(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, key: int) -> torch.Tensor:
-    """`RoutedExperts.dispatch` of the experts registered as `key`, opaque to torch.compile: a compiled graph
+    """`RoutedExperts.eager` of the experts registered as `key`, opaque to torch.compile: a compiled graph
     (`dsv2.infer.compiled`) calls it as one op, and inside, the split by expert reads its counts on the host
-    and each expert runs on `layers.linear`'s kernels, as in an eager forward. The op reads the module's
-    weights as they are, so it never holds a copy that could go stale."""
-    return _EXPERTS[key].dispatch(x, weights, indices)
+    and each expert runs on `layers.linear`'s kernels (or all on dsv2's kernel), as in an eager forward. The op
+    reads the module's weights as they are, so it never holds a copy that could go stale."""
+    return _EXPERTS[key].eager(x, weights, indices)
 
 
 @routed_experts_op.register_fake
