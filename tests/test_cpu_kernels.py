@@ -64,16 +64,15 @@ def test_the_kernel_refuses_what_it_cannot_run():
 @torch.no_grad()
 def test_eager_experts_take_the_kernel_while_the_slots_per_expert_are_few():
     """Without AMX an eager forward runs the experts on the kernel (a prefill chunk's, an eager decode step's) up
-    to KERNEL_MAX_SLOTS slots per expert, or KERNEL_MAX_SLOTS_SMALL for small experts: the kernel's output exactly,
+    to KERNEL_MAX_SLOTS slots per expert: the kernel's output exactly,
     within bf16 rounding of `dispatch`; past the limit, or recording gradients, or in fp32, `dispatch` exactly."""
     assert cpu_kernels.load()
     torch.manual_seed(0)
     experts = RoutedExperts(8, 64, 32).to(torch.bfloat16)
     for w in (experts.w1, experts.w2, experts.w3):
         w.normal_(0, 0.3)
-    assert experts.w1[0].numel() < experts.GROUPED_MAX_ELEMENTS  # small experts: KERNEL_MAX_SLOTS_SMALL
     top_k = 2
-    fits = experts.KERNEL_MAX_SLOTS_SMALL * experts.n_experts // top_k  # tokens at the limit
+    fits = experts.KERNEL_MAX_SLOTS * experts.n_experts // top_k  # tokens at the limit
     x = torch.randn(fits + 1, 64, dtype=torch.bfloat16)
     weights = torch.rand(fits + 1, top_k)
     indices = torch.stack([torch.randperm(8)[:top_k] for _ in range(fits + 1)])
@@ -85,10 +84,33 @@ def test_eager_experts_take_the_kernel_while_the_slots_per_expert_are_few():
     assert (kernel.float() - dispatched.float()).abs().max() <= 2e-2 * dispatched.float().abs().max()
     assert torch.equal(experts(x, weights, indices), experts.dispatch(x, weights, indices))
     assert not experts.float().kernel_runs(x.float(), 2)
-    large = RoutedExperts(2, 1024, 1024).to(torch.bfloat16)  # 1M weights a projection: KERNEL_MAX_SLOTS
-    assert large.kernel_runs(x, 2 * large.KERNEL_MAX_SLOTS) and not large.kernel_runs(x, 2 * large.KERNEL_MAX_SLOTS + 1)
     with torch.enable_grad():
-        assert not large.kernel_runs(x, 2)
+        assert not experts.kernel_runs(x, 2)
+
+
+@needs_bf16_kernel
+@torch.no_grad()
+def test_experts_too_large_for_cache_take_the_tiled_products_with_the_same_bits():
+    """Past 4 slots an expert whose matrices hold 2^20 weights or more runs its products in tiles of 4 rows x 6
+    tokens (rows_dot_tiled): each token's output is bit for bit what it is alone (one slot an expert, rows_dot),
+    with widths and row counts that leave tails (1000 = 31·32 + 8, 1050 = 262·4 + 2) and 13 tokens an expert (tiles
+    of 5, 5 and 3); and within bf16 rounding of `dispatch`."""
+    assert cpu_kernels.load()
+    torch.manual_seed(0)
+    experts = RoutedExperts(2, 1000, 1050).to(torch.bfloat16)
+    assert experts.w1[0].numel() >= 1 << 20
+    for w in (experts.w1, experts.w2, experts.w3):
+        w.normal_(0, 0.05)
+    n = 13
+    x = torch.randn(n, 1000, dtype=torch.bfloat16)
+    weights = torch.rand(n, 2)
+    indices = torch.stack([torch.randperm(2) for _ in range(n)])
+    together = cpu_kernels.routed_experts(x, weights, indices, experts.w1, experts.w2, experts.w3)
+    alone = torch.cat([cpu_kernels.routed_experts(x[i:i + 1], weights[i:i + 1], indices[i:i + 1], experts.w1,
+                                                  experts.w2, experts.w3) for i in range(n)])
+    assert torch.equal(together, alone)
+    dispatched = experts.dispatch(x, weights, indices)
+    assert (together.float() - dispatched.float()).abs().max() <= 2e-2 * dispatched.float().abs().max()
 
 
 def test_a_kernel_that_does_not_build_leaves_the_graphs_as_they_were(tmp_path, monkeypatch):

@@ -101,6 +101,64 @@ void rows_dot(const bf16* W, int64_t R, int64_t D, const bf16* const* v, int m, 
   with_rows(m, [&](auto rows) { rows_dot<decltype(rows)::value>(W, R, D, v, out, out_stride); });
 }
 
+// rows_dot's products for RB rows of W and M vectors at once, RB·M accumulator chains: each step loads RB + M
+// vectors for RB·M dot-product instructions, where rows_dot loads 1 + M for M. Each product is summed in the
+// same order as rows_dot's, so the two give the same bits.
+template <int RB, int M>
+void tile_dot(const bf16* W, int64_t D, const bf16* const* v, float* out, int64_t out_stride) {
+  const int64_t full = D / 32 * 32;
+  const __mmask32 tail = D == full ? 0 : __mmask32((1ull << (D - full)) - 1);
+  __m512 acc[RB][M];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < M; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < full; k += 32) {
+    __m512bh wv[RB];
+    for (int r = 0; r < RB; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(W + r * D + k);
+    for (int j = 0; j < M; ++j) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(v[j] + k);
+      for (int r = 0; r < RB; ++r) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], xv, wv[r]);
+    }
+  }
+  if (tail) {
+    __m512bh wv[RB];
+    for (int r = 0; r < RB; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(tail, W + r * D + full);
+    for (int j = 0; j < M; ++j) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, v[j] + full);
+      for (int r = 0; r < RB; ++r) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], xv, wv[r]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < M; ++j) out[j * out_stride + r] = _mm512_reduce_add_ps(acc[r][j]);
+}
+
+constexpr int kTileRows = 4;     // W's rows per tile_dot (4 x 6 accumulators, 4 weight and one x register: 29 of 32)
+constexpr int kTileVectors = 6;  // vectors per tile_dot
+
+// where rows_dot_tiled beats rows_dot in passes (Zen 4, 2 threads; docs/benchmarks.md, twentieth session): more than
+// 4 vectors and a matrix that memory streams (V2-Lite's experts, 2.9M elements; at 12 slots an expert 0.60x the
+// time); on small's, which stay in L2 (0.26M), it was 5-25% slower at 8 to 32 vectors
+constexpr int kTiledMinVectors = 4;
+constexpr int64_t kTiledMinElements = int64_t(1) << 20;
+
+// rows_dot for any number m of vectors, the same bits: W's rows kTileRows at a time, each block's products for all
+// m vectors kTileVectors at a time, so a block is read from memory once and again from L1 for the other vectors
+// (rows_dot in passes of kTokensPerPass streams W from memory once per pass)
+void rows_dot_tiled(const bf16* W, int64_t R, int64_t D, const bf16* const* v, int64_t m, float* out,
+                    int64_t out_stride) {
+  const auto tiles = [&](auto rows, const bf16* block, float* block_out) {
+    const int64_t groups = (m + kTileVectors - 1) / kTileVectors, per_group = (m + groups - 1) / groups;
+    for (int64_t j0 = 0; j0 < m; j0 += per_group)
+      with_rows(int(std::min<int64_t>(per_group, m - j0)), [&](auto vectors) {
+        if constexpr (decltype(vectors)::value <= kTileVectors)
+          tile_dot<decltype(rows)::value, decltype(vectors)::value>(block, D, v + j0, block_out + j0 * out_stride,
+                                                                    out_stride);
+      });
+  };
+  int64_t r = 0;
+  for (; r + kTileRows <= R; r += kTileRows) tiles(std::integral_constant<int, kTileRows>{}, W + r * D, out + r);
+  for (; r < R; ++r) tiles(std::integral_constant<int, 1>{}, W + r * D, out + r);
+}
+
 #endif  // __AVX512BF16__
 
 // the slots (n·K + k) of each of E experts in slot order, from contiguous int64 indices [N,K]; a dropped slot
@@ -157,29 +215,33 @@ at::Tensor routed_experts_bf16(const at::Tensor& x_in, const at::Tensor& gates_i
   const bf16* w3p = reinterpret_cast<const bf16*>(w3.data_ptr());
 
   // one expert per task: a thread streams its expert's three matrices once for all the expert's tokens
+  // (each product by rows_dot_tiled where it was measured faster, else rows_dot in passes: the same bits)
   at::parallel_for(0, int64_t(chosen.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> gate(kTokensPerPass * I), up(kTokensPerPass * I), out(kTokensPerPass * d);
-    std::vector<bf16> inner(kTokensPerPass * I);
+    std::vector<float> gate, up, out;
+    std::vector<bf16> inner;
+    std::vector<const bf16*> rows, inner_rows;
     for (int64_t c = begin; c < end; ++c) {
       const int64_t e = chosen[c];
       const std::vector<int64_t>& slots = slots_of[e];
-      for (size_t first = 0; first < slots.size(); first += kTokensPerPass) {
-        const int m = int(std::min<size_t>(kTokensPerPass, slots.size() - first));
-        const bf16* rows[kTokensPerPass];
-        for (int j = 0; j < m; ++j) rows[j] = xp + slots[first + j] / K * d;
-        rows_dot(w1p + e * I * d, I, d, rows, m, gate.data(), I);
-        rows_dot(w3p + e * I * d, I, d, rows, m, up.data(), I);
-        for (int64_t i = 0; i < int64_t(m) * I; ++i) {
-          const float g = rounded(gate[i]);
-          inner[i] = to_bf16(rounded(g / (1.0f + std::exp(-g))) * rounded(up[i]));
-        }
-        const bf16* inner_rows[kTokensPerPass];
-        for (int j = 0; j < m; ++j) inner_rows[j] = inner.data() + j * I;
-        rows_dot(w2p + e * d * I, d, I, inner_rows, m, out.data(), d);
-        for (int j = 0; j < m; ++j) {
-          float* dst = slot_out.data() + slots[first + j] * d;
-          for (int64_t i = 0; i < d; ++i) dst[i] = rounded(out[j * d + i]);
-        }
+      const int64_t m = int64_t(slots.size());
+      const auto products = [&](const bf16* W, int64_t R, int64_t D, const bf16* const* v, float* dst) {
+        if (m > kTiledMinVectors && R * D >= kTiledMinElements) return rows_dot_tiled(W, R, D, v, m, dst, R);
+        for (int64_t j0 = 0; j0 < m; j0 += kTokensPerPass)
+          rows_dot(W, R, D, v + j0, int(std::min<int64_t>(kTokensPerPass, m - j0)), dst + j0 * R, R);
+      };
+      gate.resize(m * I), up.resize(m * I), out.resize(m * d), inner.resize(m * I);
+      rows.resize(m), inner_rows.resize(m);
+      for (int64_t j = 0; j < m; ++j) rows[j] = xp + slots[j] / K * d, inner_rows[j] = inner.data() + j * I;
+      products(w1p + e * I * d, I, d, rows.data(), gate.data());
+      products(w3p + e * I * d, I, d, rows.data(), up.data());
+      for (int64_t i = 0; i < m * I; ++i) {
+        const float g = rounded(gate[i]);
+        inner[i] = to_bf16(rounded(g / (1.0f + std::exp(-g))) * rounded(up[i]));
+      }
+      products(w2p + e * d * I, d, I, inner_rows.data(), out.data());
+      for (int64_t j = 0; j < m; ++j) {
+        float* dst = slot_out.data() + slots[j] * d;
+        for (int64_t i = 0; i < d; ++i) dst[i] = rounded(out[j * d + i]);
       }
     }
   });

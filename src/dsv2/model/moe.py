@@ -177,26 +177,22 @@ class RoutedExperts(nn.Module):
         return self.dispatch(x, weights, indices)
 
     # slots per expert (N·K / E, balanced routing) up to which the kernel runs eager experts on a CPU without AMX:
-    # it reads each chosen expert once per kTokensPerPass (8) of its tokens with AVX-512 BF16 dot products, where
-    # `dispatch` pays oneDNN's calls per expert and re-lays each weight out for its GEMMs. 2-core Zen 4, one layer,
-    # kernel / dispatch (`benchmarks/cpu_kernels.py --experts`, two runs): V2-Lite's experts (64 of 1408 x 2048)
-    # 0.65-0.67 at 1.5 and 3 slots an expert (16, 32 tokens), 0.79 at 4.5, 0.85-0.91 at 6, 1.22 at 9, 1.35 at 12;
-    # `small`'s (32 of 256 x 1024, below GROUPED_MAX_ELEMENTS) 0.24-0.34 at 2, 0.51-0.60 at 16, 0.66-0.73 at 32, 0.71
-    # at 64, 0.82-1.10 at 128 (1,024 tokens). With AMX tiles `dispatch`'s GEMMs run on them, and the kernel is left
-    # to the compiled decode graphs (`takes_kernel`)
-    KERNEL_MAX_SLOTS = 6
-    KERNEL_MAX_SLOTS_SMALL = 64
+    # it reads each chosen expert once for all of its tokens (a matrix too large for L2 in tiles of 4 rows x 6
+    # tokens, one that fits in passes of 8 tokens) with AVX-512 BF16 dot products, where `dispatch` pays oneDNN's
+    # calls per expert and re-lays each weight out for its GEMMs. 2-core Zen 4, one layer, kernel / dispatch
+    # (`benchmarks/cpu_kernels.py --experts`; docs/benchmarks.md, twentieth session): V2-Lite's experts (64 of
+    # 1408 x 2048) 0.69 at 1.5 slots an expert, 0.75 at 6, 0.83 at 12, 0.77 at 24, 0.88 at 48, 1.05 at 96;
+    # `small`'s (32 of 256 x 1024) 0.24 at 2, 0.65 at 16, 0.90 at 32, 1.04 at 64, 1.37 at 128. With AMX tiles
+    # `dispatch`'s GEMMs run on them, and the kernel is left to the compiled decode graphs (`takes_kernel`)
+    KERNEL_MAX_SLOTS = 64
 
     def kernel_runs(self, x: torch.Tensor, n_slots: int) -> bool:
         """Whether `eager` runs these experts on x (n_slots token slots) through `cpu_kernels.routed_experts`: the
         bf16 kernels loaded on a CPU without AMX, bf16 x on the CPU, stacked bf16 weights, no gradient to record
-        (the kernel has no backward), and few enough slots per expert (KERNEL_MAX_SLOTS, or KERNEL_MAX_SLOTS_SMALL
-        for experts of fewer than GROUPED_MAX_ELEMENTS weights per projection)."""
-        if not (cpu_kernels.loaded_bf16() and not cpu_kernels.loaded_amx() and x.device.type == "cpu"
-                and x.dtype == torch.bfloat16 and self.stacked(x.dtype) and not differentiating(self.w1)):
-            return False
-        small = self.w1[0].numel() < self.GROUPED_MAX_ELEMENTS
-        return n_slots <= (self.KERNEL_MAX_SLOTS_SMALL if small else self.KERNEL_MAX_SLOTS) * self.n_experts
+        (the kernel has no backward), and up to KERNEL_MAX_SLOTS slots per expert."""
+        return (cpu_kernels.loaded_bf16() and not cpu_kernels.loaded_amx() and x.device.type == "cpu"
+                and x.dtype == torch.bfloat16 and self.stacked(x.dtype) and not differentiating(self.w1)
+                and n_slots <= self.KERNEL_MAX_SLOTS * self.n_experts)
 
     # rows up to which `cpu_kernels` runs a compiled graph's experts: past 16, V2-Lite's experts cost it as much as
     # `dispatch` (16 rows: 113 ms against 111 for one layer; 64 rows: 211 against 160), as its dot products
