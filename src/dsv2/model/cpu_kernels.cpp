@@ -71,41 +71,13 @@ void with_rows(int m, F f) {
 }
 
 #if defined(__AVX512BF16__)
-// out[j][r] = dot(W[r], v[j]) for rows r < R of W [R,D] and M vectors v, all bf16, fp32 sums. W's rows one after
-// another, each read straight through, M accumulator chains a row: rows interleaved RB at a time (RB·M chains)
-// read 8-35% fewer GB/s of expert weights on Zen 4 (docs/benchmarks.md, eighteenth session), and each product's
-// sum is in the same order either way. The tail of D below 32 is read with a masked load, so any D works.
-template <int M>
-void rows_dot(const bf16* W, int64_t R, int64_t D, const bf16* const* v, float* out, int64_t out_stride) {
-  const int64_t full = D / 32 * 32;
-  const __mmask32 tail = D == full ? 0 : __mmask32((1ull << (D - full)) - 1);
-  for (int64_t r = 0; r < R; ++r) {
-    const bf16* row = W + r * D;
-    __m512 acc[M];
-    for (int j = 0; j < M; ++j) acc[j] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < full; k += 32) {
-      const __m512bh wv = (__m512bh)_mm512_loadu_si512(row + k);
-      for (int j = 0; j < M; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(v[j] + k), wv);
-    }
-    if (tail) {
-      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, row + full);
-      for (int j = 0; j < M; ++j)
-        acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_maskz_loadu_epi16(tail, v[j] + full), wv);
-    }
-    for (int j = 0; j < M; ++j) out[j * out_stride + r] = _mm512_reduce_add_ps(acc[j]);
-  }
-}
-
-// rows_dot for m <= kTokensPerPass vectors
-void rows_dot(const bf16* W, int64_t R, int64_t D, const bf16* const* v, int m, float* out, int64_t out_stride) {
-  with_rows(m, [&](auto rows) { rows_dot<decltype(rows)::value>(W, R, D, v, out, out_stride); });
-}
-
-// rows_dot's products for RB rows of W and M vectors at once, RB·M accumulator chains: each step loads RB + M
-// vectors for RB·M dot-product instructions, where rows_dot loads 1 + M for M. Each product is summed in the
-// same order as rows_dot's, so the two give the same bits.
+// out[j][r] = dot(W[r], v[j]) for RB rows r of W [RB,D] and M vectors v, all bf16, fp32 sums, RB·M accumulator
+// chains: each step loads RB + M vectors for RB·M dot-product instructions. Each product is summed in the same
+// order whatever RB and M are, so every tiling of the rows and vectors gives the same bits. The tail of D below 32
+// is read with a masked load, so any D works. Inlined: rows_dot calls it once per row, and a call a row was 8-10%
+// of small's one-token experts (Zen 4).
 template <int RB, int M>
-void tile_dot(const bf16* W, int64_t D, const bf16* const* v, float* out, int64_t out_stride) {
+__attribute__((always_inline)) inline void tile_dot(const bf16* W, int64_t D, const bf16* const* v, float* out, int64_t out_stride) {
   const int64_t full = D / 32 * 32;
   const __mmask32 tail = D == full ? 0 : __mmask32((1ull << (D - full)) - 1);
   __m512 acc[RB][M];
@@ -129,6 +101,15 @@ void tile_dot(const bf16* W, int64_t D, const bf16* const* v, float* out, int64_
   }
   for (int r = 0; r < RB; ++r)
     for (int j = 0; j < M; ++j) out[j * out_stride + r] = _mm512_reduce_add_ps(acc[r][j]);
+}
+
+// tile_dot for all R rows of W [R,D], one row at a time, and m <= kTokensPerPass vectors: each row read straight
+// through. Rows interleaved RB at a time read 8-35% fewer GB/s of expert weights on Zen 4 when the matrix streams
+// from memory once per pass (docs/benchmarks.md, eighteenth session); rows_dot_tiled is the path that reads it once.
+void rows_dot(const bf16* W, int64_t R, int64_t D, const bf16* const* v, int m, float* out, int64_t out_stride) {
+  with_rows(m, [&](auto rows) {
+    for (int64_t r = 0; r < R; ++r) tile_dot<1, decltype(rows)::value>(W + r * D, D, v, out + r, out_stride);
+  });
 }
 
 constexpr int kTileRows = 4;     // W's rows per tile_dot (4 x 6 accumulators, 4 weight and one x register: 29 of 32)
