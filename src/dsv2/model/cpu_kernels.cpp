@@ -77,7 +77,8 @@ void with_rows(int m, F f) {
 // is read with a masked load, so any D works. Inlined: rows_dot calls it once per row, and a call a row was 8-10%
 // of small's one-token experts (Zen 4).
 template <int RB, int M>
-__attribute__((always_inline)) inline void tile_dot(const bf16* W, int64_t D, const bf16* const* v, float* out, int64_t out_stride) {
+__attribute__((always_inline)) inline void tile_dot(const bf16* W, int64_t D, const bf16* const* v, float* out,
+                                                    int64_t out_stride) {
   const int64_t full = D / 32 * 32;
   const __mmask32 tail = D == full ? 0 : __mmask32((1ull << (D - full)) - 1);
   __m512 acc[RB][M];
